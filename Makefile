@@ -1,0 +1,54 @@
+# Two commands: `make test` and `make bench`. Both create .venv (reusing a torch that the
+# machine already has, via --system-site-packages), install what is missing, build the
+# extension and run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Installed only when `import torch` fails in the venv; override for another build.
+TORCH_SPEC ?= torch==2.13.0
+# Test runs use both cores; pytest-xdist is not needed at this size.
+PYTEST := $(PY) -m pytest -q
+
+.PHONY: all install build test test-unit test-triton test-bench lint check-cuda bench clean
+
+all: test
+
+$(PY):
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+
+$(VENV)/.deps: requirements-dev.txt | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -r requirements-dev.txt
+	touch $@
+
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/include/kdfast/*.h)
+
+# Rebuilds the extension only when a source changed.
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+install build: $(VENV)/.built
+
+lint: $(VENV)/.deps
+	$(PY) -m ruff check kdfast tests benchmarks examples setup.py
+
+# Compiles every CUDA source with nvcc alone (no GPU needed) where nvcc exists.
+check-cuda:
+	@if command -v nvcc >/dev/null 2>&1; then \
+	  for f in $$(ls csrc/cuda/*.cu 2>/dev/null); do \
+	    echo "nvcc -c $$f"; \
+	    nvcc -std=c++17 -O2 -Icsrc/include -c $$f -o /tmp/kdfast_$$(basename $$f).o || exit 1; \
+	  done; \
+	else echo "nvcc not found: CUDA sources not compiled"; fi
+
+test-unit: build
+	$(PYTEST) tests
+
+test: lint check-cuda test-unit
+
+bench: build
+	$(PY) -m kdfast.bench
+
+clean:
+	rm -rf build *.egg-info kdfast/*.so

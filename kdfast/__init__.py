@@ -1,0 +1,28 @@
+"""kdfast: knowledge-distillation losses with fused kernels behind a pure-PyTorch reference.
+
+    import kdfast
+    loss = kdfast.NSTLoss(kernel="poly")(student_features, teacher_features)
+"""
+
+from kdfast import functional
+from kdfast.backends import available_backends
+from kdfast.losses.ab import ABLoss
+from kdfast.losses.adversarial import AdversarialKD, ConditionalDiscriminator
+from kdfast.losses.attention import ATLoss
+from kdfast.losses.ban import BornAgainEnsemble
+from kdfast.losses.dml import DMLLoss
+from kdfast.losses.fitnet import FitNetLoss, make_connector
+from kdfast.losses.fsp import FSPLoss
+from kdfast.losses.gradient_attention import GradientATLoss
+from kdfast.losses.kd import KDLoss
+from kdfast.losses.nst import NSTLoss
+from kdfast.losses.rkd import RKDLoss
+from kdfast.losses.sp import SPLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ABLoss", "ATLoss", "AdversarialKD", "BornAgainEnsemble", "ConditionalDiscriminator",
+    "DMLLoss", "FSPLoss", "FitNetLoss", "GradientATLoss", "KDLoss", "NSTLoss", "RKDLoss", "SPLoss",
+    "available_backends", "functional", "make_connector",
+]

@@ -1,0 +1,111 @@
+"""Input validation shared by every loss: clear errors that name the argument and the fix.
+
+Nothing here broadcasts or silently reshapes: a tensor that is not what the loss needs raises
+``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape, size, device, option).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_tensor(name: str, tensor, ndim: int | Sequence[int], layout: str = "") -> torch.Tensor:
+    """``tensor`` must be a non-empty floating-point tensor with ``ndim`` dimensions."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if not (tensor.is_floating_point()):
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}; "
+                        f"convert it with {name}.float()")
+    allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    if tensor.dim() not in allowed:
+        want = " or ".join(f"{d}-D" for d in allowed)
+        hint = f" {layout}" if layout else ""
+        raise ValueError(f"{name} must be {want}{hint}, got shape {tuple(tensor.shape)}")
+    if tensor.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(tensor.shape)}); every dimension "
+                         "must be at least 1")
+    return tensor
+
+
+def check_features(name: str, tensor) -> torch.Tensor:
+    return check_tensor(name, tensor, 4, "(B, C, H, W)")
+
+
+def check_logits(name: str, tensor) -> torch.Tensor:
+    return check_tensor(name, tensor, 2, "(B, num_classes)")
+
+
+def check_same_batch(student: torch.Tensor, teacher: torch.Tensor,
+                     names: tuple[str, str] = ("student", "teacher")) -> None:
+    if student.device != teacher.device:
+        raise ValueError(f"{names[0]} is on {student.device} but {names[1]} is on "
+                         f"{teacher.device}; move both to one device with .to(device)")
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(f"{names[0]} and {names[1]} must have the same batch size, got "
+                         f"{student.shape[0]} and {teacher.shape[0]}")
+
+
+def check_same_shape(student: torch.Tensor, teacher: torch.Tensor,
+                     names: tuple[str, str] = ("student", "teacher"), fix: str = "") -> None:
+    check_same_batch(student, teacher, names)
+    if student.shape != teacher.shape:
+        raise ValueError(f"{names[0]} and {names[1]} must have the same shape, got "
+                         f"{tuple(student.shape)} and {tuple(teacher.shape)}"
+                         + (f"; {fix}" if fix else ""))
+
+
+def check_choice(name: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def check_positive(name: str, value, minimum: float = 0.0, inclusive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    ok = value >= minimum if inclusive else value > minimum
+    if not ok or value != value:
+        relation = ">=" if inclusive else ">"
+        raise ValueError(f"{name} must be {relation} {minimum}, got {value}")
+    return float(value)
+
+
+def match_spatial(student: torch.Tensor, teacher: torch.Tensor, pool: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average-pools the larger of two (B, C, H, W) maps down to the smaller one's size.
+
+    Pooling needs each of H and W of the larger map to be a whole multiple of the smaller's
+    (the ResNet stage ratios); anything else raises instead of resampling silently.
+    """
+    s_hw, t_hw = tuple(student.shape[-2:]), tuple(teacher.shape[-2:])
+    if s_hw == t_hw:
+        return student, teacher
+    if not pool:
+        raise ValueError(f"student spatial size {s_hw} differs from teacher's {t_hw} and "
+                         "pool=False; pass pool=True to average-pool the larger map, or "
+                         "resize one of them")
+    s_larger = s_hw[0] >= t_hw[0] and s_hw[1] >= t_hw[1]
+    t_larger = t_hw[0] >= s_hw[0] and t_hw[1] >= s_hw[1]
+    big, small = (s_hw, t_hw) if s_larger else (t_hw, s_hw)
+    if not (s_larger or t_larger) or big[0] % small[0] or big[1] % small[1]:
+        raise ValueError(f"student spatial size {s_hw} and teacher's {t_hw} cannot be matched "
+                         "by average pooling (the larger must be a whole multiple of the "
+                         "smaller in H and W); resize one of them with F.interpolate")
+    kernel = (big[0] // small[0], big[1] // small[1])
+    if s_larger:
+        return F.avg_pool2d(student, kernel), teacher
+    return student, F.avg_pool2d(teacher, kernel)
+
+
+def reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Applies ``reduction`` ("mean", "sum" or "none") to a vector of per-sample losses."""
+    check_choice("reduction", reduction, REDUCTIONS)
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample

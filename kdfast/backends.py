@@ -1,0 +1,143 @@
+"""Which implementation of a fused core runs: availability, policy and the registry.
+
+Every fused core (``"attention_map"``, later ``"gram"``, ``"mmd"`` ...) has a pure-PyTorch
+``reference`` implementation and optionally ``native`` (the C++/CUDA extension ``kdfast._C``)
+and ``triton`` ones. Each registers itself here with a ``supports`` predicate that says, for
+concrete tensors, why it cannot run them (or ``None`` when it can). The public functions call
+:func:`choose` *before* ``Function.apply`` so that exactly one autograd Function runs.
+
+Policy (the ``backend=`` argument of every loss, else the ``KDFAST_BACKEND`` environment
+variable, else ``"auto"``):
+
+* ``"auto"``: CUDA tensors try ``triton``, then ``native``, then ``reference``; CPU tensors
+  try ``native``, then ``reference``.
+* ``"native"`` / ``"triton"`` / ``"reference"``: that implementation. Asked for by argument
+  and not able to run, it raises ``ValueError`` saying why; asked for through the environment
+  variable, it falls back to ``auto`` with a one-time warning (so a global preference never
+  breaks a loss that has no such core).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("auto", "native", "triton", "reference")
+ENV_VAR = "KDFAST_BACKEND"
+
+_AUTO_ORDER = {"cuda": ("triton", "native", "reference"), "cpu": ("native", "reference")}
+
+
+@dataclass(frozen=True)
+class Implementation:
+    core: str
+    backend: str
+    fn: Callable
+    # Returns None when the implementation can run these tensors, else the reason it cannot.
+    supports: Callable[..., str | None]
+
+
+_REGISTRY: dict[str, dict[str, Implementation]] = {}
+_WARNED: set[str] = set()
+
+
+def _always(*tensors: torch.Tensor) -> str | None:
+    return None
+
+
+def register(core: str, backend: str, fn: Callable, supports: Callable | None = None) -> None:
+    """Registers ``fn`` as the ``backend`` implementation of ``core``."""
+    if backend not in BACKENDS or backend == "auto":
+        raise ValueError(f"backend must be one of native, triton, reference; got {backend!r}")
+    _REGISTRY.setdefault(core, {})[backend] = Implementation(core, backend, fn, supports or _always)
+
+
+def implementations(core: str) -> dict[str, Implementation]:
+    """The registered implementations of ``core`` by backend name (what the benchmark runs)."""
+    if core not in _REGISTRY:
+        raise KeyError(f"unknown core {core!r}; known: {sorted(_REGISTRY)}")
+    return dict(_REGISTRY[core])
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _requested(backend: str | None) -> tuple[str, bool]:
+    """The backend asked for and whether it was asked for explicitly (by argument)."""
+    if backend is not None:
+        explicit, name = True, backend
+    else:
+        explicit, name = False, os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        source = "backend" if explicit else f"the {ENV_VAR} environment variable"
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name, explicit
+
+
+def choose(core: str, backend: str | None, *tensors: torch.Tensor) -> Implementation:
+    """The implementation of ``core`` that runs ``tensors`` under the policy above."""
+    name, explicit = _requested(backend)
+    impls = implementations(core)
+    if name != "auto":
+        impl = impls.get(name)
+        reason = f"no {name} implementation of {core} is built" if impl is None else None
+        if impl is not None:
+            reason = impl.supports(*tensors)
+        if reason is None:
+            return impl
+        if explicit:
+            raise ValueError(f"backend={name!r} cannot run {core}: {reason}. "
+                             f"Use backend='auto' to let kdfast pick one that can.")
+        warn_once(f"env:{core}:{name}", f"{ENV_VAR}={name} cannot run {core} ({reason}); "
+                                        "falling back to the automatic choice")
+    device = tensors[0].device.type if tensors else "cpu"
+    for candidate in _AUTO_ORDER.get(device, ("reference",)):
+        impl = impls.get(candidate)
+        if impl is not None and impl.supports(*tensors) is None:
+            return impl
+    return impls["reference"]
+
+
+def native_extension():
+    """The compiled extension module ``kdfast._C``, or None (with one warning) if not built."""
+    try:
+        from kdfast import _C
+    except ImportError as error:  # pragma: no cover - depends on the build
+        warn_once("native-import", f"kdfast's native extension is not built ({error}); "
+                                   "every loss runs on the pure-PyTorch reference. Build it "
+                                   "with `pip install --no-build-isolation -e .`.")
+        return None
+    return _C
+
+
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def available_backends() -> dict[str, bool]:
+    """Which backends can run on this machine: ``{"reference": True, "native": ..., ...}``.
+
+    ``native`` is True when the extension is built; ``native_cuda`` when it was built with CUDA
+    kernels; ``triton`` when Triton imports and a CUDA device is present (or the interpreter
+    is on via ``TRITON_INTERPRET=1``).
+    """
+    ext = native_extension()
+    cuda = torch.cuda.is_available()
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    return {
+        "reference": True,
+        "native": ext is not None,
+        "native_cuda": bool(ext is not None and ext.built_with_cuda()),
+        "triton": triton_importable() and (cuda or interpret),
+    }

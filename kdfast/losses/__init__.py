@@ -1,0 +1,2 @@
+"""Public losses, one file per family: the function (validation, spatial matching, backend
+choice, reduction) and its nn.Module drop-in side by side."""

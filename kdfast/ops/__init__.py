@@ -1,0 +1,1 @@
+"""Fused cores as autograd Functions, one file per core, registered in kdfast.backends."""

@@ -1,0 +1,32 @@
+"""Shared test tools: relative errors, poisoned outputs and fresh random inputs."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (absolute error when ref is 0)."""
+    out, ref = out.detach().double(), ref.detach().double()
+    denom = ref.norm().item()
+    diff = (out - ref).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "") -> None:
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{what}: non-finite values"
+    err = rel_err(out, ref)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def randn(*shape, dtype=torch.float64, seed: int | None = None, requires_grad=False):
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    x = torch.randn(*shape, dtype=dtype, generator=generator)
+    return x.requires_grad_(requires_grad)
+
+
+def grads(loss: torch.Tensor, inputs, grad_output: float = 1.0):
+    """Gradients of ``loss * grad_output`` w.r.t. ``inputs`` (None for unused ones)."""
+    return torch.autograd.grad(loss, inputs, grad_outputs=torch.full_like(loss, grad_output),
+                               allow_unused=True)
