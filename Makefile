@@ -43,9 +43,13 @@ check-cuda:
 	else echo "nvcc not found: CUDA sources not compiled"; fi
 
 test-unit: build
-	$(PYTEST) tests
+	$(PYTEST) -m "not triton_interpret" tests
 
-test: lint check-cuda test-unit
+# Triton kernels on the CPU interpreter: own process, TRITON_INTERPRET must precede the import.
+test-triton: build
+	TRITON_INTERPRET=1 $(PYTEST) -m triton_interpret tests/triton
+
+test: lint check-cuda test-unit test-triton
 
 bench: build
 	$(PY) -m kdfast.bench

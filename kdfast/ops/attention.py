@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+import kdfast.triton  # noqa: F401  (registers the Triton implementations)
 from kdfast import backends
 from kdfast.reference.attention import NORM_EPS, attention_map
 

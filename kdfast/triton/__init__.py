@@ -1,0 +1,84 @@
+"""Triton backend: registers the ``"triton"`` implementation of the fused cores.
+
+Cores: ``"attention_map"`` (:mod:`kdfast.triton.attention`), ``"similarity"`` and ``"fsp"``
+(:mod:`kdfast.triton.gram`), ``"channel_mmd"`` (:mod:`kdfast.triton.mmd`).
+
+Importing this package never imports ``triton``: each registered function imports its kernel
+module on first use, and ``supports`` checks that Triton imports (kdfast works without it).
+An implementation can run
+
+* CUDA tensors when Triton imports (``backend="auto"`` picks it first for them), or
+* CPU tensors when ``TRITON_INTERPRET=1`` was set before Triton was imported: the Triton
+  interpreter, used by the tests. ``auto`` never picks Triton for CPU tensors, so this path
+  is reached only with an explicit ``backend="triton"``.
+
+Supported dtypes: float32 (TF32 following ``torch.backends.cuda.matmul.allow_tf32``), float16,
+bfloat16 (not under the interpreter, which has no bfloat16) and float64.
+
+Example:
+    >>> kdfast.functional.at_loss(s.cuda(), t.cuda(), backend="triton")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from functools import cache
+
+import torch
+
+from kdfast import backends
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@cache
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:  # pragma: no cover - depends on the machine
+        return f"Triton is not importable ({error})"
+    return None
+
+
+def supports(*tensors: torch.Tensor) -> str | None:
+    """None when the Triton kernels can run ``tensors``, else the reason they cannot."""
+    first = tensors[0]
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if first.device.type == "cpu" and not interpret:
+        return "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
+    if first.device.type not in ("cpu", "cuda"):
+        return f"no Triton kernel for {first.device.type} tensors"
+    reason = _triton_import_error()
+    if reason is not None:
+        return reason
+    for t in tensors:
+        if t.device != first.device:
+            return "all tensors must be on one device"
+        if t.dtype not in _DTYPES:
+            return f"dtype {t.dtype} is not supported (float32, float16, bfloat16, float64)"
+        if t.dtype != first.dtype:
+            return f"all tensors must share one dtype (got {first.dtype} and {t.dtype})"
+        if t.dtype == torch.bfloat16 and t.device.type == "cpu":
+            return "the Triton interpreter has no bfloat16"
+    return None
+
+
+def _lazy(module: str, name: str):
+    """A function that imports ``kdfast.triton.<module>`` on its first call and runs ``name``."""
+    def run(*args, **kwargs):
+        return getattr(importlib.import_module(f"kdfast.triton.{module}"), name)(*args, **kwargs)
+    run.__name__ = run.__qualname__ = f"triton_{name}"
+    run.__doc__ = f"Triton implementation: :func:`kdfast.triton.{module}.{name}`."
+    return run
+
+
+_CORES = {
+    "attention_map": ("attention", "triton_attention_map"),
+    "similarity": ("gram", "triton_similarity_loss"),
+    "fsp": ("gram", "triton_fsp_pair_loss"),
+    "channel_mmd": ("mmd", "triton_channel_mmd"),
+}
+
+for _core, (_module, _name) in _CORES.items():
+    backends.register(_core, "triton", _lazy(_module, _name), supports)

@@ -1,0 +1,55 @@
+"""Shared launch helpers of the Triton kernels: dtypes, dot precision, block configurations.
+
+Everything here imports ``triton``; only the kernel modules import this file, and only when a
+Triton implementation actually runs (see :mod:`kdfast.triton`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+NORM_EPS = 1e-12
+# Under TRITON_INTERPRET=1 (CPU) every kernel uses one fixed configuration: the interpreter
+# runs each program in numpy, so autotuning would only multiply the test time.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation / result dtype: float64 stays float64, everything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s ``input_precision`` (exists in Triton >= 3.0, both 3.6 and 3.9).
+
+    float32 inputs use TF32 exactly when ``torch.backends.cuda.matmul.allow_tf32`` is set, like
+    torch's own matmuls; float64 is always IEEE; float16/bfloat16 keep Triton's default
+    ("tf32", which only matters for float32 operands).
+    """
+    if dtype == torch.float64:
+        return "ieee"
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32"
+
+
+def configs(fixed: dict, tuned: list[dict]) -> list[triton.Config]:
+    """``fixed`` alone under the interpreter, else the autotuning candidates ``tuned``.
+
+    Each dict holds the block sizes and optionally ``num_warps`` / ``num_stages``.
+    """
+    chosen = [fixed] if INTERPRET else tuned
+    out = []
+    for config in chosen:
+        meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+        out.append(triton.Config(meta, num_warps=config.get("num_warps", 4),
+                                 num_stages=config.get("num_stages", 2)))
+    return out
+
+
+def spatial_strides(x: torch.Tensor) -> tuple[int, int, int]:
+    """(width, stride_h, stride_w) of a (B, C, H, W) tensor's spatial index hw = h * W + w."""
+    return x.shape[3], x.stride(2), x.stride(3)
