@@ -64,7 +64,7 @@ def _abs_pow_grad(a, p, P_MODE: tl.constexpr):
 
 @triton.autotune(configs=_CONFIGS, key=["C", "HW"])
 @triton.jit
-def _at_forward_kernel(x_ptr, q_ptr, part_ptr, C, HW, W, sB, sC, sH, sW, p, inv_c,
+def _at_forward_kernel(x_ptr, q_ptr, part_ptr, p_ptr, C, HW, W, sB, sC, sH, sW,
                        num_blocks, P_MODE: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_HW: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -74,13 +74,14 @@ def _at_forward_kernel(x_ptr, q_ptr, part_ptr, C, HW, W, sB, sC, sH, sW, p, inv_
     hw64 = hw.to(tl.int64)
     spatial = (hw64 // W) * sH + (hw64 % W) * sW
     acc = tl.zeros([BLOCK_HW], dtype=q_ptr.dtype.element_ty)
+    p = tl.load(p_ptr)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         offs = b * sB + c.to(tl.int64)[:, None] * sC + spatial[None, :]
         mask = (c < C)[:, None] & hw_ok[None, :]
         a = tl.load(x_ptr + offs, mask=mask, other=0.0).to(q_ptr.dtype.element_ty)
         acc += tl.sum(_abs_pow(a, p, P_MODE), axis=0)
-    q = acc * inv_c
+    q = acc / C
     tl.store(q_ptr + b * HW + hw64, q, mask=hw_ok)
     tl.store(part_ptr + b * num_blocks + blk, tl.sum(q * q, axis=0))
 
@@ -102,8 +103,8 @@ def _at_normalise_kernel(q_ptr, part_ptr, norm_ptr, HW, num_blocks, eps,
 
 @triton.autotune(configs=_CONFIGS, key=["C", "HW"])
 @triton.jit
-def _at_backward_kernel(x_ptr, dx_ptr, gmap_ptr, qhat_ptr, along_ptr, norm_ptr,
-                        C, HW, W, sB, sC, sH, sW, dB, dC, dH, dW, p, inv_c, eps,
+def _at_backward_kernel(x_ptr, dx_ptr, gmap_ptr, qhat_ptr, along_ptr, norm_ptr, p_ptr,
+                        C, HW, W, sB, sC, sH, sW, dB, dC, dH, dW, eps,
                         P_MODE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
@@ -113,7 +114,8 @@ def _at_backward_kernel(x_ptr, dx_ptr, gmap_ptr, qhat_ptr, along_ptr, norm_ptr,
     q_hat = tl.load(qhat_ptr + b * HW + hw64, mask=hw_ok, other=0.0)
     along = tl.load(along_ptr + b)
     norm = tl.load(norm_ptr + b)
-    grad_q = tl.where(norm > eps, g - along * q_hat, g) / tl.maximum(norm, eps) * inv_c
+    p = tl.load(p_ptr)
+    grad_q = tl.where(norm > eps, g - along * q_hat, g) / tl.maximum(norm, eps) / C
     src = (hw64 // W) * sH + (hw64 % W) * sW
     dst = (hw64 // W) * dH + (hw64 % W) * dW
     for c0 in range(0, C, BLOCK_C):
@@ -123,6 +125,11 @@ def _at_backward_kernel(x_ptr, dx_ptr, gmap_ptr, qhat_ptr, along_ptr, norm_ptr,
         local = _abs_pow_grad(a.to(g.dtype), p, P_MODE)
         grad = (local * grad_q[None, :]).to(dx_ptr.dtype.element_ty)
         tl.store(dx_ptr + b * dB + c[:, None] * dC + dst[None, :], grad, mask=mask)
+
+
+def _exponent(p: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """p as a one-element tensor: a Python float argument would reach the kernel as float32."""
+    return torch.tensor([p], dtype=dtype, device=device)
 
 
 def _grid(batch: int, hw: int):
@@ -142,8 +149,8 @@ def attention_forward(features: torch.Tensor, p: float) -> tuple[torch.Tensor, t
     parts = torch.zeros(batch, slots, dtype=dtype, device=features.device)
     width_, s_h, s_w = spatial_strides(features)
     _at_forward_kernel[_grid(batch, hw)](
-        features, q, parts, channels, hw, width_, features.stride(0), features.stride(1),
-        s_h, s_w, float(p), 1.0 / channels, slots, P_MODE=_p_mode(p))
+        features, q, parts, _exponent(p, dtype, features.device), channels, hw, width_,
+        features.stride(0), features.stride(1), s_h, s_w, slots, P_MODE=_p_mode(p))
     block = 128
     _at_normalise_kernel[(batch, triton.cdiv(hw, block))](
         q, parts, norm, hw, slots, NORM_EPS, BLOCK_HW=block,
@@ -161,10 +168,10 @@ def attention_backward(grad_map: torch.Tensor, features: torch.Tensor, q_hat: to
     grad = torch.empty_like(features)
     width_, s_h, s_w = spatial_strides(features)
     _at_backward_kernel[_grid(batch, hw)](
-        features, grad, grad_map, q_hat, along, norm, channels, hw, width_,
-        features.stride(0), features.stride(1), s_h, s_w,
+        features, grad, grad_map, q_hat, along, norm, _exponent(p, q_hat.dtype, features.device),
+        channels, hw, width_, features.stride(0), features.stride(1), s_h, s_w,
         grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
-        float(p), 1.0 / channels, NORM_EPS, P_MODE=_p_mode(p))
+        NORM_EPS, P_MODE=_p_mode(p))
     return grad
 
 

@@ -1,0 +1,382 @@
+r"""Triton batch-Gram cores: SP (``"similarity"``) and FSP (``"fsp"``), plus the GEMM-shaped
+backward kernel the Gram and MMD cores share.
+
+SP (DESIGN.md §3, "Batch Gram"), Q the features flattened to B × D per network:
+
+* ``_sp_gram_kernel``, grid (upper tiles of A, split, network): A = QQᵀ split-K over D, both
+  networks in one launch; each program writes its partial tile (and the mirrored tile) into
+  its own split slot, so nothing is accumulated with atomics.
+* ``_sp_rows_kernel``, grid (B,): sums the split slots in a fixed order, row-normalises A_s
+  and A_t (``F.normalize``, eps 1e-12) and reduces Σ_j (G_t − G_s)²_ij / B: the per-row loss.
+* backward: dA from the B × B matrices (tiny, autograd), then dQ = (dA + dAᵀ) Q in one
+  ``_rows_gemm_kernel`` launch per network.
+
+FSP, per sample G = X_a X_bᵀ / HW:
+
+* ``_fsp_kernel``, grid (B, C_a tiles × C_b tiles): both Grams of a tile over their own HW,
+  the difference G_s − G_t (kept, B·C_a·C_b, for the backward) and the tile's Σ diff².
+* backward: dG = 2 g (G_s − G_t)/(C_a C_b), then dX_a = dG X_b / HW and dX_b = dGᵀ X_a / HW,
+  each one ``_rows_gemm_kernel`` launch (dGᵀ through strides, no copy).
+
+``_rows_gemm_kernel`` computes out[b, i, :] = Σ_j M1[b, i, j] Z1[b, j, :] (+ Σ_j M2 Z2) over
+raw features read through their (C, H, W) strides and writes the gradient in the input's
+dtype and layout. M is scaled by its per-sample max before the cast to float16/bfloat16 (so
+tiny weights are not flushed) and the accumulator scaled back; accumulation is float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kdfast.triton._common import NORM_EPS, compute_dtype, configs, dot_precision
+
+_GRAM_CONFIGS = configs({"BLOCK_M": 16, "BLOCK_K": 16},
+                        [{"BLOCK_M": m, "BLOCK_K": k, "num_warps": w, "num_stages": s}
+                         for m, k, w, s in [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3),
+                                            (32, 128, 4, 4), (128, 32, 4, 4)]])
+_FSP_CONFIGS = configs({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16},
+                       [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w,
+                         "num_stages": s}
+                        for m, n, k, w, s in [(64, 64, 64, 4, 3), (128, 64, 32, 4, 3),
+                                              (64, 128, 32, 4, 3), (32, 32, 128, 4, 4),
+                                              (128, 128, 32, 8, 3)]])
+_GEMM_CONFIGS = configs({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_J": 16},
+                        [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_J": j, "num_warps": w,
+                          "num_stages": s}
+                         for m, n, j, w, s in [(64, 128, 32, 4, 3), (128, 128, 32, 8, 3),
+                                               (64, 64, 64, 4, 3), (32, 256, 32, 8, 3),
+                                               (128, 64, 64, 4, 4)]])
+SP_SPLITS_GPU = 8
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` if each sample is one dense block of D elements (contiguous or channels_last),
+    else a contiguous copy; row b then lives at b * D + k, k < D, in some fixed order."""
+    if x.is_contiguous():
+        return x
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return x
+    return x.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared backward: out = M1 @ Z1 (+ M2 @ Z2), batched, over strided raw features.
+
+
+@triton.autotune(configs=_GEMM_CONFIGS, key=["R", "N1", "N2", "K"])
+@triton.jit
+def _rows_gemm_kernel(m1_ptr, z1_ptr, m2_ptr, z2_ptr, scale_ptr, out_ptr, R, N1, N2, K,
+                      sm1b, sm1i, sm1j, sz1b, sz1r, z1w, sz1h, sz1w,
+                      sm2b, sm2i, sm2j, sz2b, sz2r, z2w, sz2h, sz2w,
+                      sob, sor, ow, soh, sow,
+                      HAS_SECOND: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    rows = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = (tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok = rows < R
+    col_ok = cols < K
+    scale = tl.load(scale_ptr + b)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=scale_ptr.dtype.element_ty)
+    z1_sp = (cols // z1w) * sz1h + (cols % z1w) * sz1w
+    for j0 in range(0, N1, BLOCK_J):
+        j = (j0 + tl.arange(0, BLOCK_J)).to(tl.int64)
+        j_ok = j < N1
+        m = tl.load(m1_ptr + b * sm1b + rows[:, None] * sm1i + j[None, :] * sm1j,
+                    mask=row_ok[:, None] & j_ok[None, :], other=0.0)
+        z = tl.load(z1_ptr + b * sz1b + j[:, None] * sz1r + z1_sp[None, :],
+                    mask=j_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot((m / scale).to(z.dtype), z, acc, input_precision=DOT_PRECISION)
+    if HAS_SECOND:
+        z2_sp = (cols // z2w) * sz2h + (cols % z2w) * sz2w
+        for j0 in range(0, N2, BLOCK_J):
+            j = (j0 + tl.arange(0, BLOCK_J)).to(tl.int64)
+            j_ok = j < N2
+            m = tl.load(m2_ptr + b * sm2b + rows[:, None] * sm2i + j[None, :] * sm2j,
+                        mask=row_ok[:, None] & j_ok[None, :], other=0.0)
+            z = tl.load(z2_ptr + b * sz2b + j[:, None] * sz2r + z2_sp[None, :],
+                        mask=j_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot((m / scale).to(z.dtype), z, acc, input_precision=DOT_PRECISION)
+    out_sp = (cols // ow) * soh + (cols % ow) * sow
+    tl.store(out_ptr + b * sob + rows[:, None] * sor + out_sp[None, :],
+             (acc * scale).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _feature_view(x: torch.Tensor):
+    """(batch stride, row stride, W, stride over h, stride over w) of a (B, C, H, W) tensor, or
+    of a dense (B, D) row block (then the column index is one flat index)."""
+    if x.dim() == 4:
+        return x.stride(0), x.stride(1), x.shape[3], x.stride(2), x.stride(3)
+    raise ValueError("expected a (B, C, H, W) tensor")
+
+
+def rows_gemm(out: torch.Tensor, m1: torch.Tensor, z1: torch.Tensor,
+              m2: torch.Tensor | None = None, z2: torch.Tensor | None = None,
+              z_view=None, out_view=None) -> torch.Tensor:
+    """out[b] = m1[b] @ z1[b] (+ m2[b] @ z2[b]) with z*, out (B, rows, H, W) features.
+
+    ``m1`` (B, R, N1) and ``m2`` (B, R, N2) in the compute dtype, any strides. ``z_view`` /
+    ``out_view`` override the (batch, row, W, h, w) strides (SP passes its flat rows).
+    """
+    batch, rows, n1 = m1.shape
+    z1_view = z_view or _feature_view(z1)
+    o_view = out_view or _feature_view(out)
+    cols = out.numel() // max(batch * rows, 1)
+    has_second = m2 is not None
+    scale = m1.abs().amax(dim=(1, 2))
+    if has_second:
+        scale = torch.maximum(scale, m2.abs().amax(dim=(1, 2)))
+    scale = scale.clamp_min(torch.finfo(scale.dtype).tiny).contiguous()
+    if not has_second:
+        m2, z2, z2_view, n2 = m1, z1, z1_view, 0
+    else:
+        z2_view, n2 = (z_view or _feature_view(z2)), m2.shape[2]
+    grid = lambda meta: (batch, triton.cdiv(rows, meta["BLOCK_M"]),  # noqa: E731
+                         triton.cdiv(cols, meta["BLOCK_N"]))
+    _rows_gemm_kernel[grid](
+        m1, z1, m2, z2, scale, out, rows, n1, n2, cols,
+        *m1.stride(), *z1_view, *m2.stride(), *z2_view, *o_view,
+        HAS_SECOND=has_second, DOT_PRECISION=dot_precision(z1.dtype))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# SP
+
+
+@triton.autotune(configs=_GRAM_CONFIGS, key=["B", "D_s", "D_t"])
+@triton.jit
+def _sp_gram_kernel(s_ptr, t_ptr, part_ptr, B, D_s, D_t, SPLITS: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    tiles = tl.cdiv(B, BLOCK_M)
+    ti = tl.program_id(0) // tiles
+    tj = tl.program_id(0) % tiles
+    split = tl.program_id(1)
+    net = tl.program_id(2)
+    if net == 0:  # noqa: SIM108  (a runtime branch: Triton has no runtime ternary)
+        base = s_ptr
+    else:
+        base = t_ptr
+    depth = tl.where(net == 0, D_s, D_t).to(tl.int64)
+    chunk = tl.cdiv(tl.cdiv(depth, SPLITS), BLOCK_K) * BLOCK_K
+    k_lo = split * chunk
+    k_hi = tl.minimum(k_lo + chunk, depth)
+    k_hi = tl.where(tj >= ti, k_hi, k_lo)  # lower tiles come from the mirrored upper ones
+    ri = (ti * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rj = (tj * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    acc = tl.zeros([BLOCK_M, BLOCK_M], dtype=part_ptr.dtype.element_ty)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < k_hi
+        a = tl.load(base + ri[:, None] * depth + k[None, :],
+                    mask=(ri < B)[:, None] & k_ok[None, :], other=0.0)
+        bt = tl.load(base + k[:, None] + rj[None, :] * depth,
+                     mask=k_ok[:, None] & (rj < B)[None, :], other=0.0)
+        acc = tl.dot(a, bt, acc, input_precision=DOT_PRECISION)
+    slot = part_ptr + (net * SPLITS + split).to(tl.int64) * B * B
+    upper = tl.where(tj >= ti, B, 0)  # row limit: 0 masks the whole (lower) tile off
+    tl.store(slot + ri[:, None] * B + rj[None, :], acc,
+             mask=(ri < upper)[:, None] & (rj < B)[None, :])
+    # The mirror only off the diagonal tiles: two stores to one address would race.
+    strictly_upper = tl.where(tj > ti, B, 0)
+    tl.store(slot + rj[None, :] * B + ri[:, None], acc,
+             mask=(ri < strictly_upper)[:, None] & (rj < B)[None, :])
+
+
+@triton.jit
+def _sp_rows_kernel(part_ptr, gram_ptr, loss_ptr, B, eps, SPLITS: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64)
+    net_stride = SPLITS * B * B
+    sq_s = tl.zeros([BLOCK], dtype=loss_ptr.dtype.element_ty)
+    sq_t = tl.zeros([BLOCK], dtype=loss_ptr.dtype.element_ty)
+    for j0 in range(0, B, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        ok = j < B
+        a_s = tl.zeros([BLOCK], dtype=loss_ptr.dtype.element_ty)
+        a_t = tl.zeros([BLOCK], dtype=loss_ptr.dtype.element_ty)
+        for split in range(SPLITS):
+            a_s += tl.load(part_ptr + split * B * B + i * B + j, mask=ok, other=0.0)
+            a_t += tl.load(part_ptr + net_stride + split * B * B + i * B + j, mask=ok, other=0.0)
+        tl.store(gram_ptr + i * B + j, a_s, mask=ok)
+        tl.store(gram_ptr + B * B + i * B + j, a_t, mask=ok)
+        sq_s += a_s * a_s
+        sq_t += a_t * a_t
+    n_s = tl.maximum(tl.sqrt(tl.sum(sq_s, axis=0)), eps)
+    n_t = tl.maximum(tl.sqrt(tl.sum(sq_t, axis=0)), eps)
+    total = tl.zeros([BLOCK], dtype=loss_ptr.dtype.element_ty)
+    for j0 in range(0, B, BLOCK):  # re-sums the slots (read-only) instead of re-reading stores
+        j = j0 + tl.arange(0, BLOCK)
+        ok = j < B
+        a_s = tl.zeros([BLOCK], dtype=loss_ptr.dtype.element_ty)
+        a_t = tl.zeros([BLOCK], dtype=loss_ptr.dtype.element_ty)
+        for split in range(SPLITS):
+            a_s += tl.load(part_ptr + split * B * B + i * B + j, mask=ok, other=0.0)
+            a_t += tl.load(part_ptr + net_stride + split * B * B + i * B + j, mask=ok, other=0.0)
+        diff = a_t / n_t - a_s / n_s
+        total += diff * diff
+    tl.store(loss_ptr + i, tl.sum(total, axis=0) / B)
+
+
+def similarity_forward(student: torch.Tensor, teacher: torch.Tensor):
+    """(per-row loss (B,), raw Grams A (2, B, B): [A_s, A_t]) in the compute dtype."""
+    batch = student.shape[0]
+    dtype = compute_dtype(student.dtype)
+    splits = 1 if student.device.type == "cpu" else SP_SPLITS_GPU
+    parts = torch.empty(2, splits, batch, batch, dtype=dtype, device=student.device)
+    d_s, d_t = student.numel() // batch, teacher.numel() // batch
+    grid = lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]) ** 2, splits, 2)  # noqa: E731
+    _sp_gram_kernel[grid](student, teacher, parts, batch, d_s, d_t, SPLITS=splits,
+                          DOT_PRECISION=dot_precision(student.dtype))
+    grams = torch.empty(2, batch, batch, dtype=dtype, device=student.device)
+    loss = torch.empty(batch, dtype=dtype, device=student.device)
+    block = min(triton.next_power_of_2(batch), 1024)
+    _sp_rows_kernel[(batch,)](parts, grams, loss, batch, NORM_EPS, SPLITS=splits, BLOCK=block)
+    return loss, grams
+
+
+def _similarity_gram_grads(grams: torch.Tensor, grad_loss: torch.Tensor):
+    """dL/dA_s, dL/dA_t from the (2, B, B) raw Grams: B × B work, through autograd."""
+    with torch.enable_grad():
+        a = grams.detach().requires_grad_(True)
+        g = F.normalize(a, dim=2, eps=NORM_EPS)
+        loss = (g[1] - g[0]).pow(2).sum(dim=1) / a.shape[1]
+        (grad,) = torch.autograd.grad(loss, a, grad_loss.to(a.dtype))
+    return grad[0], grad[1]
+
+
+def _flat_rows_backward(grad_gram: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dQ = (dA + dAᵀ) Q for Q = x flattened to (B, D), written in x's dtype and layout."""
+    depth = x.numel() // x.shape[0]
+    out = torch.empty_like(x)
+    sym = (grad_gram + grad_gram.t()).unsqueeze(0)
+    view = (0, depth, depth, 0, 1)  # one "sample" of B rows of D flat elements
+    rows_gemm(out, sym, x, z_view=view, out_view=view)
+    return out
+
+
+class TritonSimilarity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        student, teacher = _rows(student), _rows(teacher)
+        loss, grams = similarity_forward(student, teacher)
+        ctx.save_for_backward(student, teacher, grams)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        student, teacher, grams = ctx.saved_tensors
+        grad_s, grad_t = _similarity_gram_grads(grams, grad_loss)
+        ds = _flat_rows_backward(grad_s, student) if ctx.needs_input_grad[0] else None
+        dt = _flat_rows_backward(grad_t, teacher) if ctx.needs_input_grad[1] else None
+        return ds, dt
+
+
+def triton_similarity_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Core ``"similarity"`` on Triton: per-row SP loss (B,), mean = ‖G_t − G_s‖²_F / B²."""
+    return TritonSimilarity.apply(student, teacher)
+
+
+# ---------------------------------------------------------------------------------------------
+# FSP
+
+
+@triton.jit
+def _tile_gram(a_ptr, b_ptr, rows_a, rows_b, ra, rb, HW,
+               saC, saW, saH, saw, sbC, sbW, sbH, sbw, acc,
+               DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += X_a[ra, :] X_b[rb, :]ᵀ over the HW spatial positions (strided, int64)."""
+    for k0 in range(0, HW, BLOCK_K):
+        k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        k_ok = k < HW
+        a = tl.load(a_ptr + ra[:, None] * saC + ((k // saW) * saH + (k % saW) * saw)[None, :],
+                    mask=(ra < rows_a)[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + rb[None, :] * sbC + ((k // sbW) * sbH + (k % sbW) * sbw)[:, None],
+                    mask=k_ok[:, None] & (rb < rows_b)[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.autotune(configs=_FSP_CONFIGS, key=["CA", "CB", "HW_s", "HW_t"])
+@triton.jit
+def _fsp_kernel(sa_ptr, sb_ptr, ta_ptr, tb_ptr, diff_ptr, part_ptr, CA, CB, HW_s, HW_t,
+                num_slots,
+                s_saB, s_saC, s_saW, s_saH, s_saw, s_sbB, s_sbC, s_sbW, s_sbH, s_sbw,
+                s_taB, s_taC, s_taW, s_taH, s_taw, s_tbB, s_tbC, s_tbW, s_tbH, s_tbw,
+                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    tiles_b = tl.cdiv(CB, BLOCK_N)
+    ra = ((tile // tiles_b) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rb = ((tile % tiles_b) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=diff_ptr.dtype.element_ty)
+    g_s = _tile_gram(sa_ptr + b * s_saB, sb_ptr + b * s_sbB, CA, CB, ra, rb, HW_s,
+                     s_saC, s_saW, s_saH, s_saw, s_sbC, s_sbW, s_sbH, s_sbw, zero,
+                     DOT_PRECISION, BLOCK_K)
+    g_t = _tile_gram(ta_ptr + b * s_taB, tb_ptr + b * s_tbB, CA, CB, ra, rb, HW_t,
+                     s_taC, s_taW, s_taH, s_taw, s_tbC, s_tbW, s_tbH, s_tbw, zero,
+                     DOT_PRECISION, BLOCK_K)
+    diff = g_s / HW_s - g_t / HW_t  # integer divisors: exact scaling in float64 too
+    mask = (ra < CA)[:, None] & (rb < CB)[None, :]
+    tl.store(diff_ptr + b * CA * CB + ra[:, None] * CB + rb[None, :], diff, mask=mask)
+    sq = tl.where(mask, diff * diff, 0.0)
+    tl.store(part_ptr + b * num_slots + tile, tl.sum(tl.sum(sq, axis=1), axis=0))
+
+
+def _fsp_strides(x: torch.Tensor):
+    return x.stride(0), x.stride(1), x.shape[3], x.stride(2), x.stride(3)
+
+
+def fsp_forward(sa, sb, ta, tb):
+    """(per-sample loss (B,), G_s − G_t (B, C_a, C_b)) in the compute dtype."""
+    batch, ca = sa.shape[:2]
+    cb = sb.shape[1]
+    dtype = compute_dtype(sa.dtype)
+    diff = torch.empty(batch, ca, cb, dtype=dtype, device=sa.device)
+    min_m = min(c.kwargs["BLOCK_M"] for c in _FSP_CONFIGS)
+    min_n = min(c.kwargs["BLOCK_N"] for c in _FSP_CONFIGS)
+    slots = triton.cdiv(ca, min_m) * triton.cdiv(cb, min_n)
+    parts = torch.zeros(batch, slots, dtype=dtype, device=sa.device)
+    hw_s, hw_t = sa.shape[2] * sa.shape[3], ta.shape[2] * ta.shape[3]
+    grid = lambda meta: (batch, triton.cdiv(ca, meta["BLOCK_M"])  # noqa: E731
+                         * triton.cdiv(cb, meta["BLOCK_N"]))
+    _fsp_kernel[grid](sa, sb, ta, tb, diff, parts, ca, cb, hw_s, hw_t, slots,
+                      *_fsp_strides(sa), *_fsp_strides(sb), *_fsp_strides(ta),
+                      *_fsp_strides(tb), DOT_PRECISION=dot_precision(sa.dtype))
+    return parts.sum(dim=1) / (ca * cb), diff
+
+
+class TritonFSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, sa, sb, ta, tb):
+        loss, diff = fsp_forward(sa, sb, ta, tb)
+        ctx.save_for_backward(sa, sb, ta, tb, diff)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        sa, sb, ta, tb, diff = ctx.saved_tensors
+        grad_gram = diff * (2.0 / diff[0].numel()) * grad_loss.to(diff.dtype).view(-1, 1, 1)
+        grads = []
+        for index, (x, other, sign, transpose) in enumerate(
+                [(sa, sb, 1.0, False), (sb, sa, 1.0, True), (ta, tb, -1.0, False),
+                 (tb, ta, -1.0, True)]):
+            if not ctx.needs_input_grad[index]:
+                grads.append(None)
+                continue
+            weights = grad_gram * (sign / (x.shape[2] * x.shape[3]))
+            weights = weights.transpose(1, 2) if transpose else weights
+            grads.append(rows_gemm(torch.empty_like(x), weights, other))
+        return tuple(grads)
+
+
+def triton_fsp_pair_loss(student_a: torch.Tensor, student_b: torch.Tensor,
+                         teacher_a: torch.Tensor, teacher_b: torch.Tensor) -> torch.Tensor:
+    """Core ``"fsp"`` on Triton: per-sample mean over C_a·C_b of (G_s − G_t)², (B,)."""
+    return TritonFSP.apply(student_a, student_b, teacher_a, teacher_b)
