@@ -1,0 +1,98 @@
+"""Triton SP ("similarity") and FSP ("fsp") cores against the references."""
+
+import pytest
+import torch
+
+from kdfast import backends
+from tests.helpers import randn
+from tests.triton.parity import check_parity
+
+pytestmark = pytest.mark.triton_interpret
+sp_reference = pytest.importorskip("kdfast.reference.sp", reason="SP reference not merged yet")
+fsp_reference = pytest.importorskip("kdfast.reference.fsp", reason="FSP reference not merged")
+
+
+def triton_core(core, *tensors):
+    return backends.choose(core, "triton", *tensors).fn
+
+
+def similarity(s, t):
+    return triton_core("similarity", s, t)(s, t)
+
+
+def fsp(sa, sb, ta, tb):
+    return triton_core("fsp", sa, sb, ta, tb)(sa, sb, ta, tb)
+
+
+@pytest.mark.parametrize("s_shape,t_shape", [
+    ((5, 3, 4, 5), (5, 7, 2, 3)),      # odd B, D_s != D_t
+    ((19, 3, 3, 3), (19, 11)),         # B above one 16-block, 2-D teacher
+    ((2, 1, 1, 1), (2, 40, 1, 1)),     # D = 1
+])
+def test_similarity_float64(device, s_shape, t_shape):
+    s, t = randn(*s_shape).to(device), randn(*t_shape).to(device)
+    check_parity(similarity, sp_reference.similarity_loss, [s, t], 1e-12)
+
+
+def test_similarity_layouts_and_teacher_without_grad(device):
+    s = randn(6, 5, 3, 7).to(device, memory_format=torch.channels_last)
+    t = randn(6, 4, 9, 5).to(device).transpose(2, 3)  # neither contiguous nor channels_last
+    check_parity(similarity, sp_reference.similarity_loss, [s, t], 1e-12, grad_inputs=[0])
+
+
+def test_similarity_batch_of_one_is_zero_with_zero_gradient(device):
+    s = randn(1, 3, 4, 4).to(device).requires_grad_(True)
+    out = similarity(s, randn(1, 2, 4, 4).to(device))
+    (grad,) = torch.autograd.grad(out.sum(), s)
+    assert out.abs().max() < 1e-12 and grad.abs().max() < 1e-12
+
+
+def test_similarity_all_zero_sample_follows_eps(device):
+    s, t = randn(4, 3, 2, 5).to(device), randn(4, 6, 2, 5).to(device)
+    s[1] = 0
+    check_parity(similarity, sp_reference.similarity_loss, [s, t], 1e-12)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
+def test_similarity_low_precision(device, dtype, tol):
+    s, t = randn(7, 5, 3, 3).to(device, dtype), randn(7, 6, 3, 3).to(device, dtype)
+    out = check_parity(similarity, sp_reference.similarity_loss, [s, t], tol, 5 * tol)
+    assert out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("ca,cb,s_hw,t_hw", [
+    (3, 17, (5, 7), (4, 3)),   # odd channels, C_a != C_b, student HW != teacher HW
+    (1, 1, (1, 1), (2, 2)),
+    (18, 5, (3, 6), (3, 6)),   # C_a above one 16-block
+])
+def test_fsp_float64(device, ca, cb, s_hw, t_hw):
+    inputs = [randn(2, ca, *s_hw), randn(2, cb, *s_hw), randn(2, ca, *t_hw), randn(2, cb, *t_hw)]
+    check_parity(fsp, fsp_reference.fsp_pair_loss, [x.to(device) for x in inputs], 1e-12)
+
+
+def test_fsp_layouts_batch_one_and_teacher_without_grad(device):
+    sa = randn(1, 4, 5, 6).to(device, memory_format=torch.channels_last)
+    sb = randn(1, 6, 6, 5).to(device).transpose(2, 3)
+    ta, tb = randn(1, 4, 3, 3).to(device), randn(1, 12, 3, 3).to(device)[:, ::2]
+    check_parity(fsp, fsp_reference.fsp_pair_loss, [sa, sb, ta, tb], 1e-12, grad_inputs=[0, 1])
+
+
+def test_fsp_zero_channel(device):
+    inputs = [randn(2, 3, 4, 4), randn(2, 5, 4, 4), randn(2, 3, 2, 2), randn(2, 5, 2, 2)]
+    inputs[0][0, 1] = 0
+    check_parity(fsp, fsp_reference.fsp_pair_loss, [x.to(device) for x in inputs], 1e-12)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
+def test_fsp_low_precision(device, dtype, tol):
+    inputs = [randn(2, 5, 4, 4), randn(2, 7, 4, 4), randn(2, 5, 3, 3), randn(2, 7, 3, 3)]
+    out = check_parity(fsp, fsp_reference.fsp_pair_loss, [x.to(device, dtype) for x in inputs],
+                       tol, 5 * tol)
+    assert out.dtype == torch.float32
+
+
+def test_gram_cores_are_deterministic(device):
+    s, t = randn(9, 5, 4, 4, dtype=torch.float32).to(device), randn(9, 3, 4, 4).float().to(device)
+    assert torch.equal(similarity(s, t), similarity(s, t))
+    inputs = [randn(2, c, 4, 4, dtype=torch.float32).to(device) for c in (3, 5, 3, 5)]
+    assert torch.equal(fsp(*inputs), fsp(*inputs))

@@ -1,0 +1,75 @@
+"""Triton channel MMD ("channel_mmd", NST) against the reference, every kernel and option."""
+
+import pytest
+import torch
+
+from kdfast import backends
+from tests.helpers import randn
+from tests.triton.parity import check_parity
+
+pytestmark = pytest.mark.triton_interpret
+nst_reference = pytest.importorskip("kdfast.reference.nst", reason="NST reference not merged")
+
+
+def mmd(s, t, **options):
+    return backends.choose("channel_mmd", "triton", s, t).fn(s, t, **options)
+
+
+OPTIONS = [
+    {"kernel": "linear"},
+    {"kernel": "linear", "unbiased": True},
+    {"kernel": "poly"},
+    {"kernel": "poly", "degree": 3, "coef": 0.7, "teacher_term": False},
+    {"kernel": "rbf", "sigma2": (1.0,)},
+    {"kernel": "rbf", "sigma2": (0.3, 2.0, 9.0), "unbiased": True},
+    {"kernel": "rbf", "sigma2": "mean"},
+    {"kernel": "rbf", "sigma2": "mean", "unbiased": True, "teacher_term": False},
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(map(str, o.values())))
+def test_matches_reference_float64(device, options):
+    s, t = randn(2, 5, 3, 7).to(device), randn(2, 19, 3, 7).to(device)  # C_s != C_t, odd
+    check_parity(mmd, nst_reference.channel_mmd, [s, t], 1e-12, **options)
+
+
+@pytest.mark.parametrize("kernel", ["poly", "rbf"])
+def test_batch_one_layouts_and_teacher_without_grad(device, kernel):
+    s = randn(1, 6, 5, 3).to(device, memory_format=torch.channels_last)
+    t = randn(1, 8, 3, 5).to(device).transpose(2, 3)[:, 1:]
+    check_parity(mmd, nst_reference.channel_mmd, [s, t], 1e-12, grad_inputs=[0],
+                 kernel=kernel, sigma2="mean")
+
+
+@pytest.mark.parametrize("kernel", ["linear", "poly", "rbf"])
+def test_all_zero_channels_follow_eps(device, kernel):
+    s, t = randn(2, 4, 3, 3).to(device), randn(2, 3, 3, 3).to(device)
+    s[0, 1] = 0
+    t[1, 2] = 0
+    check_parity(mmd, nst_reference.channel_mmd, [s, t], 1e-12, kernel=kernel,
+                 sigma2="mean", unbiased=True)
+
+
+def test_more_channels_than_one_tile(device):
+    s, t = randn(1, 21, 2, 9).to(device), randn(1, 34, 2, 9).to(device)
+    check_parity(mmd, nst_reference.channel_mmd, [s, t], 1e-12, kernel="rbf", sigma2=(2.0,),
+                 unbiased=True)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
+def test_low_precision(device, dtype, tol):
+    s, t = randn(2, 6, 4, 5).to(device, dtype), randn(2, 9, 4, 5).to(device, dtype)
+    out = check_parity(mmd, nst_reference.channel_mmd, [s, t], tol, 5 * tol, kernel="rbf",
+                       sigma2="mean")
+    assert out.dtype == torch.float32
+
+
+def test_deterministic(device):
+    s, t = randn(2, 20, 4, 4, dtype=torch.float32).to(device), randn(2, 7, 4, 4).float()
+    t = t.to(device)
+    assert torch.equal(mmd(s, t, kernel="rbf"), mmd(s, t, kernel="rbf"))
+
+
+def test_unbiased_needs_two_channels(device):
+    with pytest.raises(ValueError, match="unbiased"):
+        mmd(randn(1, 1, 2, 2).to(device), randn(1, 3, 2, 2).to(device), unbiased=True)
