@@ -2,6 +2,8 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from kdfast.reference.nst import (
     channel_mmd,
@@ -228,3 +230,34 @@ def test_unbiased_needs_two_channels_per_used_set():
         channel_mmd(randn(2, 3, 2, 2), randn(2, 1, 2, 2), unbiased=True)
     out = channel_mmd(randn(2, 3, 2, 2), randn(2, 1, 2, 2), unbiased=True, teacher_term=False)
     assert torch.isfinite(out).all()
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest numel of any tensor an op produces (works on meta tensors)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor):
+                self.numel = max(self.numel, value.numel())
+        return out
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (3, 5)])
+@pytest.mark.parametrize("options", KERNEL_OPTIONS + [{"kernel": "rbf", "sigma2": "mean",
+                                                       "unbiased": True}])
+def test_memory_sane_forward_and_backward(hw, options):
+    """Nothing bigger than the features or a B x (C_s + C_t)^2 Gram block, never B*C*C*HW."""
+    s = torch.empty(2, 48, *hw, device="meta", requires_grad=True)
+    t = torch.empty(2, 80, *hw, device="meta", requires_grad=True)
+    bound = max(t.numel(), 2 * (48 + 80) ** 2)
+    with LargestTensor() as reference:
+        channel_mmd(s, t, **options).sum().backward()
+    with LargestTensor() as naive:
+        naive_channel_mmd(s, t, **options).sum().backward()
+    assert reference.numel <= bound
+    assert naive.numel >= 2 * 48 * 80 * hw[0] * hw[1]  # the recorder sees the broadcast
