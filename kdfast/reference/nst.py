@@ -166,6 +166,7 @@ def channel_mmd(student: torch.Tensor, teacher: torch.Tensor, *, kernel: str = "
     x_hat, y_hat = unit_channels(student), unit_channels(teacher)
     if kernel == "linear":
         return _linear_mmd(x_hat, y_hat, unbiased, teacher_term)
+    # D x D Grams cost about rows * D^2 flops and memory against rows^2 * D for C x C ones.
     rows = x_hat.shape[1] + (y_hat.shape[1] if teacher_term else 0)
     if kernel == "poly" and degree == 2 and x_hat.shape[2] < rows:
         return _poly2_feature_gram_mmd(x_hat, y_hat, coef, unbiased, teacher_term)
