@@ -82,6 +82,10 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match=r"student_pairs\[0\]\[0\] and student_pairs\[0\]\[1\] "
                                          "must have the same batch size"):
         fsp_loss([(a, randn(3, 5, 2, 2))], ok)
+    other = [(randn(3, 3, 4, 4), randn(3, 5, 2, 2))]
+    with pytest.raises(ValueError, match=r"student_pairs\[0\]\[0\] and student_pairs\[1\]\[0\] "
+                                         "must have the same batch size"):
+        fsp_loss(ok + other, ok + other)
     with pytest.raises(TypeError, match="floating-point"):
         fsp_loss(ok, [(a, torch.ones(2, 5, 2, 2, dtype=torch.int64))])
     with pytest.raises(ValueError, match="empty"):
