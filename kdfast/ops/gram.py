@@ -20,6 +20,7 @@ Only the reference implementations are registered here; native and Triton ones r
 against the same names.
 """
 
+import kdfast.triton  # noqa: F401  (registers the Triton implementations)
 from kdfast import backends
 from kdfast.reference.fsp import fsp_pair_loss
 from kdfast.reference.sp import similarity_loss

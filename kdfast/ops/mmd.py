@@ -7,6 +7,7 @@ validated and spatially matched by :func:`kdfast.functional.nst_loss`.
 
 from __future__ import annotations
 
+import kdfast.triton  # noqa: F401  (registers the Triton implementations)
 from kdfast import backends
 from kdfast.reference.nst import channel_mmd
 
