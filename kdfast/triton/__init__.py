@@ -13,7 +13,9 @@ An implementation can run
   is reached only with an explicit ``backend="triton"``.
 
 Supported dtypes: float32 (TF32 following ``torch.backends.cuda.matmul.allow_tf32``), float16,
-bfloat16 (not under the interpreter, which has no bfloat16) and float64.
+bfloat16 (not under the interpreter, which has no bfloat16) and float64 (on CUDA only for the
+attention map: the Gram kernels' ``tl.dot`` has no dependable float64 GPU path in Triton 3.x;
+the interpreter runs float64 everywhere, which is how the tests check exactness).
 
 Example:
     >>> kdfast.functional.at_loss(s.cuda(), t.cuda(), backend="triton")  # doctest: +SKIP
@@ -41,7 +43,7 @@ def _triton_import_error() -> str | None:
     return None
 
 
-def supports(*tensors: torch.Tensor) -> str | None:
+def _check(tensors, float64_on_cuda: bool) -> str | None:
     """None when the Triton kernels can run ``tensors``, else the reason they cannot."""
     first = tensors[0]
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
@@ -61,7 +63,20 @@ def supports(*tensors: torch.Tensor) -> str | None:
             return f"all tensors must share one dtype (got {first.dtype} and {t.dtype})"
         if t.dtype == torch.bfloat16 and t.device.type == "cpu":
             return "the Triton interpreter has no bfloat16"
+        if t.dtype == torch.float64 and t.device.type == "cuda" and not float64_on_cuda:
+            return ("float64 Gram kernels run only under the interpreter (tl.dot has no "
+                    "dependable float64 path on GPUs in Triton 3.x)")
     return None
+
+
+def supports(*tensors: torch.Tensor) -> str | None:
+    """``supports`` of the Gram/MMD cores (no float64 on CUDA: their kernels use ``tl.dot``)."""
+    return _check(tensors, float64_on_cuda=False)
+
+
+def supports_without_dot(*tensors: torch.Tensor) -> str | None:
+    """``supports`` of the attention map, whose kernels have no ``tl.dot``."""
+    return _check(tensors, float64_on_cuda=True)
 
 
 def _lazy(module: str, name: str):
@@ -74,11 +89,11 @@ def _lazy(module: str, name: str):
 
 
 _CORES = {
-    "attention_map": ("attention", "triton_attention_map"),
-    "similarity": ("gram", "triton_similarity_loss"),
-    "fsp": ("gram", "triton_fsp_pair_loss"),
-    "channel_mmd": ("mmd", "triton_channel_mmd"),
+    "attention_map": ("attention", "triton_attention_map", supports_without_dot),
+    "similarity": ("gram", "triton_similarity_loss", supports),
+    "fsp": ("gram", "triton_fsp_pair_loss", supports),
+    "channel_mmd": ("mmd", "triton_channel_mmd", supports),
 }
 
-for _core, (_module, _name) in _CORES.items():
-    backends.register(_core, "triton", _lazy(_module, _name), supports)
+for _core, (_module, _name, _supports) in _CORES.items():
+    backends.register(_core, "triton", _lazy(_module, _name), _supports)

@@ -5,6 +5,7 @@ Without either, every test here is skipped with the command that runs them.
 """
 
 import os
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -28,3 +29,24 @@ def device() -> str:
     except ImportError:
         pytest.skip("triton is not installed")
     return dev
+
+
+@dataclass(frozen=True)
+class Precise:
+    """The most exact case a device runs: float64 under the interpreter; float32 with IEEE
+    dots on CUDA (the Gram kernels take no float64 there). Inputs are fresh random tensors."""
+
+    device: str
+    dtype: torch.dtype
+    tol: float
+
+    def randn(self, *shape) -> torch.Tensor:
+        return torch.randn(*shape, dtype=torch.float64).to(self.device, self.dtype)
+
+
+@pytest.fixture
+def precise(device, monkeypatch) -> Precise:
+    if device == "cpu":
+        return Precise(device, torch.float64, 1e-12)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    return Precise(device, torch.float32, 2e-5)

@@ -29,28 +29,28 @@ def fsp(sa, sb, ta, tb):
     ((19, 3, 3, 3), (19, 11)),         # B above one 16-block, 2-D teacher
     ((2, 1, 1, 1), (2, 40, 1, 1)),     # D = 1
 ])
-def test_similarity_float64(device, s_shape, t_shape):
-    s, t = randn(*s_shape).to(device), randn(*t_shape).to(device)
-    check_parity(similarity, sp_reference.similarity_loss, [s, t], 1e-12)
+def test_similarity_precise(precise, s_shape, t_shape):
+    s, t = precise.randn(*s_shape), precise.randn(*t_shape)
+    check_parity(similarity, sp_reference.similarity_loss, [s, t], precise.tol)
 
 
-def test_similarity_layouts_and_teacher_without_grad(device):
-    s = randn(6, 5, 3, 7).to(device, memory_format=torch.channels_last)
-    t = randn(6, 4, 9, 5).to(device).transpose(2, 3)  # neither contiguous nor channels_last
-    check_parity(similarity, sp_reference.similarity_loss, [s, t], 1e-12, grad_inputs=[0])
+def test_similarity_layouts_and_teacher_without_grad(precise):
+    s = precise.randn(6, 5, 3, 7).to(memory_format=torch.channels_last)
+    t = precise.randn(6, 4, 9, 5).transpose(2, 3)  # neither contiguous nor channels_last
+    check_parity(similarity, sp_reference.similarity_loss, [s, t], precise.tol, grad_inputs=[0])
 
 
-def test_similarity_batch_of_one_is_zero_with_zero_gradient(device):
-    s = randn(1, 3, 4, 4).to(device).requires_grad_(True)
-    out = similarity(s, randn(1, 2, 4, 4).to(device))
+def test_similarity_batch_of_one_is_zero_with_zero_gradient(precise):
+    s = precise.randn(1, 3, 4, 4).requires_grad_(True)
+    out = similarity(s, precise.randn(1, 2, 4, 4))
     (grad,) = torch.autograd.grad(out.sum(), s)
-    assert out.abs().max() < 1e-12 and grad.abs().max() < 1e-12
+    assert out.abs().max() < precise.tol and grad.abs().max() < precise.tol
 
 
-def test_similarity_all_zero_sample_follows_eps(device):
-    s, t = randn(4, 3, 2, 5).to(device), randn(4, 6, 2, 5).to(device)
+def test_similarity_all_zero_sample_follows_eps(precise):
+    s, t = precise.randn(4, 3, 2, 5), precise.randn(4, 6, 2, 5)
     s[1] = 0
-    check_parity(similarity, sp_reference.similarity_loss, [s, t], 1e-12)
+    check_parity(similarity, sp_reference.similarity_loss, [s, t], precise.tol)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
@@ -65,22 +65,25 @@ def test_similarity_low_precision(device, dtype, tol):
     (1, 1, (1, 1), (2, 2)),
     (18, 5, (3, 6), (3, 6)),   # C_a above one 16-block
 ])
-def test_fsp_float64(device, ca, cb, s_hw, t_hw):
+def test_fsp_precise(precise, ca, cb, s_hw, t_hw):
     inputs = [randn(2, ca, *s_hw), randn(2, cb, *s_hw), randn(2, ca, *t_hw), randn(2, cb, *t_hw)]
-    check_parity(fsp, fsp_reference.fsp_pair_loss, [x.to(device) for x in inputs], 1e-12)
+    inputs = [x.to(precise.device, precise.dtype) for x in inputs]
+    check_parity(fsp, fsp_reference.fsp_pair_loss, inputs, precise.tol)
 
 
-def test_fsp_layouts_batch_one_and_teacher_without_grad(device):
-    sa = randn(1, 4, 5, 6).to(device, memory_format=torch.channels_last)
-    sb = randn(1, 6, 6, 5).to(device).transpose(2, 3)
-    ta, tb = randn(1, 4, 3, 3).to(device), randn(1, 12, 3, 3).to(device)[:, ::2]
-    check_parity(fsp, fsp_reference.fsp_pair_loss, [sa, sb, ta, tb], 1e-12, grad_inputs=[0, 1])
+def test_fsp_layouts_batch_one_and_teacher_without_grad(precise):
+    sa = precise.randn(1, 4, 5, 6).to(memory_format=torch.channels_last)
+    sb = precise.randn(1, 6, 6, 5).transpose(2, 3)
+    ta, tb = precise.randn(1, 4, 3, 3), precise.randn(1, 12, 3, 3)[:, ::2]
+    check_parity(fsp, fsp_reference.fsp_pair_loss, [sa, sb, ta, tb], precise.tol,
+                 grad_inputs=[0, 1])
 
 
-def test_fsp_zero_channel(device):
+def test_fsp_zero_channel(precise):
     inputs = [randn(2, 3, 4, 4), randn(2, 5, 4, 4), randn(2, 3, 2, 2), randn(2, 5, 2, 2)]
     inputs[0][0, 1] = 0
-    check_parity(fsp, fsp_reference.fsp_pair_loss, [x.to(device) for x in inputs], 1e-12)
+    inputs = [x.to(precise.device, precise.dtype) for x in inputs]
+    check_parity(fsp, fsp_reference.fsp_pair_loss, inputs, precise.tol)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 5e-3)])

@@ -28,31 +28,31 @@ OPTIONS = [
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(map(str, o.values())))
-def test_matches_reference_float64(device, options):
-    s, t = randn(2, 5, 3, 7).to(device), randn(2, 19, 3, 7).to(device)  # C_s != C_t, odd
-    check_parity(mmd, nst_reference.channel_mmd, [s, t], 1e-12, **options)
+def test_matches_reference_precise(precise, options):
+    s, t = precise.randn(2, 5, 3, 7), precise.randn(2, 19, 3, 7)  # C_s != C_t, odd
+    check_parity(mmd, nst_reference.channel_mmd, [s, t], precise.tol, **options)
 
 
 @pytest.mark.parametrize("kernel", ["poly", "rbf"])
-def test_batch_one_layouts_and_teacher_without_grad(device, kernel):
-    s = randn(1, 6, 5, 3).to(device, memory_format=torch.channels_last)
-    t = randn(1, 8, 3, 5).to(device).transpose(2, 3)[:, 1:]
-    check_parity(mmd, nst_reference.channel_mmd, [s, t], 1e-12, grad_inputs=[0],
+def test_batch_one_layouts_and_teacher_without_grad(precise, kernel):
+    s = precise.randn(1, 6, 5, 3).to(memory_format=torch.channels_last)
+    t = precise.randn(1, 8, 3, 5).transpose(2, 3)[:, 1:]
+    check_parity(mmd, nst_reference.channel_mmd, [s, t], precise.tol, grad_inputs=[0],
                  kernel=kernel, sigma2="mean")
 
 
 @pytest.mark.parametrize("kernel", ["linear", "poly", "rbf"])
-def test_all_zero_channels_follow_eps(device, kernel):
-    s, t = randn(2, 4, 3, 3).to(device), randn(2, 3, 3, 3).to(device)
+def test_all_zero_channels_follow_eps(precise, kernel):
+    s, t = precise.randn(2, 4, 3, 3), precise.randn(2, 3, 3, 3)
     s[0, 1] = 0
     t[1, 2] = 0
-    check_parity(mmd, nst_reference.channel_mmd, [s, t], 1e-12, kernel=kernel,
+    check_parity(mmd, nst_reference.channel_mmd, [s, t], precise.tol, kernel=kernel,
                  sigma2="mean", unbiased=True)
 
 
-def test_more_channels_than_one_tile(device):
-    s, t = randn(1, 21, 2, 9).to(device), randn(1, 34, 2, 9).to(device)
-    check_parity(mmd, nst_reference.channel_mmd, [s, t], 1e-12, kernel="rbf", sigma2=(2.0,),
+def test_more_channels_than_one_tile(precise):
+    s, t = precise.randn(1, 21, 2, 9), precise.randn(1, 34, 2, 9)
+    check_parity(mmd, nst_reference.channel_mmd, [s, t], precise.tol, kernel="rbf", sigma2=(2.0,),
                  unbiased=True)
 
 
@@ -70,6 +70,6 @@ def test_deterministic(device):
     assert torch.equal(mmd(s, t, kernel="rbf"), mmd(s, t, kernel="rbf"))
 
 
-def test_unbiased_needs_two_channels(device):
+def test_unbiased_needs_two_channels(precise):
     with pytest.raises(ValueError, match="unbiased"):
-        mmd(randn(1, 1, 2, 2).to(device), randn(1, 3, 2, 2).to(device), unbiased=True)
+        mmd(precise.randn(1, 1, 2, 2), precise.randn(1, 3, 2, 2), unbiased=True)
