@@ -11,7 +11,8 @@ Per sample, X (m = C_s rows) and Y (n = C_t rows) of D = H·W raw features (DESI
   writes one partial per program; the partials are summed per block in a fixed order (no
   atomics: deterministic) and weighted (1/m², 1/n² or 1/(m(m−1)), ..., −2/(mn)) in float64
   on the host side of the sum (a Python float kernel argument would be rounded to float32).
-  When a gradient is needed it also stores the normalised Gram (B·C², allowed by §3).
+  When a gradient is needed it also stores the normalised Gram blocks the backward uses
+  (ss and st for the student, st and tt for the teacher: O(B·C²), allowed by §3).
 * ``sigma2="mean"``: ``_row_sq_kernel`` (row norms) and ``_unit_sum_kernel`` (‖Σ_i ẑ_i‖² per
   sample, partials per HW block) give σ² in O(C·D) before the Gram launches.
 * backward: the weights W = ∂L/∂g of the small C × C blocks (autograd over B·C² values with
@@ -20,6 +21,11 @@ Per sample, X (m = C_s rows) and Y (n = C_t rows) of D = H·W raw features (DESI
   dX = M_xx X + M_xy Y, M_xx = diag(1/n)(W_ss + W_ssᵀ)diag(1/n) − diag(c/n²),
   M_xy = diag(1/n) W_st diag(1/n_y): one GEMM-shaped ``_rows_gemm_kernel`` launch over the raw
   features per input (the normalisation backward lives in M), likewise dY.
+
+Backward choice: saved Gram blocks, not a flash-style recompute. Recomputing g tiles inside
+the backward GEMM would avoid the B·C² buffers (and suits tiny maps such as 7×7, where a row
+tile of dX fits in registers), but it was not measured — no GPU was available — so the simpler
+form stands until ``scripts/gpu_check.sh`` has numbers to compare.
 
 Not done yet: the Gram-free linear path and the D × D poly-2 path of DESIGN.md §3 (linear and
 poly run through the Gram kernel, which is exact but does more flops than needed).
@@ -208,8 +214,10 @@ def _sigma_table(sigma2, x, y, batch, dtype) -> torch.Tensor:
     return values.view(1, -1).expand(batch, -1).contiguous()
 
 
-def mmd_forward(x, y, kernel, degree, coef, sigma2, unbiased, teacher_term, save_grams):
-    """(MMD² (B,), grams {"ss", "st", "tt"} or {}, squared norms (sq_x, sq_y), σ² table)."""
+def mmd_forward(x, y, kernel, degree, coef, sigma2, unbiased, teacher_term,
+                save_grams=frozenset()):
+    """(MMD² (B,), the normalised Gram blocks named in ``save_grams`` ("ss", "st", "tt"),
+    squared row norms (sq_x, sq_y), σ² table (B, S))."""
     batch, m = x.shape[:2]
     n, hw = y.shape[1], x.shape[2] * x.shape[3]
     dtype = compute_dtype(x.dtype)
@@ -230,8 +238,9 @@ def mmd_forward(x, y, kernel, degree, coef, sigma2, unbiased, teacher_term, save
     grams = {}
     offset = 0
     for (name, a, b, ra, rb, symmetric, _), count in zip(blocks, slot_counts, strict=True):
-        gram = torch.empty(batch, ra, rb, dtype=dtype, device=device) if save_grams else parts
-        if save_grams:
+        save = name in save_grams
+        gram = torch.empty(batch, ra, rb, dtype=dtype, device=device) if save else parts
+        if save:
             grams[name] = gram
         grid = lambda meta, ra=ra, rb=rb: (batch, triton.cdiv(ra, meta["BLOCK_M"])  # noqa: E731
                                            * triton.cdiv(rb, meta["BLOCK_M"]))
@@ -239,7 +248,7 @@ def mmd_forward(x, y, kernel, degree, coef, sigma2, unbiased, teacher_term, save
             a, b, parts, gram, sq_x, sq_y, sigmas, coef_arg, ra, rb, hw, *_view(a), *_view(b),
             parts.shape[1], offset, NORM_EPS,
             KERNEL=_KERNELS[kernel], DEGREE=int(degree), NUM_SIGMA=sigmas.shape[1],
-            SYMMETRIC=symmetric, EXCLUDE_DIAG=symmetric and unbiased, SAVE_GRAM=save_grams,
+            SYMMETRIC=symmetric, EXCLUDE_DIAG=symmetric and unbiased, SAVE_GRAM=save,
             STORE_NORMS=name == "st", DOT_PRECISION=dot_precision(x.dtype))
         offset += count
     loss = sum(weight * block.sum(dim=1) for (*_, weight), block
@@ -277,7 +286,10 @@ def _input_weights(sym, cross, g_self, g_cross, norm_self, norm_other, live):
 class TritonChannelMMD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, kernel, degree, coef, sigma2, unbiased, teacher_term):
-        save = any(ctx.needs_input_grad[:2])
+        # dX needs the ss and st blocks, dY the st and tt blocks (B·C² each, nothing more).
+        grad_x, grad_y = ctx.needs_input_grad[:2]
+        save = {name for name, needed in [("ss", grad_x), ("st", grad_x or grad_y),
+                                          ("tt", grad_y and teacher_term)] if needed}
         loss, grams, (sq_x, sq_y), sigmas = mmd_forward(x, y, kernel, degree, coef, sigma2,
                                                         unbiased, teacher_term, save)
         ctx.options = (kernel, degree, coef, unbiased)

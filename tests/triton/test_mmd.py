@@ -73,3 +73,10 @@ def test_deterministic(device):
 def test_unbiased_needs_two_channels(precise):
     with pytest.raises(ValueError, match="unbiased"):
         mmd(precise.randn(1, 1, 2, 2), precise.randn(1, 3, 2, 2), unbiased=True)
+
+
+@pytest.mark.parametrize("teacher_term", [True, False])
+def test_teacher_gradient_alone(precise, teacher_term):
+    s, t = precise.randn(2, 7, 3, 4), precise.randn(2, 4, 3, 4)
+    check_parity(mmd, nst_reference.channel_mmd, [s, t], precise.tol, grad_inputs=[1],
+                 kernel="rbf", sigma2=(0.5, 1.5), teacher_term=teacher_term)
