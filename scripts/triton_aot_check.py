@@ -56,7 +56,7 @@ def signature(fn, dtype: str, constexprs: dict, input_out: bool) -> dict:
     return sig
 
 
-def cases(all_configs: bool):
+def cases():
     """(label, kernel, dtype, constexprs, out_ptr holds the input dtype) to compile."""
     precisions = {"float32": ["ieee", "tf32"], "float16": ["tf32"], "bfloat16": ["tf32"]}
     for dtype, mode in itertools.product(TL, (0, 1, 2)):
@@ -79,18 +79,23 @@ def cases(all_configs: bool):
                                "SAVE_GRAM": True, "STORE_NORMS": not symmetric, **dot})
         yield "row_sq", mmd._row_sq_kernel, dtype, {"BLOCK_R": 16, "BLOCK_HW": 64}
         yield "unit_sum", mmd._unit_sum_kernel, dtype, {"BLOCK_R": 16, "BLOCK_HW": 64}
+        yield ("linear_backward", mmd._linear_backward_kernel, dtype,
+               {"BLOCK_R": 16, "BLOCK_HW": 64})
     yield "sp_rows", gram._sp_rows_kernel, "float32", {"SPLITS": 8, "BLOCK": 256}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, 90 = H100")
+    parser.add_argument("--only", default="", help="compile the kernels whose label has this")
     parser.add_argument("--all-configs", action="store_true",
                         help="every autotune configuration (default: the first and the last)")
     args = parser.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
     failures, count, start = [], 0, time.time()
-    for label, kernel, dtype, constexprs in cases(args.all_configs):
+    for label, kernel, dtype, constexprs in cases():
+        if args.only not in label:
+            continue
         fn, configs = unwrap(kernel)
         constexprs = dict(constexprs)
         input_out = constexprs.pop("_out_is_input", False)

@@ -13,8 +13,12 @@ Per sample, X (m = C_s rows) and Y (n = C_t rows) of D = H·W raw features (DESI
   on the host side of the sum (a Python float kernel argument would be rounded to float32).
   When a gradient is needed it also stores the normalised Gram blocks the backward uses
   (ss and st for the student, st and tt for the teacher: O(B·C²), allowed by §3).
-* ``sigma2="mean"``: ``_row_sq_kernel`` (row norms) and ``_unit_sum_kernel`` (‖Σ_i ẑ_i‖² per
-  sample, partials per HW block) give σ² in O(C·D) before the Gram launches.
+* ``sigma2="mean"``: ``_row_sq_kernel`` (row norms) and ``_unit_sum_kernel`` (S_x = Σ_i x̂_i,
+  S_y = Σ_j ŷ_j and their products per sample, partials per HW block) give σ² in O(C·D) before
+  the Gram launches.
+* ``kernel="linear"`` needs no Gram at all: MMD² from ‖S_x‖², ‖S_y‖², S_x·S_y (the same two
+  kernels), backward ``_linear_backward_kernel``: dL/dx̂_i is one D-vector per sample, so each
+  input's gradient is one pass that reads its rows twice and writes them once.
 * backward: the weights W = ∂L/∂g of the small C × C blocks (autograd over B·C² values with
   the reference's own kernel formulas), then with n = max(r, 1e-12) and
   c_i = Σ_j (W_ss + W_ssᵀ)_ij g_ij + Σ_j W_st,ij g_st,ij (0 for rows with r ≤ eps):
@@ -27,8 +31,8 @@ the backward GEMM would avoid the B·C² buffers (and suits tiny maps such as 7�
 tile of dX fits in registers), but it was not measured — no GPU was available — so the simpler
 form stands until ``scripts/gpu_check.sh`` has numbers to compare.
 
-Not done yet: the Gram-free linear path and the D × D poly-2 path of DESIGN.md §3 (linear and
-poly run through the Gram kernel, which is exact but does more flops than needed).
+Not done yet: the D × D poly-2 path of DESIGN.md §3 for maps smaller than the channel count
+(poly runs through the Gram kernel, exact but with more flops than needed there).
 """
 
 from __future__ import annotations
@@ -156,19 +160,59 @@ def _unit_rows_sum(x_ptr, sq_ptr, R, k, k_ok, sC, W, sH, sW, acc, eps, BLOCK_R: 
 
 
 @triton.jit
-def _unit_sum_kernel(x_ptr, y_ptr, sqx_ptr, sqy_ptr, part_ptr, M, N, HW, num_slots,
+def _unit_sum_kernel(x_ptr, y_ptr, sqx_ptr, sqy_ptr, sums_ptr, part_ptr, M, N, HW, num_slots,
                      sxB, sxC, xW, sxH, sxW, syB, syC, yW, syH, syW, eps,
                      BLOCK_R: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """S_x = Σ_i x̂_i and S_y = Σ_j ŷ_j for one HW block: stored (B, 2, HW) and reduced to the
+    per-program partials ‖S_x‖², ‖S_y‖², S_x·S_y (slots (B, 3, num_slots))."""
     b = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     k = (blk * BLOCK_HW + tl.arange(0, BLOCK_HW)).to(tl.int64)
     k_ok = k < HW
-    acc = tl.zeros([BLOCK_HW], dtype=part_ptr.dtype.element_ty)
-    acc = _unit_rows_sum(x_ptr + b * sxB, sqx_ptr + b * M, M, k, k_ok, sxC, xW, sxH, sxW, acc,
-                         eps, BLOCK_R)
-    acc = _unit_rows_sum(y_ptr + b * syB, sqy_ptr + b * N, N, k, k_ok, syC, yW, syH, syW, acc,
-                         eps, BLOCK_R)
-    tl.store(part_ptr + b * num_slots + blk, tl.sum(acc * acc, axis=0))
+    zero = tl.zeros([BLOCK_HW], dtype=part_ptr.dtype.element_ty)
+    sum_x = _unit_rows_sum(x_ptr + b * sxB, sqx_ptr + b * M, M, k, k_ok, sxC, xW, sxH, sxW,
+                           zero, eps, BLOCK_R)
+    sum_y = _unit_rows_sum(y_ptr + b * syB, sqy_ptr + b * N, N, k, k_ok, syC, yW, syH, syW,
+                           zero, eps, BLOCK_R)
+    tl.store(sums_ptr + b * 2 * HW + k, sum_x, mask=k_ok)
+    tl.store(sums_ptr + (b * 2 + 1) * HW + k, sum_y, mask=k_ok)
+    slot = part_ptr + b * 3 * num_slots + blk
+    tl.store(slot, tl.sum(sum_x * sum_x, axis=0))
+    tl.store(slot + num_slots, tl.sum(sum_y * sum_y, axis=0))
+    tl.store(slot + 2 * num_slots, tl.sum(sum_x * sum_y, axis=0))
+
+
+@triton.jit
+def _linear_backward_kernel(x_ptr, dx_ptr, v_ptr, sq_ptr, R, HW, sB, sC, W, sH, sW,
+                            dB, dC, dH, dW, eps, BLOCK_R: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """dx_i = v/n_i − (v·x_i) x_i/n_i³ (the F.normalize backward of dL/dx̂_i = v, the same
+    vector for every row; no projection for rows with ‖x_i‖ ≤ eps). Reads X twice, writes dX."""
+    b = tl.program_id(0).to(tl.int64)
+    rows = (tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    r_ok = rows < R
+    sq = tl.load(sq_ptr + b * R + rows, mask=r_ok, other=1.0)
+    norm = tl.sqrt(sq)
+    live = norm > eps
+    norm = tl.maximum(norm, eps)
+    along = tl.zeros([BLOCK_R], dtype=sq_ptr.dtype.element_ty)
+    for k0 in range(0, HW, BLOCK_HW):
+        k = (k0 + tl.arange(0, BLOCK_HW)).to(tl.int64)
+        k_ok = k < HW
+        v = tl.load(v_ptr + b * HW + k, mask=k_ok, other=0.0)
+        x = tl.load(x_ptr + b * sB + rows[:, None] * sC + ((k // W) * sH + (k % W) * sW)[None, :],
+                    mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(v.dtype)
+        along += tl.sum(x * v[None, :], axis=1)
+    radial = tl.where(live, along / (norm * norm * norm), 0.0)
+    for k0 in range(0, HW, BLOCK_HW):
+        k = (k0 + tl.arange(0, BLOCK_HW)).to(tl.int64)
+        k_ok = k < HW
+        mask = r_ok[:, None] & k_ok[None, :]
+        v = tl.load(v_ptr + b * HW + k, mask=k_ok, other=0.0)
+        x = tl.load(x_ptr + b * sB + rows[:, None] * sC + ((k // W) * sH + (k % W) * sW)[None, :],
+                    mask=mask, other=0.0).to(v.dtype)
+        grad = v[None, :] / norm[:, None] - radial[:, None] * x
+        tl.store(dx_ptr + b * dB + rows[:, None] * dC + ((k // W) * dH + (k % W) * dW)[None, :],
+                 grad.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 def _view(x: torch.Tensor):
@@ -188,21 +232,83 @@ def _unit_rho2(sq: torch.Tensor) -> torch.Tensor:
     return sq / sq.sqrt().clamp_min(NORM_EPS).pow(2)
 
 
-@torch.no_grad()
-def mean_bandwidth(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """σ² = mean ‖ẑ_i − ẑ_j‖² over distinct rows of [X̂; Ŷ] per sample, (B,), in O(C·D)."""
+def unit_sums(x: torch.Tensor, y: torch.Tensor):
+    """Squared row norms (sq_x (B, m), sq_y (B, n)), the sums S = [Σ x̂_i; Σ ŷ_j] (B, 2, D) and
+    the per-sample ‖S_x‖², ‖S_y‖², S_x·S_y (B, 3): three O(C·D) passes, no Gram."""
     dtype = compute_dtype(x.dtype)
     sq_x, sq_y = _row_squares(x, dtype), _row_squares(y, dtype)
     batch, m = x.shape[:2]
     n, hw = y.shape[1], x.shape[2] * x.shape[3]
     slots = triton.cdiv(hw, _HW_BLOCK)
-    parts = torch.empty(batch, slots, dtype=dtype, device=x.device)
-    _unit_sum_kernel[(batch, slots)](x, y, sq_x, sq_y, parts, m, n, hw, slots, *_view(x),
+    sums = torch.empty(batch, 2, hw, dtype=dtype, device=x.device)
+    parts = torch.empty(batch, 3, slots, dtype=dtype, device=x.device)
+    _unit_sum_kernel[(batch, slots)](x, y, sq_x, sq_y, sums, parts, m, n, hw, slots, *_view(x),
                                      *_view(y), NORM_EPS, BLOCK_R=_ROW_BLOCK, BLOCK_HW=_HW_BLOCK)
-    rows = m + n
+    return (sq_x, sq_y), sums, parts.sum(dim=2)
+
+
+@torch.no_grad()
+def mean_bandwidth(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """σ² = mean ‖ẑ_i − ẑ_j‖² over distinct rows of [X̂; Ŷ] per sample, (B,), in O(C·D):
+    2N Σ ρ² − 2 ‖Σ ẑ‖² over N(N − 1), with ‖Σ ẑ‖² = ‖S_x‖² + ‖S_y‖² + 2 S_x·S_y."""
+    (sq_x, sq_y), _, products = unit_sums(x, y)
+    rows = x.shape[1] + y.shape[1]
     sq_norms = _unit_rho2(sq_x).sum(1) + _unit_rho2(sq_y).sum(1)
-    total = 2 * rows * sq_norms - 2 * parts.sum(1)
+    total_sum = products[:, 0] + products[:, 1] + 2 * products[:, 2]
+    total = 2 * rows * sq_norms - 2 * total_sum
     return (total / (rows * (rows - 1))).clamp_min(NORM_EPS)
+
+
+def _within_divisor(rows: int, unbiased: bool) -> int:
+    return rows * (rows - 1) if unbiased else rows * rows
+
+
+class TritonLinearMMD(torch.autograd.Function):
+    """Linear kernel without a Gram (DESIGN.md §3): Σ_ij x̂_iᵀŷ_j = S_xᵀS_y, so
+    MMD² = (‖S_x‖² [− Σρ²])/d_x − 2 S_x·S_y/(mn) + (‖S_y‖² [− Σρ²])/d_y, d = m² or m(m − 1).
+    Backward: dL/dx̂_i = g(2 S_x/d_x − 2 S_y/(mn)) is one D-vector per sample; one kernel per
+    input applies the normalisation backward (the ρ terms have no gradient: ‖x̂_i‖ ∈ {0, 1})."""
+
+    @staticmethod
+    def forward(ctx, x, y, unbiased, teacher_term):
+        (sq_x, sq_y), sums, products = unit_sums(x, y)
+        m, n = x.shape[1], y.shape[1]
+        within_x = products[:, 0] - (_unit_rho2(sq_x).sum(1) if unbiased else 0)
+        loss = within_x / _within_divisor(m, unbiased) - 2 * products[:, 2] / (m * n)
+        if teacher_term:
+            within_y = products[:, 1] - (_unit_rho2(sq_y).sum(1) if unbiased else 0)
+            loss = loss + within_y / _within_divisor(n, unbiased)
+        ctx.options = (unbiased, teacher_term)
+        ctx.save_for_backward(x, y, sq_x, sq_y, sums)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        x, y, sq_x, sq_y, sums = ctx.saved_tensors
+        unbiased, teacher_term = ctx.options
+        m, n = x.shape[1], y.shape[1]
+        g = grad_loss.to(sums.dtype).view(-1, 1)
+        sum_x, sum_y = sums[:, 0], sums[:, 1]
+        dx = dy = None
+        if ctx.needs_input_grad[0]:
+            v = g * (2 * sum_x / _within_divisor(m, unbiased) - 2 * sum_y / (m * n))
+            dx = _linear_input_grad(x, v, sq_x)
+        if ctx.needs_input_grad[1]:
+            v = -2 * g * sum_x / (m * n)
+            if teacher_term:
+                v = v + 2 * g * sum_y / _within_divisor(n, unbiased)
+            dy = _linear_input_grad(y, v, sq_y)
+        return dx, dy, None, None
+
+
+def _linear_input_grad(x: torch.Tensor, v: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
+    batch, rows = x.shape[:2]
+    grad = torch.empty_like(x)
+    _linear_backward_kernel[(batch, triton.cdiv(rows, _ROW_BLOCK))](
+        x, grad, v.contiguous(), sq, rows, x.shape[2] * x.shape[3], *_view(x), grad.stride(0),
+        grad.stride(1), grad.stride(2), grad.stride(3), NORM_EPS,
+        BLOCK_R=_ROW_BLOCK, BLOCK_HW=_HW_BLOCK)
+    return grad
 
 
 def _sigma_table(sigma2, x, y, batch, dtype) -> torch.Tensor:
@@ -328,6 +434,8 @@ def triton_channel_mmd(student: torch.Tensor, teacher: torch.Tensor, *, kernel: 
     """Core ``"channel_mmd"`` on Triton: per-sample MMD² (B,), same options as the reference
     :func:`kdfast.reference.nst.channel_mmd`."""
     check_unbiased_sizes(student.shape[1], teacher.shape[1], unbiased, teacher_term)
+    if kernel == "linear":
+        return TritonLinearMMD.apply(student, teacher, bool(unbiased), bool(teacher_term))
     sigma2 = as_bandwidths(sigma2)
     return TritonChannelMMD.apply(student, teacher, kernel, int(degree), float(coef), sigma2,
                                   bool(unbiased), bool(teacher_term))

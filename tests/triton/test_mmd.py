@@ -33,7 +33,7 @@ def test_matches_reference_precise(precise, options):
     check_parity(mmd, nst_reference.channel_mmd, [s, t], precise.tol, **options)
 
 
-@pytest.mark.parametrize("kernel", ["poly", "rbf"])
+@pytest.mark.parametrize("kernel", ["linear", "poly", "rbf"])
 def test_batch_one_layouts_and_teacher_without_grad(precise, kernel):
     s = precise.randn(1, 6, 5, 3).to(memory_format=torch.channels_last)
     t = precise.randn(1, 8, 3, 5).transpose(2, 3)[:, 1:]
@@ -56,10 +56,11 @@ def test_more_channels_than_one_tile(precise):
                  unbiased=True)
 
 
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
-def test_low_precision(device, dtype, tol):
+def test_low_precision(device, dtype, tol, kernel):
     s, t = randn(2, 6, 4, 5).to(device, dtype), randn(2, 9, 4, 5).to(device, dtype)
-    out = check_parity(mmd, nst_reference.channel_mmd, [s, t], tol, 5 * tol, kernel="rbf",
+    out = check_parity(mmd, nst_reference.channel_mmd, [s, t], tol, 5 * tol, kernel=kernel,
                        sigma2="mean")
     assert out.dtype == torch.float32
 
@@ -75,8 +76,9 @@ def test_unbiased_needs_two_channels(precise):
         mmd(precise.randn(1, 1, 2, 2), precise.randn(1, 3, 2, 2), unbiased=True)
 
 
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
 @pytest.mark.parametrize("teacher_term", [True, False])
-def test_teacher_gradient_alone(precise, teacher_term):
+def test_teacher_gradient_alone(precise, kernel, teacher_term):
     s, t = precise.randn(2, 7, 3, 4), precise.randn(2, 4, 3, 4)
     check_parity(mmd, nst_reference.channel_mmd, [s, t], precise.tol, grad_inputs=[1],
-                 kernel="rbf", sigma2=(0.5, 1.5), teacher_term=teacher_term)
+                 kernel=kernel, sigma2=(0.5, 1.5), teacher_term=teacher_term, unbiased=True)
