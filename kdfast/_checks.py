@@ -116,7 +116,8 @@ def check_labels(name: str, labels, batch: int, num_classes: int,
     """``labels`` must be a (batch,) integer tensor of class indices in [0, num_classes).
 
     Returned as int64 (what ``F.cross_entropy`` and ``F.one_hot`` take). The range check reads
-    the values (a device sync on CUDA); it is skipped on the ``meta`` device, which has none.
+    the values (a device sync on CUDA); it is skipped on the ``meta`` device, which has none,
+    and while ``torch.compile`` traces (a data-dependent branch would break the graph).
     """
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of class indices, got "
@@ -131,7 +132,7 @@ def check_labels(name: str, labels, batch: int, num_classes: int,
     if device is not None and labels.device != device:
         raise ValueError(f"{name} is on {labels.device} but the logits are on {device}; move "
                          f"it with {name}.to(device)")
-    if labels.device.type != "meta" and labels.numel() > 0:
+    if labels.numel() and labels.device.type != "meta" and not torch.compiler.is_compiling():
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= num_classes:
             raise ValueError(f"{name} must be class indices in [0, {num_classes - 1}] "

@@ -3,8 +3,7 @@ discriminator on logits, its loss, the student's loss and the alternating-step h
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -85,18 +84,13 @@ def _checked_scores(discriminator: Callable, batch: int) -> Callable:
     return scores
 
 
-@contextlib.contextmanager
-def _frozen(module) -> Iterator[None]:
-    """Builds the graph without recording gradients for ``module``'s parameters."""
-    params = [p for p in module.parameters() if p.requires_grad] if isinstance(
-        module, nn.Module) else []
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
+def _without_parameter_grads(discriminator: Callable) -> Callable:
+    """``discriminator`` called with its parameters detached: the graph reaches its inputs but
+    none of its parameters (no flag flipping, so it traces under ``torch.compile``)."""
+    if not isinstance(discriminator, nn.Module):
+        return discriminator
+    detached = {name: p.detach() for name, p in discriminator.named_parameters()}
+    return lambda *args: torch.func.functional_call(discriminator, detached, args)
 
 
 def discriminator_loss(discriminator: Callable, student_logits: torch.Tensor,
@@ -155,10 +149,9 @@ def adversarial_student_loss(discriminator: Callable, student_logits: torch.Tens
     """
     check_adversarial_options(kind, l1_weight, reduction)
     labels = _validated(student_logits, teacher_logits, labels)
-    scores = _checked_scores(discriminator, student_logits.shape[0])
-    with _frozen(discriminator):
-        per_sample = reference.adversarial_student_loss(scores, student_logits, teacher_logits,
-                                                        labels, kind, float(l1_weight))
+    scores = _checked_scores(_without_parameter_grads(discriminator), student_logits.shape[0])
+    per_sample = reference.adversarial_student_loss(scores, student_logits, teacher_logits,
+                                                    labels, kind, float(l1_weight))
     return _checks.reduce(per_sample, reduction)
 
 
