@@ -83,8 +83,8 @@ for dtype in (torch.float32, torch.bfloat16):
 PYEOF
   if command -v compute-sanitizer >/dev/null 2>&1; then
     for tool in memcheck racecheck; do
-      run_step "sanitize-$tool" "$SANITIZE_LIMIT" compute-sanitizer --tool "$tool" \
-        --error-exitcode 1 $PY "$OUT/triton_smoke.py"
+      run_step "sanitize-$tool" "$SANITIZE_LIMIT" env KDFAST_TRITON_NO_AUTOTUNE=1 \
+        compute-sanitizer --tool "$tool" --error-exitcode 1 $PY "$OUT/triton_smoke.py"
     done
   else
     log "compute-sanitizer not found: running the smoke script alone"
@@ -92,31 +92,33 @@ PYEOF
   fi
 fi
 
-# Issue-5 targets, bfloat16, forward+backward and the single passes, side by side with
-# eager, torch.compile and the other backends (the benchmark's own providers).
-bench() {  # name core shapes...
+# Issue-5 targets, bfloat16, forward+backward, side by side: eager reference, torch.compile,
+# the native and Triton backends (max-autotune and the naive broadcasts only in `suites`).
+PROVIDERS=${PROVIDERS:-reference,compile,native,triton}
+bench_step() {  # step-name core shapes...: one kdfast.bench run within what is left
   local name=$1 core=$2; shift 2
-  local args=()
+  local left=$((BENCH_LIMIT - ($(date +%s) - bench_start)))
+  if [ "$left" -lt 10 ]; then log "$name: skipped, benchmark time used up"; return; fi
+  local args=(--cores "$core" --dtype bfloat16 --device cuda --modes full
+              --providers "$PROVIDERS" --repeats 10 --time-limit 20
+              --out benchmarks/results --name "$device-issue5-$core")
   for shape in "$@"; do args+=(--shape "$shape"); done
-  $PY -m kdfast.bench --cores "$core" "${args[@]}" --dtype bfloat16 --device cuda \
-    --repeats 10 --time-limit 20 --out benchmarks/results --name "$name"
+  run_step "$name" "$left" $PY -m kdfast.bench "${args[@]}"
 }
 if has bench; then
   if $PY -c "import kdfast.bench" 2>/dev/null; then
     device=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
-    start=$(date +%s)
-    left() { echo $((BENCH_LIMIT - ($(date +%s) - start))); }
-    run_step bench-at "$(left)" bench "$device-issue5-at" at 128x64/256x56x56
-    run_step bench-nst-rbf "$(left)" bench "$device-issue5-nst-rbf" nst-rbf \
-      64x512/2048x7x7 64x128/512x28x28 16x256/512x256x256
-    run_step bench-nst-poly "$(left)" bench "$device-issue5-nst-poly" nst-poly 64x128/512x28x28
-    run_step bench-sp "$(left)" bench "$device-issue5-sp" sp 256x512/2048x7x7
+    bench_start=$(date +%s)
+    bench_step bench-at at 128x64/256x56x56
+    bench_step bench-nst-rbf nst-rbf 64x512/2048x7x7 64x128/512x28x28 16x256/512x256x256
+    bench_step bench-nst-poly nst-poly 64x128/512x28x28
+    bench_step bench-sp sp 256x512/2048x7x7
   else
     log "kdfast.bench is not importable (branch bench not merged?): benchmarks skipped"
     failed=$((failed + 1))
   fi
 fi
-if has suites; then  # the full imagenet/large suites: a second call, they take longer
+if has suites; then  # the full imagenet/large suites, every provider: a call of its own
   for suite in imagenet large; do
     run_step "suite-$suite" "$BENCH_LIMIT" $PY -m kdfast.bench --suite "$suite" \
       --dtype bfloat16 --device cuda --time-limit 20 --out benchmarks/results

@@ -13,8 +13,11 @@ import triton
 
 NORM_EPS = 1e-12
 # Under TRITON_INTERPRET=1 (CPU) every kernel uses one fixed configuration: the interpreter
-# runs each program in numpy, so autotuning would only multiply the test time.
+# runs each program in numpy, so autotuning would only multiply the test time. The same fixed
+# (small) configurations on a GPU with KDFAST_TRITON_NO_AUTOTUNE=1: for compute-sanitizer runs,
+# where benchmarking every candidate would take very long. Both are read at import.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+NO_AUTOTUNE = INTERPRET or os.environ.get("KDFAST_TRITON_NO_AUTOTUNE") == "1"
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -37,11 +40,12 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def configs(fixed: dict, tuned: list[dict]) -> list[triton.Config]:
-    """``fixed`` alone under the interpreter, else the autotuning candidates ``tuned``.
+    """``fixed`` alone under the interpreter (or KDFAST_TRITON_NO_AUTOTUNE=1), else the
+    autotuning candidates ``tuned``.
 
     Each dict holds the block sizes and optionally ``num_warps`` / ``num_stages``.
     """
-    chosen = [fixed] if INTERPRET else tuned
+    chosen = [fixed] if NO_AUTOTUNE else tuned
     out = []
     for config in chosen:
         meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
