@@ -50,3 +50,13 @@ def precise(device, monkeypatch) -> Precise:
         return Precise(device, torch.float64, 1e-12)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     return Precise(device, torch.float32, 2e-5)
+
+
+@pytest.fixture(params=[(torch.float32, 1e-5), (torch.float16, 5e-3), (torch.bfloat16, 4e-2)],
+                ids=["float32", "float16", "bfloat16"])
+def low_precision(request, device) -> tuple[torch.dtype, float]:
+    """(dtype, relative tolerance of the value against the float64 reference)."""
+    dtype, tol = request.param
+    if dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip("the Triton interpreter has no bfloat16: this case runs on a GPU")
+    return dtype, tol

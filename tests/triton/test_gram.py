@@ -53,8 +53,8 @@ def test_similarity_all_zero_sample_follows_eps(precise):
     check_parity(similarity, sp_reference.similarity_loss, [s, t], precise.tol)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
-def test_similarity_low_precision(device, dtype, tol):
+def test_similarity_low_precision(device, low_precision):
+    dtype, tol = low_precision
     s, t = randn(7, 5, 3, 3).to(device, dtype), randn(7, 6, 3, 3).to(device, dtype)
     out = check_parity(similarity, sp_reference.similarity_loss, [s, t], tol, 5 * tol)
     assert out.dtype == torch.float32
@@ -86,8 +86,8 @@ def test_fsp_zero_channel(precise):
     check_parity(fsp, fsp_reference.fsp_pair_loss, inputs, precise.tol)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
-def test_fsp_low_precision(device, dtype, tol):
+def test_fsp_low_precision(device, low_precision):
+    dtype, tol = low_precision
     inputs = [randn(2, 5, 4, 4), randn(2, 7, 4, 4), randn(2, 5, 3, 3), randn(2, 7, 3, 3)]
     out = check_parity(fsp, fsp_reference.fsp_pair_loss, [x.to(device, dtype) for x in inputs],
                        tol, 5 * tol)

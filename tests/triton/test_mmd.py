@@ -57,8 +57,8 @@ def test_more_channels_than_one_tile(precise):
 
 
 @pytest.mark.parametrize("kernel", ["linear", "rbf"])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
-def test_low_precision(device, dtype, tol, kernel):
+def test_low_precision(device, low_precision, kernel):
+    dtype, tol = low_precision
     s, t = randn(2, 6, 4, 5).to(device, dtype), randn(2, 9, 4, 5).to(device, dtype)
     out = check_parity(mmd, nst_reference.channel_mmd, [s, t], tol, 5 * tol, kernel=kernel,
                        sigma2="mean")
