@@ -91,7 +91,8 @@ def _rows_gemm_kernel(m1_ptr, z1_ptr, m2_ptr, z2_ptr, scale_ptr, out_ptr, R, N1,
                     mask=row_ok[:, None] & j_ok[None, :], other=0.0)
         z = tl.load(z1_ptr + b * sz1b + j[:, None] * sz1r + z1_sp[None, :],
                     mask=j_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot((m / scale).to(z.dtype), z, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot((m / scale).to(z.dtype), z, acc, input_precision=DOT_PRECISION,
+                     out_dtype=acc.dtype)
     if HAS_SECOND:
         z2_sp = (cols // z2w) * sz2h + (cols % z2w) * sz2w
         for j0 in range(0, N2, BLOCK_J):
@@ -101,7 +102,8 @@ def _rows_gemm_kernel(m1_ptr, z1_ptr, m2_ptr, z2_ptr, scale_ptr, out_ptr, R, N1,
                         mask=row_ok[:, None] & j_ok[None, :], other=0.0)
             z = tl.load(z2_ptr + b * sz2b + j[:, None] * sz2r + z2_sp[None, :],
                         mask=j_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = tl.dot((m / scale).to(z.dtype), z, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot((m / scale).to(z.dtype), z, acc, input_precision=DOT_PRECISION,
+                         out_dtype=acc.dtype)
     out_sp = (cols // ow) * soh + (cols % ow) * sow
     tl.store(out_ptr + b * sob + rows[:, None] * sor + out_sp[None, :],
              (acc * scale).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -177,7 +179,8 @@ def _sp_gram_kernel(s_ptr, t_ptr, part_ptr, B, D_s, D_t, SPLITS: tl.constexpr,
                     mask=(ri < B)[:, None] & k_ok[None, :], other=0.0)
         bt = tl.load(base + k[:, None] + rj[None, :] * depth,
                      mask=k_ok[:, None] & (rj < B)[None, :], other=0.0)
-        acc = tl.dot(a, bt, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a, bt, acc, input_precision=DOT_PRECISION,
+                     out_dtype=acc.dtype)
     slot = part_ptr + (net * SPLITS + split).to(tl.int64) * B * B
     upper = tl.where(tj >= ti, B, 0)  # row limit: 0 masks the whole (lower) tile off
     tl.store(slot + ri[:, None] * B + rj[None, :], acc,
@@ -298,7 +301,8 @@ def _tile_gram(a_ptr, b_ptr, rows_a, rows_b, ra, rb, HW,
                     mask=(ra < rows_a)[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptr + rb[None, :] * sbC + ((k // sbW) * sbH + (k % sbW) * sbw)[:, None],
                     mask=k_ok[:, None] & (rb < rows_b)[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION,
+                     out_dtype=acc.dtype)
     return acc
 
 

@@ -89,7 +89,8 @@ def _mmd_block_kernel(a_ptr, b_ptr, part_ptr, gram_ptr, sq_a_ptr, sq_b_ptr, sigm
                     mask=(ra < RA)[:, None] & k_ok[None, :], other=0.0)
         bt = tl.load(b_base + rb[None, :] * sbC + ((k // bW) * sbH + (k % bW) * sbW)[:, None],
                      mask=k_ok[:, None] & (rb < RB)[None, :], other=0.0)
-        acc = tl.dot(a, bt, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a, bt, acc, input_precision=DOT_PRECISION,
+                     out_dtype=acc.dtype)
         a_up = a.to(acc.dtype)
         b_up = bt.to(acc.dtype)
         sq_a += tl.sum(a_up * a_up, axis=1)
@@ -183,18 +184,17 @@ def _unit_sum_kernel(x_ptr, y_ptr, sqx_ptr, sqy_ptr, sums_ptr, part_ptr, M, N, H
 
 
 @triton.jit
-def _linear_backward_kernel(x_ptr, dx_ptr, v_ptr, sq_ptr, R, HW, sB, sC, W, sH, sW,
-                            dB, dC, dH, dW, eps, BLOCK_R: tl.constexpr, BLOCK_HW: tl.constexpr):
+def _linear_backward_kernel(x_ptr, dx_ptr, v_ptr, inv_ptr, inv3_ptr, R, HW, sB, sC, W, sH, sW,
+                            dB, dC, dH, dW, BLOCK_R: tl.constexpr, BLOCK_HW: tl.constexpr):
     """dx_i = v/n_i − (v·x_i) x_i/n_i³ (the F.normalize backward of dL/dx̂_i = v, the same
-    vector for every row; no projection for rows with ‖x_i‖ ≤ eps). Reads X twice, writes dX."""
+    vector for every row), with 1/n_i and 1/n_i³ precomputed (1/n³ = 0 for rows with
+    ‖x_i‖ ≤ eps, which F.normalize does not project). Reads X twice, writes dX once."""
     b = tl.program_id(0).to(tl.int64)
     rows = (tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     r_ok = rows < R
-    sq = tl.load(sq_ptr + b * R + rows, mask=r_ok, other=1.0)
-    norm = tl.sqrt(sq)
-    live = norm > eps
-    norm = tl.maximum(norm, eps)
-    along = tl.zeros([BLOCK_R], dtype=sq_ptr.dtype.element_ty)
+    inv = tl.load(inv_ptr + b * R + rows, mask=r_ok, other=0.0)
+    inv3 = tl.load(inv3_ptr + b * R + rows, mask=r_ok, other=0.0)
+    along = tl.zeros([BLOCK_R], dtype=inv_ptr.dtype.element_ty)
     for k0 in range(0, HW, BLOCK_HW):
         k = (k0 + tl.arange(0, BLOCK_HW)).to(tl.int64)
         k_ok = k < HW
@@ -202,7 +202,7 @@ def _linear_backward_kernel(x_ptr, dx_ptr, v_ptr, sq_ptr, R, HW, sB, sC, W, sH, 
         x = tl.load(x_ptr + b * sB + rows[:, None] * sC + ((k // W) * sH + (k % W) * sW)[None, :],
                     mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(v.dtype)
         along += tl.sum(x * v[None, :], axis=1)
-    radial = tl.where(live, along / (norm * norm * norm), 0.0)
+    radial = along * inv3
     for k0 in range(0, HW, BLOCK_HW):
         k = (k0 + tl.arange(0, BLOCK_HW)).to(tl.int64)
         k_ok = k < HW
@@ -210,7 +210,7 @@ def _linear_backward_kernel(x_ptr, dx_ptr, v_ptr, sq_ptr, R, HW, sB, sC, W, sH, 
         v = tl.load(v_ptr + b * HW + k, mask=k_ok, other=0.0)
         x = tl.load(x_ptr + b * sB + rows[:, None] * sC + ((k // W) * sH + (k % W) * sW)[None, :],
                     mask=mask, other=0.0).to(v.dtype)
-        grad = v[None, :] / norm[:, None] - radial[:, None] * x
+        grad = v[None, :] * inv[:, None] - radial[:, None] * x
         tl.store(dx_ptr + b * dB + rows[:, None] * dC + ((k // W) * dH + (k % W) * dW)[None, :],
                  grad.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -303,10 +303,14 @@ class TritonLinearMMD(torch.autograd.Function):
 
 def _linear_input_grad(x: torch.Tensor, v: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
     batch, rows = x.shape[:2]
+    norm = sq.sqrt()
+    # eps applied here, in the compute dtype: a Python float argument reaches a kernel as fp32
+    inv = 1.0 / norm.clamp_min(NORM_EPS)
+    inv3 = torch.where(norm > NORM_EPS, inv.pow(3), torch.zeros_like(inv))
     grad = torch.empty_like(x)
     _linear_backward_kernel[(batch, triton.cdiv(rows, _ROW_BLOCK))](
-        x, grad, v.contiguous(), sq, rows, x.shape[2] * x.shape[3], *_view(x), grad.stride(0),
-        grad.stride(1), grad.stride(2), grad.stride(3), NORM_EPS,
+        x, grad, v.contiguous(), inv, inv3, rows, x.shape[2] * x.shape[3], *_view(x),
+        grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
         BLOCK_R=_ROW_BLOCK, BLOCK_HW=_HW_BLOCK)
     return grad
 
