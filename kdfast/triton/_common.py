@@ -57,3 +57,9 @@ def configs(fixed: dict, tuned: list[dict]) -> list[triton.Config]:
 def spatial_strides(x: torch.Tensor) -> tuple[int, int, int]:
     """(width, stride_h, stride_w) of a (B, C, H, W) tensor's spatial index hw = h * W + w."""
     return x.shape[3], x.stride(2), x.stride(3)
+
+
+def feature_view(x: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(batch stride, channel stride, W, stride over h, stride over w) of a (B, C, H, W)
+    tensor: element (b, c, hw) lives at b·s_B + c·s_C + (hw // W)·s_H + (hw % W)·s_W."""
+    return x.stride(0), x.stride(1), x.shape[3], x.stride(2), x.stride(3)

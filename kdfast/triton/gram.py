@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kdfast.triton._common import NORM_EPS, compute_dtype, configs, dot_precision
+from kdfast.triton._common import NORM_EPS, compute_dtype, configs, dot_precision, feature_view
 
 _GRAM_CONFIGS = configs({"BLOCK_M": 16, "BLOCK_K": 16},
                         [{"BLOCK_M": m, "BLOCK_K": k, "num_warps": w, "num_stages": s}
@@ -109,14 +109,6 @@ def _rows_gemm_kernel(m1_ptr, z1_ptr, m2_ptr, z2_ptr, scale_ptr, out_ptr, R, N1,
              (acc * scale).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _feature_view(x: torch.Tensor):
-    """(batch stride, row stride, W, stride over h, stride over w) of a (B, C, H, W) tensor, or
-    of a dense (B, D) row block (then the column index is one flat index)."""
-    if x.dim() == 4:
-        return x.stride(0), x.stride(1), x.shape[3], x.stride(2), x.stride(3)
-    raise ValueError("expected a (B, C, H, W) tensor")
-
-
 def rows_gemm(out: torch.Tensor, m1: torch.Tensor, z1: torch.Tensor,
               m2: torch.Tensor | None = None, z2: torch.Tensor | None = None,
               z_view=None, out_view=None) -> torch.Tensor:
@@ -126,8 +118,8 @@ def rows_gemm(out: torch.Tensor, m1: torch.Tensor, z1: torch.Tensor,
     ``out_view`` override the (batch, row, W, h, w) strides (SP passes its flat rows).
     """
     batch, rows, n1 = m1.shape
-    z1_view = z_view or _feature_view(z1)
-    o_view = out_view or _feature_view(out)
+    z1_view = z_view or feature_view(z1)
+    o_view = out_view or feature_view(out)
     cols = out.numel() // max(batch * rows, 1)
     has_second = m2 is not None
     scale = m1.abs().amax(dim=(1, 2))
@@ -137,7 +129,7 @@ def rows_gemm(out: torch.Tensor, m1: torch.Tensor, z1: torch.Tensor,
     if not has_second:
         m2, z2, z2_view, n2 = m1, z1, z1_view, 0
     else:
-        z2_view, n2 = (z_view or _feature_view(z2)), m2.shape[2]
+        z2_view, n2 = (z_view or feature_view(z2)), m2.shape[2]
     grid = lambda meta: (batch, triton.cdiv(rows, meta["BLOCK_M"]),  # noqa: E731
                          triton.cdiv(cols, meta["BLOCK_N"]))
     _rows_gemm_kernel[grid](
@@ -333,10 +325,6 @@ def _fsp_kernel(sa_ptr, sb_ptr, ta_ptr, tb_ptr, diff_ptr, part_ptr, CA, CB, HW_s
     tl.store(part_ptr + b * num_slots + tile, tl.sum(tl.sum(sq, axis=1), axis=0))
 
 
-def _fsp_strides(x: torch.Tensor):
-    return x.stride(0), x.stride(1), x.shape[3], x.stride(2), x.stride(3)
-
-
 def fsp_forward(sa, sb, ta, tb):
     """(per-sample loss (B,), G_s − G_t (B, C_a, C_b)) in the compute dtype."""
     batch, ca = sa.shape[:2]
@@ -351,8 +339,8 @@ def fsp_forward(sa, sb, ta, tb):
     grid = lambda meta: (batch, triton.cdiv(ca, meta["BLOCK_M"])  # noqa: E731
                          * triton.cdiv(cb, meta["BLOCK_N"]))
     _fsp_kernel[grid](sa, sb, ta, tb, diff, parts, ca, cb, hw_s, hw_t, slots,
-                      *_fsp_strides(sa), *_fsp_strides(sb), *_fsp_strides(ta),
-                      *_fsp_strides(tb), DOT_PRECISION=dot_precision(sa.dtype))
+                      *feature_view(sa), *feature_view(sb), *feature_view(ta),
+                      *feature_view(tb), DOT_PRECISION=dot_precision(sa.dtype))
     return parts.sum(dim=1) / (ca * cb), diff
 
 

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from kdfast.reference.nst import as_bandwidths, block_mean, check_unbiased_sizes, kernel_values
-from kdfast.triton._common import NORM_EPS, compute_dtype, configs, dot_precision
+from kdfast.triton._common import NORM_EPS, compute_dtype, configs, dot_precision, feature_view
 from kdfast.triton.gram import rows_gemm
 
 _KERNELS = {"linear": 0, "poly": 1, "rbf": 2}
@@ -215,15 +215,12 @@ def _linear_backward_kernel(x_ptr, dx_ptr, v_ptr, inv_ptr, inv3_ptr, R, HW, sB, 
                  grad.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _view(x: torch.Tensor):
-    return x.stride(0), x.stride(1), x.shape[3], x.stride(2), x.stride(3)
-
-
 def _row_squares(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     batch, rows = x.shape[:2]
     out = torch.empty(batch, rows, dtype=dtype, device=x.device)
     _row_sq_kernel[(batch, triton.cdiv(rows, _ROW_BLOCK))](
-        x, out, rows, x.shape[2] * x.shape[3], *_view(x), BLOCK_R=_ROW_BLOCK, BLOCK_HW=_HW_BLOCK)
+        x, out, rows, x.shape[2] * x.shape[3], *feature_view(x), BLOCK_R=_ROW_BLOCK,
+        BLOCK_HW=_HW_BLOCK)
     return out
 
 
@@ -242,8 +239,9 @@ def unit_sums(x: torch.Tensor, y: torch.Tensor):
     slots = triton.cdiv(hw, _HW_BLOCK)
     sums = torch.empty(batch, 2, hw, dtype=dtype, device=x.device)
     parts = torch.empty(batch, 3, slots, dtype=dtype, device=x.device)
-    _unit_sum_kernel[(batch, slots)](x, y, sq_x, sq_y, sums, parts, m, n, hw, slots, *_view(x),
-                                     *_view(y), NORM_EPS, BLOCK_R=_ROW_BLOCK, BLOCK_HW=_HW_BLOCK)
+    _unit_sum_kernel[(batch, slots)](x, y, sq_x, sq_y, sums, parts, m, n, hw, slots,
+                                     *feature_view(x), *feature_view(y), NORM_EPS,
+                                     BLOCK_R=_ROW_BLOCK, BLOCK_HW=_HW_BLOCK)
     return (sq_x, sq_y), sums, parts.sum(dim=2)
 
 
@@ -309,7 +307,7 @@ def _linear_input_grad(x: torch.Tensor, v: torch.Tensor, sq: torch.Tensor) -> to
     inv3 = torch.where(norm > NORM_EPS, inv.pow(3), torch.zeros_like(inv))
     grad = torch.empty_like(x)
     _linear_backward_kernel[(batch, triton.cdiv(rows, _ROW_BLOCK))](
-        x, grad, v.contiguous(), inv, inv3, rows, x.shape[2] * x.shape[3], *_view(x),
+        x, grad, v.contiguous(), inv, inv3, rows, x.shape[2] * x.shape[3], *feature_view(x),
         grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
         BLOCK_R=_ROW_BLOCK, BLOCK_HW=_HW_BLOCK)
     return grad
@@ -355,8 +353,8 @@ def mmd_forward(x, y, kernel, degree, coef, sigma2, unbiased, teacher_term,
         grid = lambda meta, ra=ra, rb=rb: (batch, triton.cdiv(ra, meta["BLOCK_M"])  # noqa: E731
                                            * triton.cdiv(rb, meta["BLOCK_M"]))
         _mmd_block_kernel[grid](
-            a, b, parts, gram, sq_x, sq_y, sigmas, coef_arg, ra, rb, hw, *_view(a), *_view(b),
-            parts.shape[1], offset, NORM_EPS,
+            a, b, parts, gram, sq_x, sq_y, sigmas, coef_arg, ra, rb, hw, *feature_view(a),
+            *feature_view(b), parts.shape[1], offset, NORM_EPS,
             KERNEL=_KERNELS[kernel], DEGREE=int(degree), NUM_SIGMA=sigmas.shape[1],
             SYMMETRIC=symmetric, EXCLUDE_DIAG=symmetric and unbiased, SAVE_GRAM=save,
             STORE_NORMS=name == "st", DOT_PRECISION=dot_precision(x.dtype))
