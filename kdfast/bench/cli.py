@@ -134,17 +134,18 @@ def main(argv=None) -> int:
     ceilings = measure_ceilings(args.device, settings.dtype)
     total = sum(len(args.shapes[name]) * len(selected_providers(CORES[name], settings))
                 * len(settings.modes) for name in args.cores)
+    json_path, plot_dir = output_paths(args, env)
+    settings_dict = {k: v for k, v in vars(args).items() if k not in ("device", "shapes")}
+    settings_dict.update(device=str(args.device), shapes={k: [asdict(s) for s in v]
+                                                          for k, v in args.shapes.items()})
     rows = []
     with tqdm(total=total, file=sys.stderr, unit="row") as bar:
         for name in args.cores:
             bar.set_description(name)
             rows += run_core(CORES[name], args.shapes[name], settings, env, progress=bar.update)
-    add_derived(rows, CORES, ceilings)
-    json_path, plot_dir = output_paths(args, env)
-    settings_dict = {k: v for k, v in vars(args).items() if k not in ("device", "shapes")}
-    settings_dict.update(device=str(args.device), shapes={k: [asdict(s) for s in v]
-                                                          for k, v in args.shapes.items()})
-    report.write_json(json_path, env, ceilings.as_dict(), settings_dict, rows)
+            add_derived(rows, CORES, ceilings)
+            # Written after every core, so an interrupted run keeps what it measured.
+            report.write_json(json_path, env, ceilings.as_dict(), settings_dict, rows)
     print(report.header(env, ceilings.as_dict(), "explicit" if args.shape else args.suite,
                         args.dtype))
     print()

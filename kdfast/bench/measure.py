@@ -15,7 +15,7 @@ the row reports the median and 20th/80th percentiles. The first warm-up call's t
 
 Peak memory above the inputs: one extra call after the timed ones. CUDA:
 ``max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was allocated before
-the call. CPU: ``torch.profiler`` with ``profile_memory=True`` records every allocation and
+the call. CPU: the PyTorch profiler with ``profile_memory=True`` records every allocation and
 free of PyTorch's CPU allocator during the call; the running sum's maximum is the peak. It sees
 transient buffers freed before the call returns (the test suite checks it with a provider that
 allocates a known buffer), but not memory taken outside PyTorch's allocator (oneDNN/MKL
@@ -121,10 +121,11 @@ def _quiet_stderr():
 
 def cpu_peak_bytes(call: Callable[[], object]) -> int:
     """Peak bytes held by PyTorch's CPU allocator during ``call()`` above its start."""
-    from torch.profiler import ProfilerActivity, profile
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    # The autograd profiler directly: torch.profiler.profile would import torch._inductor
+    # first (seconds on a small machine) for nothing.
+    with _quiet_stderr(), torch.autograd.profiler.profile(profile_memory=True) as prof:
         call()
-    events = [e for e in prof.profiler.kineto_results.events()
+    events = [e for e in prof.kineto_results.events()
               if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
     events.sort(key=lambda e: e.start_ns())
     running = peak = 0

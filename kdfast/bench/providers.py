@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -77,7 +78,8 @@ def compiled(core: Core, mode: str | None) -> LossFn:
 def reset_compiled() -> None:
     """Forgets the compiled functions and dynamo's caches (between cores and runs)."""
     _COMPILED.clear()
-    torch._dynamo.reset()
+    if "torch._dynamo" in sys.modules:  # importing dynamo only to reset it costs seconds
+        torch._dynamo.reset()
 
 
 def memory_budget(device: torch.device) -> float:

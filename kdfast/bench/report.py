@@ -76,6 +76,7 @@ def plot(rows: list[dict], directory: str) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     ok = [r for r in rows if r["status"] == "ok" and r["metrics"]["median_s"] is not None]
     by_panel = defaultdict(list)
@@ -100,6 +101,10 @@ def plot(rows: list[dict], directory: str) -> list[str]:
                     ax.plot(xs, ys, marker="o", label=provider)
                 ax.set_xscale("log")
                 ax.set_yscale("log")
+                for scale_axis in (ax.xaxis, ax.yaxis):  # 1-2-5 ticks, plain labels (fast)
+                    scale_axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+                    scale_axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+                    scale_axis.set_minor_locator(ticker.NullLocator())
                 ax.set_xlabel(axis)
                 ax.set_ylabel(label)
                 fixed_text = ", ".join(f"{k}={v}" for k, v in fixed.items() if k != "kind")
@@ -107,7 +112,8 @@ def plot(rows: list[dict], directory: str) -> list[str]:
                 ax.grid(True, which="both", alpha=0.3)
                 if lines:
                     ax.legend(fontsize=8)
-        fig.tight_layout()
+        fig.subplots_adjust(left=0.08, right=0.97, bottom=0.07, top=0.95, hspace=0.3,
+                            wspace=0.22)
         path = os.path.join(directory, f"{core}-{mode}.png")
         fig.savefig(path, dpi=80)
         plt.close(fig)
