@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "include torch.compile's compilation)")
     parser.add_argument("--time-limit", type=float, default=60.0,
                         help="seconds per row, checked between calls (default 60)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for PyTorch (torch.set_num_threads; default as is)")
     parser.add_argument("--out", default=None,
                         help=f"directory for the JSON and plots; default {DEFAULT_OUT} with a "
                              "git-ignored local-<host>-<date> name, with --out a "
@@ -82,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0 or args.time_limit <= 0:
-        parser.error("--repeats must be >= 1, --warmup >= 0, --time-limit > 0")
+    if args.repeats < 1 or args.warmup < 0 or args.time_limit <= 0 or (args.threads or 1) < 1:
+        parser.error("--repeats must be >= 1, --warmup >= 0, --time-limit > 0, --threads >= 1")
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available to this torch")
@@ -127,6 +129,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from tqdm import tqdm
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     settings = Settings(args.device, DTYPES[args.dtype], args.modes, args.providers,
                         args.warmup, args.repeats, args.time_limit)
     env = environment(args.device)

@@ -36,7 +36,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 def header(env: dict, ceilings: dict | None, suite: str, dtype: str) -> str:
     lines = [f"kdfast benchmark: suite {suite}, {dtype}, {env['device']} ({env['device_name']}, "
-             f"{env['cpu_threads']} CPU threads), torch {env['torch_version']}, "
+             f"{env['cpu_threads']} CPU threads, load {env['load_average']:.1f}), "
+             f"torch {env['torch_version']}, "
              f"triton {env['triton_version']}, commit {env['git_commit']}, {env['date']}"]
     if ceilings:
         lines.append(f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e9:.3g} GB/s, matmul "

@@ -86,6 +86,8 @@ def environment(device: torch.device) -> dict:
         "python_version": platform.python_version(),
         "git_commit": _git_commit(),
         "host": socket.gethostname(),
+        # Other work on the machine skews CPU timings: the 1-minute load when the run began.
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

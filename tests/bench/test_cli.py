@@ -18,10 +18,11 @@ def test_defaults_run_every_core_on_the_quick_suite():
 def test_lists_and_numbers():
     args = parse_args(["--cores", "at,kd", "--modes", "fwd,bwd", "--providers", "reference,x",
                        "--repeats", "3", "--warmup", "0", "--time-limit", "2.5", "--dtype",
-                       "bfloat16", "--device", "cpu", "--no-plots", "--suite", "cifar"])
+                       "bfloat16", "--device", "cpu", "--no-plots", "--suite", "cifar",
+                       "--threads", "1"])
     assert args.cores == ["at", "kd"] and args.modes == ["fwd", "bwd"]
     assert args.providers == ["reference", "x"]
-    assert (args.repeats, args.warmup, args.time_limit) == (3, 0, 2.5)
+    assert (args.repeats, args.warmup, args.time_limit, args.threads) == (3, 0, 2.5, 1)
     assert args.dtype == "bfloat16" and args.no_plots and args.suite == "cifar"
 
 
@@ -32,7 +33,7 @@ def test_explicit_shapes_go_to_the_cores_of_their_kind():
 
 @pytest.mark.parametrize("argv", [
     ["--cores", "at,nope"], ["--modes", "fwd,sideways"], ["--suite", "huge"],
-    ["--repeats", "0"], ["--time-limit", "0"], ["--shape", "1x2x3"],
+    ["--repeats", "0"], ["--time-limit", "0"], ["--threads", "0"], ["--shape", "1x2x3"],
     ["--cores", "kd", "--shape", "4x8x5x5"], ["--dtype", "int8"],
 ])
 def test_bad_arguments_exit_with_a_message(argv, capsys):
