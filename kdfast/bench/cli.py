@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0 or args.time_limit <= 0 or (args.threads or 1) < 1:
+    bad_threads = args.threads is not None and args.threads < 1
+    if args.repeats < 1 or args.warmup < 0 or args.time_limit <= 0 or bad_threads:
         parser.error("--repeats must be >= 1, --warmup >= 0, --time-limit > 0, --threads >= 1")
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.device.type == "cuda" and not torch.cuda.is_available():
@@ -131,8 +132,12 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = Settings(args.device, DTYPES[args.dtype], args.modes, args.providers,
+    skip = SUITES[args.suite].skip_by_default if args.providers is None else ()
+    settings = Settings(args.device, DTYPES[args.dtype], args.modes, args.providers, skip,
                         args.warmup, args.repeats, args.time_limit)
+    if skip:
+        print(f"the {args.suite} suite leaves out {', '.join(skip)} unless --providers names "
+              "them", file=sys.stderr)
     env = environment(args.device)
     print("measuring the copy bandwidth and matmul rate ...", file=sys.stderr)
     ceilings = measure_ceilings(args.device, settings.dtype)

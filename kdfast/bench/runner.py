@@ -37,7 +37,8 @@ class Settings:
     device: torch.device
     dtype: torch.dtype = torch.float32
     modes: Sequence[str] = MODES
-    providers: Sequence[str] | None = None  # None: every provider there is
+    providers: Sequence[str] | None = None  # None: every provider there is ...
+    skip_providers: Sequence[str] = ()  # ... but these
     warmup: int = 2
     repeats: int = 10
     time_limit: float = 60.0
@@ -118,7 +119,8 @@ def core_status(core: Core, device: torch.device, dtype: torch.dtype) -> tuple[s
 def selected_providers(core: Core, settings: Settings, extra: dict | None = None) -> list[str]:
     """The provider names that run for ``core``: all there are, or those asked for."""
     names = prov.provider_names(core, settings.device) + list(extra or {})
-    return [n for n in names if settings.providers is None or n in settings.providers]
+    return [n for n in names if n not in settings.skip_providers
+            and (settings.providers is None or n in settings.providers)]
 
 
 def run_core(core: Core, shapes: Iterable[Shape], settings: Settings, env: dict,

@@ -113,6 +113,8 @@ class Suite:
     features: tuple[FeatureShape, ...]
     logits: tuple[LogitShape, ...]
     embeddings: tuple[EmbeddingShape, ...]
+    # Providers left out unless --providers names them (compiling takes minutes on a small CPU).
+    skip_by_default: tuple[str, ...] = ()
 
     def shapes(self, kind: str) -> tuple[Shape, ...]:
         return getattr(self, kind)
@@ -124,10 +126,12 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
                     FeatureShape(2, 4, 5, 4, 4)),
           logits=(LogitShape(2, 7), LogitShape(3, 7)),
           embeddings=(EmbeddingShape(4, 6, 8), EmbeddingShape(5, 6, 8))),
-    Suite("quick", "small CIFAR-like shapes, a minute or two on a laptop CPU",
-          features=_features(8, spatial_sweep=(32, (8, 16, 32)), channel_sweep=(16, (32, 64))),
+    Suite("quick", "small CIFAR-like shapes, a minute or two on a small CPU; torch.compile "
+                   "only when --providers names it",
+          features=_features(8, spatial_sweep=(32, (8, 16)), channel_sweep=(16, (32, 64))),
           logits=(LogitShape(64, 100), LogitShape(256, 1000)),
-          embeddings=(EmbeddingShape(32, 64, 128), EmbeddingShape(128, 64, 128))),
+          embeddings=(EmbeddingShape(32, 64, 128), EmbeddingShape(128, 64, 128)),
+          skip_by_default=("compile", "compile-max-autotune")),
     Suite("cifar", "ResNet-style CIFAR maps 32x32/16x16/8x8, C 64-256, B 64",
           features=_features(64, stages=((64, 32), (128, 16), (256, 8)),
                              spatial_sweep=(128, (8, 16, 32)), channel_sweep=(16, (64, 128, 256))),
