@@ -79,6 +79,8 @@ def fsp_loss(student_pairs: Pairs, teacher_pairs: Pairs, *, pool: bool = True,
                          f"{len(teacher_pairs)}; pass one teacher pair per student pair")
     total = None
     for i, (s_pair, t_pair) in enumerate(zip(student_pairs, teacher_pairs, strict=True)):
+        _checks.check_same_batch(student_pairs[0][0], s_pair[0],
+                                 ("student_pairs[0][0]", f"student_pairs[{i}][0]"))
         _checks.check_same_batch(s_pair[0], t_pair[0],
                                  (f"student_pairs[{i}][0]", f"teacher_pairs[{i}][0]"))
         s_a, s_b = _matched_pair("student_pairs", i, *s_pair, pool)

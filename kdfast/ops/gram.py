@@ -10,6 +10,12 @@ Interfaces (inputs already validated and spatially matched; outputs per sample, 
   C_a*C_b of (G_s - G_t)^2, G = X_a X_b^T / HW. The student's H, W may differ from the
   teacher's (each G uses its own HW).
 
+Both may receive non-contiguous or channels_last tensors, any floating dtype, and teachers
+with or without ``requires_grad``. ``sp_loss`` calls ``backends.choose("similarity", backend,
+student, teacher)`` and ``fsp_loss`` calls ``backends.choose("fsp", backend, student_a,
+student_b, teacher_a, teacher_b)`` once per pair, so a ``supports`` predicate receives those
+tensors (and can decline, e.g., student/teacher pairs of different H, W).
+
 Only the reference implementations are registered here; native and Triton ones register
 against the same names.
 """
