@@ -1,5 +1,11 @@
-import pytest
+import importlib.util
+import pathlib
+import sys
 
+import pytest
+import torch
+
+from kdfast.bench.cores import CORES
 from kdfast.bench.shapes import (
     SUITES,
     EmbeddingShape,
@@ -49,3 +55,30 @@ def test_cifar_and_large_suites_match_the_design():
     assert {s.s_channels for s in cifar} == {64, 128, 256}
     large = {s.height for s in SUITES["large"].features}
     assert min(large) == 8 and max(large) == 256
+
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(path: pathlib.Path):
+    spec = importlib.util.spec_from_file_location(f"_bench_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmarks_take_their_shapes_from_these_suites():
+    conftest = _load(BENCHMARKS / "conftest.py")
+    found = conftest.cases(("at", "kd"), "quick", torch.device("cpu"), with_compile=False)
+    assert {c.shape for c in found if c.core.name == "at"} == set(SUITES["quick"].features)
+    assert {c.shape for c in found if c.core.name == "kd"} == set(SUITES["quick"].logits)
+    assert not any(c.provider.startswith("compile") for c in found)
+    with_compile = conftest.cases(("at",), "tiny", torch.device("cpu"), with_compile=True)
+    assert any(c.provider == "compile" for c in with_compile)
+
+
+def test_every_core_has_a_pytest_benchmark_file():
+    covered = [name for path in sorted(BENCHMARKS.glob("bench_*.py"))
+               for name in _load(path).CORES]
+    assert sorted(covered) == sorted(CORES)
