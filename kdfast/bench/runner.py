@@ -162,10 +162,12 @@ def _run_shape(core, shape, names, settings, env, extra, progress) -> list[dict]
                      for mode in settings.modes]
             continue
         for mode in settings.modes:
+            compiles = name.startswith("compile")
             m = measure(fn, students, teachers, mode, device, warmup=settings.warmup,
-                        repeats=settings.repeats, time_limit=settings.time_limit)
+                        repeats=settings.repeats, time_limit=settings.time_limit,
+                        compiles=compiles)
             status = m.status
-            if name.startswith("compile") and status == "error":
+            if compiles and status == "error":
                 status = "compile failed"
             rows.append(_row(env, core, shape, dtype, name, mode, status, m.note, m))
             progress(1)

@@ -52,6 +52,20 @@ def test_a_row_over_the_time_limit_is_a_timeout():
     assert result.status == "timeout" and not result.times
 
 
+def test_the_limit_of_a_compiling_provider_starts_after_its_first_call():
+    calls = []
+
+    def compiles_first(students, teachers):
+        time.sleep(0.1 if not calls else 0.0)
+        calls.append(1)
+        return real_loss(students, teachers)
+
+    result = measure(compiles_first, *inputs(), "fwd", CPU, warmup=1, repeats=2,
+                     time_limit=0.05, compiles=True)
+    assert result.status == "ok" and len(result.times) == 2
+    assert result.first_call_s >= 0.1
+
+
 def test_a_row_that_hits_the_limit_later_keeps_its_repeats():
     def slow(students, teachers):
         time.sleep(0.02)
