@@ -12,6 +12,7 @@ from dataclasses import asdict
 
 import torch
 
+from kdfast.backends import BACKENDS
 from kdfast.bench import report
 from kdfast.bench.ceilings import measure_ceilings
 from kdfast.bench.cores import CORES
@@ -28,6 +29,8 @@ from kdfast.bench.runner import (
 from kdfast.bench.shapes import CLI_SUITES, SUITES, parse_shape
 
 DEFAULT_OUT = os.path.join("benchmarks", "results")
+# Every provider name there can be: the built-in ones and the registry's backends.
+PROVIDERS = list(BUILTIN) + [b for b in BACKENDS if b not in ("auto", "reference")]
 
 
 def _list(choices=None, what="value"):
@@ -57,16 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="explicit shape instead of the suite, repeatable: BxCxHxW or "
                              "BxCs/CtxHxW (features), BxCLASSES (logits), BxD or BxDs/Dt "
                              "(embeddings); each core takes the shapes of its kind")
-    parser.add_argument("--providers", type=_list(), default=None,
-                        help=f"comma-separated provider names, default all there are "
-                             f"({', '.join(BUILTIN)}, and every registered backend)")
+    parser.add_argument("--providers", type=_list(PROVIDERS, "provider"), default=None,
+                        help=f"comma-separated, from {', '.join(PROVIDERS)}; default all that "
+                             "can run (the quick suite leaves compile out unless named here)")
     parser.add_argument("--modes", type=_list(MODES, "mode"), default=list(MODES),
                         help="comma-separated: fwd, bwd, full (default all)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--device", default=None,
                         help="cpu, cuda, cuda:1 ... (default cuda when available, else cpu)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls per row")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (these "
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per row (10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (2; these "
                         "include torch.compile's compilation)")
     parser.add_argument("--time-limit", type=float, default=60.0,
                         help="seconds per row, checked between calls (default 60)")
@@ -122,7 +125,8 @@ def output_paths(args, env: dict) -> tuple[str, str]:
         directory, stem = DEFAULT_OUT, args.name or f"local-{socket.gethostname()}-{stamp}"
     else:
         directory = args.out
-        stem = args.name or f"{_slug(env['device_name'])}-{args.suite}"
+        suite = "shapes" if args.shape else args.suite
+        stem = args.name or f"{_slug(env['device_name'])}-{suite}"
     return os.path.join(directory, stem + ".json"), os.path.join(directory, stem)
 
 

@@ -16,12 +16,12 @@ def test_defaults_run_every_core_on_the_quick_suite():
 
 
 def test_lists_and_numbers():
-    args = parse_args(["--cores", "at,kd", "--modes", "fwd,bwd", "--providers", "reference,x",
+    args = parse_args(["--cores", "at,kd", "--modes", "fwd,bwd", "--providers", "reference,triton",
                        "--repeats", "3", "--warmup", "0", "--time-limit", "2.5", "--dtype",
                        "bfloat16", "--device", "cpu", "--no-plots", "--suite", "cifar",
                        "--threads", "1"])
     assert args.cores == ["at", "kd"] and args.modes == ["fwd", "bwd"]
-    assert args.providers == ["reference", "x"]
+    assert args.providers == ["reference", "triton"]
     assert (args.repeats, args.warmup, args.time_limit, args.threads) == (3, 0, 2.5, 1)
     assert args.dtype == "bfloat16" and args.no_plots and args.suite == "cifar"
 
@@ -32,7 +32,8 @@ def test_explicit_shapes_go_to_the_cores_of_their_kind():
 
 
 @pytest.mark.parametrize("argv", [
-    ["--cores", "at,nope"], ["--modes", "fwd,sideways"], ["--suite", "huge"],
+    ["--cores", "at,nope"], ["--modes", "fwd,sideways"], ["--providers", "reference,cuDNN"],
+    ["--suite", "huge"],
     ["--repeats", "0"], ["--time-limit", "0"], ["--threads", "0"], ["--shape", "1x2x3"],
     ["--cores", "kd", "--shape", "4x8x5x5"], ["--dtype", "int8"],
 ])
@@ -51,3 +52,5 @@ def test_output_goes_to_a_gitignored_local_name_unless_out_is_given():
     assert json_path == "d/nvidia-h100-80gb-hbm3-cifar.json"
     assert plots == "d/nvidia-h100-80gb-hbm3-cifar"
     assert output_paths(parse_args(["--out", "d", "--name", "x"]), env)[0] == "d/x.json"
+    explicit = parse_args(["--out", "d", "--cores", "kd", "--shape", "8x10"])
+    assert output_paths(explicit, env)[0] == "d/nvidia-h100-80gb-hbm3-shapes.json"
