@@ -7,6 +7,9 @@ TORCH_LIBRARY(kdfast, m) {
   // q_hat = normalise_HW(mean_C |features|^p) as (B, HW) in the accumulation dtype, and the
   // norm ||mean_C |features|^p||_2 per sample (B,) that the backward needs.
   m.def("attention_map(Tensor features, float p) -> (Tensor, Tensor)");
+  // d features from d q_hat (same strides as features when they are dense).
+  m.def("attention_map_backward(Tensor grad_map, Tensor features, Tensor q_hat, Tensor norm, "
+        "float p) -> Tensor");
 }
 
 static bool built_with_cuda() {
