@@ -19,8 +19,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <optional>
 
+#include "kdfast/aten_layout.h"
 #include "kdfast/math.h"
 
 namespace {
@@ -28,40 +28,22 @@ namespace {
 constexpr int64_t kHwBlock = 1024;   // positions per task in the rows layout
 constexpr int64_t kPosBlock = 64;    // positions per task in the channels-inner layout
 constexpr int kLanes = 8;            // independent partial sums (vectorisable, fixed order)
+constexpr int64_t kGrainWork = 32768;  // elements below which a loop runs on one thread
 
-// Per-sample view of (B, C, H, W) features as (B, C, HW) with element strides.
-struct Layout {
-  int64_t batch, channels, hw;
-  int64_t sb, sc, shw;
-  bool rows() const { return shw == 1; }
-  bool channels_inner() const { return sc == 1 && !rows(); }
-};
-
-// The (B, C, HW) strides of x when H and W collapse into one stride, else nullopt.
-std::optional<Layout> strided_layout(const at::Tensor& x) {
-  const int64_t h = x.size(2), w = x.size(3);
-  int64_t shw;
-  if (h == 1) shw = x.stride(3);
-  else if (w == 1) shw = x.stride(2);
-  else if (x.stride(2) == w * x.stride(3)) shw = x.stride(3);
-  else return std::nullopt;
-  if (h * w == 1) shw = 1;
-  int64_t sc = x.size(1) == 1 ? 1 : x.stride(1);
-  Layout layout{x.size(0), x.size(1), h * w, x.stride(0), sc, shw};
-  if (!layout.rows() && !layout.channels_inner()) return std::nullopt;
-  return layout;
+// parallel_for grain (tasks) so that one thread gets at least kGrainWork elements.
+int64_t grain_for(int64_t work_per_task) {
+  return std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, work_per_task));
 }
 
-Layout contiguous_layout(const at::Tensor& x) {
-  const int64_t hw = x.size(2) * x.size(3);
-  return Layout{x.size(0), x.size(1), hw, x.size(1) * hw, hw, 1};
-}
+using kdfast::FeatureLayout;
+using kdfast::layout_or_copy;
 
 // Runs fn(b, begin, end) over every (sample, block of positions) task in parallel.
 template <typename Fn>
-void for_each_block(int64_t batch, int64_t hw, int64_t block, const Fn& fn) {
+void for_each_block(int64_t batch, int64_t channels, int64_t hw, int64_t block, const Fn& fn) {
   const int64_t blocks = (hw + block - 1) / block;
-  at::parallel_for(0, batch * blocks, 1, [&](int64_t first, int64_t last) {
+  const int64_t grain = grain_for(channels * std::min(block, hw));
+  at::parallel_for(0, batch * blocks, grain, [&](int64_t first, int64_t last) {
     for (int64_t task = first; task < last; ++task) {
       const int64_t b = task / blocks;
       const int64_t begin = (task % blocks) * block;
@@ -85,22 +67,22 @@ acc_t reduce_contiguous(const scalar_t* row, int64_t n, Power power) {
 }
 
 template <typename scalar_t, typename acc_t, typename Power>
-void attention_sums(const scalar_t* x, const Layout& l, acc_t* q, Power power) {
+void attention_sums(const scalar_t* x, const FeatureLayout& l, acc_t* q, Power power) {
   const acc_t inv_c = acc_t(1) / static_cast<acc_t>(l.channels);
   if (l.rows()) {
-    for_each_block(l.batch, l.hw, kHwBlock, [&](int64_t b, int64_t begin, int64_t end) {
+    for_each_block(l.batch, l.channels, l.hw, kHwBlock, [&](int64_t b, int64_t begin, int64_t end) {
       acc_t* out = q + b * l.hw;
       std::fill(out + begin, out + end, acc_t(0));
       for (int64_t c = 0; c < l.channels; ++c) {
-        const scalar_t* row = x + b * l.sb + c * l.sc;
+        const scalar_t* row = x + b * l.stride_b + c * l.stride_c;
         for (int64_t i = begin; i < end; ++i) out[i] += power(static_cast<acc_t>(row[i]));
       }
       for (int64_t i = begin; i < end; ++i) out[i] *= inv_c;
     });
   } else {
-    for_each_block(l.batch, l.hw, kPosBlock, [&](int64_t b, int64_t begin, int64_t end) {
+    for_each_block(l.batch, l.channels, l.hw, kPosBlock, [&](int64_t b, int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const scalar_t* row = x + b * l.sb + i * l.shw;
+        const scalar_t* row = x + b * l.stride_b + i * l.stride_hw;
         q[b * l.hw + i] = reduce_contiguous<scalar_t, acc_t>(row, l.channels, power) * inv_c;
       }
     });
@@ -109,7 +91,7 @@ void attention_sums(const scalar_t* x, const Layout& l, acc_t* q, Power power) {
 
 template <typename acc_t>
 void normalise_rows(acc_t* q, acc_t* norm, int64_t batch, int64_t hw) {
-  at::parallel_for(0, batch, 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, batch, grain_for(hw), [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
       acc_t* row = q + b * hw;
       const acc_t n = std::sqrt(reduce_contiguous<acc_t, acc_t>(row, hw, [](acc_t v) {
@@ -127,7 +109,7 @@ template <typename acc_t>
 void map_grad(const acc_t* grad_map, const acc_t* q_hat, const acc_t* norm, int64_t batch,
               int64_t hw, acc_t scale, acc_t* grad_q) {
   const acc_t eps = static_cast<acc_t>(kdfast::kNormEps);
-  at::parallel_for(0, batch, 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, batch, grain_for(hw), [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
       const acc_t* g = grad_map + b * hw;
       const acc_t* q = q_hat + b * hw;
@@ -153,13 +135,13 @@ void map_grad(const acc_t* grad_map, const acc_t* q_hat, const acc_t* norm, int6
 
 // dA = local(A) * dQ over the layout; dA has the same strides as A.
 template <typename scalar_t, typename acc_t, typename Local>
-void input_grad(const scalar_t* x, scalar_t* dx, const Layout& l, const acc_t* grad_q,
+void input_grad(const scalar_t* x, scalar_t* dx, const FeatureLayout& l, const acc_t* grad_q,
                 Local local) {
   if (l.rows()) {
-    for_each_block(l.batch, l.hw, kHwBlock, [&](int64_t b, int64_t begin, int64_t end) {
+    for_each_block(l.batch, l.channels, l.hw, kHwBlock, [&](int64_t b, int64_t begin, int64_t end) {
       const acc_t* dq = grad_q + b * l.hw;
       for (int64_t c = 0; c < l.channels; ++c) {
-        const int64_t offset = b * l.sb + c * l.sc;
+        const int64_t offset = b * l.stride_b + c * l.stride_c;
         const scalar_t* row = x + offset;
         scalar_t* out = dx + offset;
         for (int64_t i = begin; i < end; ++i) {
@@ -168,9 +150,9 @@ void input_grad(const scalar_t* x, scalar_t* dx, const Layout& l, const acc_t* g
       }
     });
   } else {
-    for_each_block(l.batch, l.hw, kPosBlock, [&](int64_t b, int64_t begin, int64_t end) {
+    for_each_block(l.batch, l.channels, l.hw, kPosBlock, [&](int64_t b, int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t offset = b * l.sb + i * l.shw;
+        const int64_t offset = b * l.stride_b + i * l.stride_hw;
         const scalar_t* row = x + offset;
         scalar_t* out = dx + offset;
         const acc_t d = grad_q[b * l.hw + i];
@@ -209,9 +191,8 @@ void check_features(const at::Tensor& features, double p) {
 
 std::tuple<at::Tensor, at::Tensor> attention_map_cpu(const at::Tensor& features, double p) {
   check_features(features, p);
-  auto layout = strided_layout(features);
-  const at::Tensor x = layout ? features : features.contiguous();
-  const Layout l = layout ? *layout : contiguous_layout(x);
+  at::Tensor x;
+  const FeatureLayout l = layout_or_copy(features, /*need_dense=*/false, &x);
   at::Tensor q = at::empty({l.batch, l.hw}, x.options().dtype(acc_type(x)));
   at::Tensor norm = at::empty({l.batch}, x.options().dtype(acc_type(x)));
   if (x.numel() == 0) return {q.zero_(), norm.zero_()};
@@ -230,10 +211,8 @@ at::Tensor attention_map_backward_cpu(const at::Tensor& grad_map, const at::Tens
                                       double p) {
   check_features(features, p);
   // dA is written with A's strides, so A must be dense for dA to be a valid tensor of them.
-  auto layout = features.is_non_overlapping_and_dense() ? strided_layout(features)
-                                                        : std::nullopt;
-  const at::Tensor x = layout ? features : features.contiguous();
-  const Layout l = layout ? *layout : contiguous_layout(x);
+  at::Tensor x;
+  const FeatureLayout l = layout_or_copy(features, /*need_dense=*/true, &x);
   at::Tensor grad = at::empty_like(x, at::MemoryFormat::Preserve);
   TORCH_CHECK(grad.strides() == x.strides(), "attention_map_backward: stride mismatch");
   if (x.numel() == 0) return grad;
