@@ -6,6 +6,7 @@
 
 from kdfast import functional
 from kdfast.backends import available_backends
+from kdfast.distill import Distiller, Term
 from kdfast.losses.ab import ABLoss
 from kdfast.losses.adversarial import AdversarialKD, ConditionalDiscriminator
 from kdfast.losses.attention import ATLoss
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ABLoss", "ATLoss", "AdversarialKD", "BornAgainEnsemble", "ConditionalDiscriminator",
-    "DMLLoss", "FSPLoss", "FitNetLoss", "GradientATLoss", "KDLoss", "NSTLoss", "RKDLoss", "SPLoss",
+    "DMLLoss", "Distiller", "FSPLoss", "FitNetLoss", "GradientATLoss", "KDLoss", "NSTLoss",
+    "RKDLoss", "SPLoss", "Term",
     "available_backends", "functional", "make_connector",
 ]

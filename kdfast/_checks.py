@@ -74,27 +74,30 @@ def check_positive(name: str, value, minimum: float = 0.0, inclusive: bool = Fal
     return float(value)
 
 
-def match_spatial(student: torch.Tensor, teacher: torch.Tensor, pool: bool
+def match_spatial(student: torch.Tensor, teacher: torch.Tensor, pool: bool,
+                  names: tuple[str, str] = ("student", "teacher")
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Average-pools the larger of two (B, C, H, W) maps down to the smaller one's size.
 
     Pooling needs each of H and W of the larger map to be a whole multiple of the smaller's
-    (the ResNet stage ratios); anything else raises instead of resampling silently.
+    (the ResNet stage ratios); anything else raises instead of resampling silently. ``names``
+    are the two arguments as the error messages call them.
     """
     s_hw, t_hw = tuple(student.shape[-2:]), tuple(teacher.shape[-2:])
     if s_hw == t_hw:
         return student, teacher
+    first, second = names
     if not pool:
-        raise ValueError(f"student spatial size {s_hw} differs from teacher's {t_hw} and "
+        raise ValueError(f"{first} spatial size {s_hw} differs from {second}'s {t_hw} and "
                          "pool=False; pass pool=True to average-pool the larger map, or "
                          "resize one of them")
     s_larger = s_hw[0] >= t_hw[0] and s_hw[1] >= t_hw[1]
     t_larger = t_hw[0] >= s_hw[0] and t_hw[1] >= s_hw[1]
     big, small = (s_hw, t_hw) if s_larger else (t_hw, s_hw)
     if not (s_larger or t_larger) or big[0] % small[0] or big[1] % small[1]:
-        raise ValueError(f"student spatial size {s_hw} and teacher's {t_hw} cannot be matched "
-                         "by average pooling (the larger must be a whole multiple of the "
-                         "smaller in H and W); resize one of them with F.interpolate")
+        raise ValueError(f"{first} spatial size {s_hw} and {second}'s {t_hw} cannot be "
+                         "matched by average pooling (the larger must be a whole multiple of "
+                         "the smaller in H and W); resize one of them with F.interpolate")
     kernel = (big[0] // small[0], big[1] // small[1])
     if s_larger:
         return F.avg_pool2d(student, kernel), teacher
