@@ -10,13 +10,14 @@
 #include <cuda_fp16.h>
 
 #include "attention.h"
+#include "block_reduce.cuh"
 #include "kdfast/math.h"
 
 namespace kdfast {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = kBlockThreads;
 constexpr int kWarp = 32;
 
 template <typename Acc>
@@ -61,21 +62,6 @@ struct PowAny {
   __device__ Acc value(Acc v) const { return abs_pow(v, p); }
   __device__ Acc grad(Acc v) const { return abs_pow_grad(v, p); }
 };
-
-// Sum over the block's threads, fixed order (shared-memory tree); result valid in all.
-template <typename Acc>
-__device__ Acc block_sum(Acc v) {
-  __shared__ Acc partial[kThreads];
-  partial[threadIdx.x] = v;
-  __syncthreads();
-  for (int half = kThreads / 2; half > 0; half /= 2) {
-    if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
-    __syncthreads();
-  }
-  const Acc total = partial[0];
-  __syncthreads();
-  return total;
-}
 
 template <typename T, typename Acc, typename Pow>
 __global__ void sums_rows_kernel(const T* __restrict__ x, FeatureLayout l, Pow pow,
