@@ -2,7 +2,8 @@
 
 Forward+backward, fp32, cifar-like shapes (B = 64; C 64..256 at 32x32 / 16x16 / 8x8); the
 student requires grad, the teacher does not. Median of ``--repeats`` runs after warm-up.
-Usage: ``python benchmarks/time_native_cpu.py [--cores at,sp,fsp] [--repeats 15]``.
+Usage: ``python benchmarks/time_native_cpu.py [--cores at,sp,fsp] [--repeats 15]
+[--threads N]``.
 Stop-gap until ``python -m kdfast.bench`` lands.
 """
 
@@ -40,10 +41,11 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * 4 / (ms * 1e-3)
 
 
-def step(loss_fn, student, *others):
+def step(loss_fn, *inputs):
     def run():
-        student.grad = None
-        loss_fn(student, *others).backward()
+        for x in inputs:
+            x.grad = None
+        loss_fn(*inputs).backward()
     return run
 
 
@@ -67,7 +69,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cores", default="at,sp,fsp")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's own choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     assert kdfast.available_backends()["native"], "build the extension first"
     bandwidth = copy_bandwidth()
     print(f"threads {torch.get_num_threads()}, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
