@@ -1,7 +1,8 @@
 """Quick CPU timing of the native cores against the reference, eager and torch.compile'd.
 
 Forward+backward, fp32, cifar-like shapes (B = 64; C 64..256 at 32x32 / 16x16 / 8x8); the
-student requires grad, the teacher does not. Median of ``--repeats`` runs after warm-up.
+student requires grad, the teacher does not. Median of ``--repeats`` runs after warm-up,
+the providers interleaved round-robin.
 Usage: ``python benchmarks/time_native_cpu.py [--cores at,sp,fsp] [--repeats 15]
 [--threads N]``.
 Stop-gap until ``python -m kdfast.bench`` lands.
@@ -21,15 +22,18 @@ from kdfast import functional as F
 SHAPES = [(64, 64, 32), (64, 128, 16), (64, 256, 8)]
 
 
-def median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
+def median_ms(fns, repeats: int) -> list[float]:
+    """Median ms of each fn, run round-robin (so a shared machine's load hits all alike)."""
+    for fn in fns:
+        for _ in range(3):
+            fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for fn, slot in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            slot.append(time.perf_counter() - start)
+    return [1e3 * statistics.median(slot) for slot in times]
 
 
 def copy_bandwidth() -> float:
@@ -37,7 +41,7 @@ def copy_bandwidth() -> float:
     x = torch.empty(64 * 2**20 // 4)
     x.fill_(1.0)
     y = torch.empty_like(x)
-    ms = median_ms(lambda: y.copy_(x), 10)
+    (ms,) = median_ms([lambda: y.copy_(x)], 10)
     return 2 * x.numel() * 4 / (ms * 1e-3)
 
 
@@ -83,10 +87,10 @@ def main() -> None:
     for core in args.cores.split(","):
         for b, c, hw in SHAPES:
             make, inputs, floor_bytes = cases(core, b, c, hw)
-            native = median_ms(step(make("native"), *inputs), args.repeats)
-            eager = median_ms(step(make("reference"), *inputs), args.repeats)
-            compiled_fn = torch.compile(make("reference"), fullgraph=False)
-            compiled = median_ms(step(compiled_fn, *inputs), args.repeats)
+            compiled_fn = torch.compile(make("reference"))
+            native, eager, compiled = median_ms(
+                [step(make("native"), *inputs), step(make("reference"), *inputs),
+                 step(compiled_fn, *inputs)], args.repeats)
             floor = f"{floor_bytes / bandwidth * 1e3 / native:.0%}" if floor_bytes else "-"
             print(f"| {core} | {b}, {c}, {hw} | {native:.2f} | {eager:.2f} | {compiled:.2f} | "
                   f"{eager / native:.2f}x | {compiled / native:.2f}x | {floor} |")

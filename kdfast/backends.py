@@ -138,6 +138,17 @@ def native_supports(*tensors: torch.Tensor) -> str | None:
     return None
 
 
+def register_native_fake(op: str, fn: Callable) -> None:
+    """Registers ``fn`` as the fake (shape-only) implementation of ``torch.ops.kdfast.<op>``,
+    so ``torch.compile`` can trace the native kernels; a no-op when the extension is not built.
+    """
+    try:
+        from kdfast import _C  # noqa: F401  (defines the operators)
+    except ImportError:  # pragma: no cover - depends on the build
+        return
+    torch.library.register_fake(f"kdfast::{op}", fn)
+
+
 def triton_importable() -> bool:
     try:
         import triton  # noqa: F401

@@ -40,5 +40,21 @@ def native_attention_map(features: torch.Tensor, p: float = 2.0) -> torch.Tensor
     return NativeAttentionMap.apply(features, float(p))
 
 
+def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _fake_attention_map(features: torch.Tensor, p: float):
+    shape = (features.shape[0], features.shape[2] * features.shape[3])
+    dtype = _accumulation_dtype(features)
+    return features.new_empty(shape, dtype=dtype), features.new_empty(shape[:1], dtype=dtype)
+
+
+def _fake_attention_map_backward(grad_map, features, q_hat, norm, p):
+    return torch.empty_like(features)
+
+
+backends.register_native_fake("attention_map", _fake_attention_map)
+backends.register_native_fake("attention_map_backward", _fake_attention_map_backward)
 backends.register(CORE, "reference", attention_map)
 backends.register(CORE, "native", native_attention_map, backends.native_supports)

@@ -83,11 +83,11 @@ def _permuted_flat(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     return x.permute(order).reshape(x.shape[0], -1), order
 
 
-def _similarity_input_grad(weight: torch.Tensor, q: torch.Tensor, x: torch.Tensor,
+def _similarity_input_grad(weight: torch.Tensor, q: torch.Tensor, shape: torch.Size,
                            order: tuple[int, ...]) -> torch.Tensor:
-    """dQ = W Q for the (B, D) view q of x, returned in x's shape and layout."""
-    permuted_shape = [x.shape[d] for d in order]
-    grad = _apply_left(weight, q, torch.empty(q.shape, dtype=x.dtype, device=x.device))
+    """dQ = W Q for the (B, D) view q of an input of this shape, in the input's layout."""
+    permuted_shape = [shape[d] for d in order]
+    grad = _apply_left(weight, q, torch.empty_like(q, memory_format=torch.contiguous_format))
     inverse = sorted(range(len(order)), key=order.__getitem__)
     return grad.view(permuted_shape).permute(inverse)
 
@@ -101,19 +101,19 @@ class NativeSimilarity(torch.autograd.Function):
         (q_s, order_s), (q_t, order_t) = _permuted_flat(student), _permuted_flat(teacher)
         loss, *saved = torch.ops.kdfast.similarity_forward(_products(q_s, q_s),
                                                            _products(q_t, q_t))
-        ctx.layout = (student, order_s, teacher, order_t)
+        ctx.layout = (student.shape, order_s, teacher.shape, order_t)
         ctx.save_for_backward(q_s, q_t, *saved)
         return loss
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         q_s, q_t, g_s, g_t, norm_s, norm_t = ctx.saved_tensors
-        student, order_s, teacher, order_t = ctx.layout
+        shape_s, order_s, shape_t, order_t = ctx.layout
         need_s, need_t = ctx.needs_input_grad
         w_s, w_t = torch.ops.kdfast.similarity_backward(grad, g_s, g_t, norm_s, norm_t,
                                                         need_s, need_t)
-        return (_similarity_input_grad(w_s, q_s, student, order_s) if need_s else None,
-                _similarity_input_grad(w_t, q_t, teacher, order_t) if need_t else None)
+        return (_similarity_input_grad(w_s, q_s, shape_s, order_s) if need_s else None,
+                _similarity_input_grad(w_t, q_t, shape_t, order_t) if need_t else None)
 
 
 def native_similarity_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -171,5 +171,30 @@ def native_fsp_pair_loss(student_a: torch.Tensor, student_b: torch.Tensor,
     return NativeFsp.apply(student_a, student_b, teacher_a, teacher_b)
 
 
+def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _fake_similarity_forward(gram_s: torch.Tensor, gram_t: torch.Tensor):
+    dtype = _accumulation_dtype(gram_s)
+    rows = gram_s.new_empty(gram_s.shape[:1], dtype=dtype)
+    square = gram_s.new_empty(gram_s.shape, dtype=dtype)
+    return rows, square, torch.empty_like(square), torch.empty_like(rows), torch.empty_like(rows)
+
+
+def _fake_similarity_backward(grad, g_s, g_t, norm_s, norm_t, student: bool, teacher: bool):
+    n = g_s.shape[0]
+    return g_s.new_empty((n if student else 0, n)), g_s.new_empty((n if teacher else 0, n))
+
+
+def _fake_fsp_forward(prod_s: torch.Tensor, prod_t: torch.Tensor, scale_s, scale_t):
+    dtype = _accumulation_dtype(prod_s)
+    return prod_s.new_empty(prod_s.shape[:1], dtype=dtype), prod_s.new_empty(prod_s.shape,
+                                                                              dtype=dtype)
+
+
+backends.register_native_fake("similarity_forward", _fake_similarity_forward)
+backends.register_native_fake("similarity_backward", _fake_similarity_backward)
+backends.register_native_fake("fsp_forward", _fake_fsp_forward)
 backends.register(SIMILARITY, "native", native_similarity_loss, backends.native_supports)
 backends.register(FSP, "native", native_fsp_pair_loss, backends.native_supports)

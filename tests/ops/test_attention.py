@@ -164,3 +164,13 @@ def test_native_cuda_matches_reference(dtype, channels_last):
 
 def out_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def test_native_traces_under_torch_compile():
+    x = randn(2, 3, 4, 5, requires_grad=True)
+    grad_map = torch.randn(2, 20, dtype=torch.float64)
+    compiled = torch.compile(native_attention_map, fullgraph=True, backend="aot_eager")
+    out, grad = value_and_grad(compiled, x, grad_map, 2.0)
+    ref, ref_grad = value_and_grad(attention_map, x, grad_map, 2.0)
+    assert_rel_close(out, ref, 1e-12, "value")
+    assert_rel_close(grad, ref_grad, 1e-12, "gradient")

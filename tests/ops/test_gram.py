@@ -175,6 +175,18 @@ def test_auto_picks_native_on_cpu(core):
     assert backends.choose(core, "auto", *tensors).backend == "native"
 
 
+@pytest.mark.parametrize("core", ["sp", "fsp"])
+def test_traces_under_torch_compile(core):
+    inputs = sp_inputs(3, (2, 3, 3), (4, 3, 3)) if core == "sp" else \
+        fsp_inputs(2, 2, 3, (3, 3), (2, 2))
+    native, reference = CORES[core]
+    compiled = torch.compile(native, fullgraph=True, backend="aot_eager")
+    grad_out = torch.randn(inputs[0].shape[0], dtype=torch.float64)
+    for got, expected in zip(outputs(compiled, inputs, grad_out),
+                             outputs(reference, inputs, grad_out), strict=True):
+        assert_rel_close(got, expected, 1e-12)
+
+
 @settings(max_examples=20, deadline=None)
 @given(b=st.integers(1, 5), ca=st.integers(1, 6), cb=st.integers(1, 6), h=st.integers(1, 6),
        w=st.integers(1, 6), channels_last=st.booleans(), teacher_grad=st.booleans())
