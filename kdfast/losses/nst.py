@@ -26,11 +26,6 @@ def check_sigma2(sigma2) -> tuple[float, ...] | str:
     return (_checks.check_positive("sigma2", sigma2),)
 
 
-def check_flag(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-
-
 def check_nst_options(kernel: str = "poly", degree: int = 2, coef: float = 0.0,
                       sigma2=1.0, unbiased: bool = False, teacher_term: bool = True,
                       pool: bool = True, reduction: str = "mean") -> tuple[float, ...] | str:
@@ -42,9 +37,9 @@ def check_nst_options(kernel: str = "poly", degree: int = 2, coef: float = 0.0,
         raise ValueError(f"degree must be an int >= 1, got {degree}")
     _checks.check_positive("coef", coef, 0.0, inclusive=True)
     bandwidths = check_sigma2(sigma2)
-    check_flag("unbiased", unbiased)
-    check_flag("teacher_term", teacher_term)
-    check_flag("pool", pool)
+    _checks.check_flag("unbiased", unbiased)
+    _checks.check_flag("teacher_term", teacher_term)
+    _checks.check_flag("pool", pool)
     _checks.check_choice("reduction", reduction, _checks.REDUCTIONS)
     return bandwidths
 

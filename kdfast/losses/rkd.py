@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from kdfast import _checks, backends
+from kdfast.distributed import gather_batch
 from kdfast.losses._module import FunctionalLoss
 from kdfast.reference.rkd import rkd_loss as reference_rkd_loss
 
@@ -16,7 +17,8 @@ FEATURE_NDIMS = (2, 3, 4, 5)
 
 
 def check_rkd_options(distance_weight: float = 25.0, angle_weight: float = 50.0,
-                      reduction: str = "mean") -> None:
+                      reduction: str = "mean", gather: bool = False) -> None:
+    _checks.check_flag("gather", gather)
     _checks.check_positive("distance_weight", distance_weight, inclusive=True)
     _checks.check_positive("angle_weight", angle_weight, inclusive=True)
     if distance_weight == 0 and angle_weight == 0:
@@ -26,7 +28,7 @@ def check_rkd_options(distance_weight: float = 25.0, angle_weight: float = 50.0,
 
 
 def rkd_loss(student: torch.Tensor, teacher: torch.Tensor, *, distance_weight: float = 25.0,
-             angle_weight: float = 50.0, reduction: str = "mean",
+             angle_weight: float = 50.0, reduction: str = "mean", gather: bool = False,
              backend: str | None = None) -> torch.Tensor:
     r"""Relational KD loss (Park et al., 2019): distance term x 25 + angle term x 50.
 
@@ -58,16 +60,21 @@ def rkd_loss(student: torch.Tensor, teacher: torch.Tensor, *, distance_weight: f
             the (B,) per-anchor values (``w_d`` · row i of the distance term + ``w_a`` · the
             angles with vertex i) whose mean is the loss. They are not independent per
             sample: μ is a batch statistic.
+        gather: compute over the global batch of all ranks of the initialised
+            ``torch.distributed`` process group (all-gather with autograd, see
+            :mod:`kdfast.distributed`); B is then the global batch. No-op without one.
         backend: ``None``/``"auto"``/``"reference"`` (no fused core yet).
 
     Example:
         >>> s, t = torch.randn(32, 64), torch.randn(32, 128)
         >>> kdfast.functional.rkd_loss(s, t)  # doctest: +SKIP
     """
-    check_rkd_options(distance_weight, angle_weight, reduction)
+    check_rkd_options(distance_weight, angle_weight, reduction, gather)
     _checks.check_tensor("student", student, FEATURE_NDIMS, "(B, D) or (B, ...)")
     _checks.check_tensor("teacher", teacher, FEATURE_NDIMS, "(B, D) or (B, ...)")
     _checks.check_same_batch(student, teacher)
+    if gather:
+        student, teacher = gather_batch(student), gather_batch(teacher)
     if student.shape[0] < 2:
         raise ValueError(f"RKD relates the samples of a batch: student and teacher need a "
                          f"batch size of at least 2, got {student.shape[0]}; drop such "
@@ -92,6 +99,7 @@ class RKDLoss(FunctionalLoss):
     validate = staticmethod(check_rkd_options)
 
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0,
-                 reduction: str = "mean", backend: str | None = None) -> None:
+                 reduction: str = "mean", gather: bool = False,
+                 backend: str | None = None) -> None:
         super().__init__(distance_weight=distance_weight, angle_weight=angle_weight,
-                         reduction=reduction, backend=backend)
+                         reduction=reduction, gather=gather, backend=backend)

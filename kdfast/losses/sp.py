@@ -7,17 +7,19 @@ import torch
 
 import kdfast.ops.gram  # noqa: F401  (registers the similarity implementations)
 from kdfast import _checks, backends
+from kdfast.distributed import gather_batch
 from kdfast.losses._module import FunctionalLoss
 
 FEATURE_NDIMS = (2, 3, 4, 5)
 
 
-def check_sp_options(reduction: str = "mean") -> None:
+def check_sp_options(reduction: str = "mean", gather: bool = False) -> None:
+    _checks.check_flag("gather", gather)
     _checks.check_choice("reduction", reduction, _checks.REDUCTIONS)
 
 
 def sp_loss(student: torch.Tensor, teacher: torch.Tensor, *, reduction: str = "mean",
-            backend: str | None = None) -> torch.Tensor:
+            gather: bool = False, backend: str | None = None) -> torch.Tensor:
     r"""Similarity-preserving loss (Tung & Mori, 2019).
 
     .. math::
@@ -34,6 +36,9 @@ def sp_loss(student: torch.Tensor, teacher: torch.Tensor, *, reduction: str = "m
         teacher: (B, ...) teacher features.
         reduction: ``"mean"`` (default) gives the loss above; ``"sum"`` and ``"none"`` act on
             the (B,) per-row losses ``sum_j (G_t - G_s)_ij^2 / B`` whose mean is the loss.
+        gather: compute over the global batch of all ranks of the initialised
+            ``torch.distributed`` process group (all-gather with autograd, see
+            :mod:`kdfast.distributed`); B is then the global batch. No-op without one.
         backend: ``None`` (``KDFAST_BACKEND`` or auto), ``"auto"``, ``"native"``,
             ``"triton"`` or ``"reference"`` for the ``"similarity"`` core.
 
@@ -41,10 +46,12 @@ def sp_loss(student: torch.Tensor, teacher: torch.Tensor, *, reduction: str = "m
         >>> s, t = torch.randn(64, 64, 8, 8), torch.randn(64, 256, 8, 8)
         >>> kdfast.functional.sp_loss(s, t)  # doctest: +SKIP
     """
-    check_sp_options(reduction)
+    check_sp_options(reduction, gather)
     _checks.check_tensor("student", student, FEATURE_NDIMS, "(B, ...)")
     _checks.check_tensor("teacher", teacher, FEATURE_NDIMS, "(B, ...)")
     _checks.check_same_batch(student, teacher)
+    if gather:
+        student, teacher = gather_batch(student), gather_batch(teacher)
     similarity = backends.choose("similarity", backend, student, teacher).fn
     return _checks.reduce(similarity(student, teacher), reduction)
 
@@ -59,5 +66,6 @@ class SPLoss(FunctionalLoss):
     function = staticmethod(sp_loss)
     validate = staticmethod(check_sp_options)
 
-    def __init__(self, reduction: str = "mean", backend: str | None = None) -> None:
-        super().__init__(reduction=reduction, backend=backend)
+    def __init__(self, reduction: str = "mean", gather: bool = False,
+                 backend: str | None = None) -> None:
+        super().__init__(reduction=reduction, gather=gather, backend=backend)
