@@ -49,7 +49,12 @@ test-unit: build
 test-triton: build
 	TRITON_INTERPRET=1 $(PYTEST) -m triton_interpret tests/triton
 
-test: lint check-cuda test-unit test-triton
+# The pytest-benchmark suites once, untimed, on the tiny shapes (without torch.compile), so that
+# they cannot rot.
+test-bench: build
+	$(PYTEST) benchmarks --benchmark-disable
+
+test: lint check-cuda test-unit test-triton test-bench
 
 bench: build
 	$(PY) -m kdfast.bench

@@ -19,12 +19,15 @@ variable, else ``"auto"``):
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from kdfast._precision import autocast_off
 
 BACKENDS = ("auto", "native", "triton", "reference")
 ENV_VAR = "KDFAST_BACKEND"
@@ -49,11 +52,25 @@ def _always(*tensors: torch.Tensor) -> str | None:
     return None
 
 
+def _without_autocast(fn: Callable) -> Callable:
+    """``fn`` run with autocast off for its first tensor's device: cores manage precision
+    themselves (fp32 accumulation, see :mod:`kdfast._precision`)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if tensor is None:
+            return fn(*args, **kwargs)
+        with autocast_off(tensor):
+            return fn(*args, **kwargs)
+    return run
+
+
 def register(core: str, backend: str, fn: Callable, supports: Callable | None = None) -> None:
-    """Registers ``fn`` as the ``backend`` implementation of ``core``."""
+    """Registers ``fn`` as the ``backend`` implementation of ``core`` (run without autocast)."""
     if backend not in BACKENDS or backend == "auto":
         raise ValueError(f"backend must be one of native, triton, reference; got {backend!r}")
-    _REGISTRY.setdefault(core, {})[backend] = Implementation(core, backend, fn, supports or _always)
+    impl = Implementation(core, backend, _without_autocast(fn), supports or _always)
+    _REGISTRY.setdefault(core, {})[backend] = impl
 
 
 def implementations(core: str) -> dict[str, Implementation]:
@@ -115,6 +132,38 @@ def native_extension():
                                    "with `pip install --no-build-isolation -e .`.")
         return None
     return _C
+
+
+NATIVE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def native_supports(*tensors: torch.Tensor) -> str | None:
+    """Why the native kernels cannot run ``tensors`` (None when they can).
+
+    They need the built extension, CPU tensors (or CUDA ones when it was built with CUDA)
+    and a float32/float64/float16/bfloat16 dtype.
+    """
+    ext = native_extension()
+    if ext is None:
+        return "the native extension is not built"
+    for tensor in tensors:
+        device = tensor.device.type
+        if device not in ("cpu", "cuda") or (device == "cuda" and not ext.built_with_cuda()):
+            return f"the native extension has no kernels for {device} tensors in this build"
+        if tensor.dtype not in NATIVE_DTYPES:
+            return f"the native kernels do not support dtype {tensor.dtype}"
+    return None
+
+
+def register_native_fake(op: str, fn: Callable) -> None:
+    """Registers ``fn`` as the fake (shape-only) implementation of ``torch.ops.kdfast.<op>``,
+    so ``torch.compile`` can trace the native kernels; a no-op when the extension is not built.
+    """
+    try:
+        from kdfast import _C  # noqa: F401  (defines the operators)
+    except ImportError:  # pragma: no cover - depends on the build
+        return
+    torch.library.register_fake(f"kdfast::{op}", fn)
 
 
 def triton_importable() -> bool:

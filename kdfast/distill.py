@@ -175,38 +175,61 @@ class Distiller(nn.Module):
         finally:
             self.teacher.train(was_training)
 
+    def _capture(self, inputs, kwargs):
+        self._recorder.values.clear()
+        self._run_teacher(inputs, kwargs)
+        return self.student(*inputs, **kwargs)
+
+    def _captured(self, term: Term) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self._recorder.take(("student", term.student_layer, term.capture)),
+                self._recorder.take(("teacher", term.teacher_layer, term.capture)))
+
     def forward(self, *inputs, **kwargs):
         if self._recorder is None:
             raise RuntimeError("Distiller hooks are not attached: use `with distiller:` or "
                                "call distiller.attach() before the forward pass")
-        self._recorder.values.clear()
-        self._run_teacher(inputs, kwargs)
-        output = self.student(*inputs, **kwargs)
+        output = self._capture(inputs, kwargs)
         terms: dict[str, torch.Tensor] = {}
         total = None
         for term in self.terms:
-            student_value = self._recorder.take(("student", term.student_layer, term.capture))
-            teacher_value = self._recorder.take(("teacher", term.teacher_layer, term.capture))
-            value = term.loss(student_value, teacher_value)
+            value = term.loss(*self._captured(term))
             terms[term.name] = value
             weighted = term.weight * value
             total = weighted if total is None else total + weighted
         self._recorder.values.clear()
         return output, total, terms
 
-    @torch.no_grad()
-    def build(self, *example_inputs, **kwargs) -> Distiller:
-        """Runs one forward on example inputs so that lazily built connectors exist.
+    def _parameter_dtype(self) -> torch.dtype:
+        floating = (p.dtype for p in self.student.parameters() if p.is_floating_point())
+        return next(floating, torch.get_default_dtype())
 
-        Call it before creating the optimiser when a loss builds parameters from shapes.
+    @torch.no_grad()
+    def build(self, *example_inputs, **kwargs) -> list[str]:
+        """Creates connectors from the feature shapes seen on one example batch.
+
+        Every loss with a ``build_connector(student_shape, teacher_shape)`` method (FitNetLoss,
+        ABLoss built without channel counts) gets the captured shapes and builds its
+        connector where the shapes differ, on the student features' device and in the
+        student's parameter dtype. Call it
+        before creating the optimiser. Returns the names of the terms that built one.
         """
         attached, was_training = self._recorder is not None, self.training
         self.attach()
         self.eval()  # no batch-norm statistics move on the example batch
+        built = []
         try:
-            self.forward(*example_inputs, **kwargs)
+            self._capture(example_inputs, kwargs)
+            for term in self.terms:
+                builder = getattr(term.loss, "build_connector", None)
+                if builder is None:
+                    continue
+                student_value, teacher_value = self._captured(term)
+                if builder(student_value.shape, teacher_value.shape):
+                    term.loss.to(device=student_value.device, dtype=self._parameter_dtype())
+                    built.append(term.name)
         finally:
+            self._recorder.values.clear()
             self.train(was_training)
             if not attached:
                 self.detach()
-        return self
+        return built

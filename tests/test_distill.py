@@ -113,3 +113,27 @@ def test_whole_model_output_with_empty_path():
         teacher.eval()
         expected = (student(x) - teacher(x)).pow(2).mean()
     torch.testing.assert_close(total, expected)
+
+
+def test_build_creates_connectors_from_observed_shapes():
+    student, teacher = TinyNet(4, 0), TinyNet(8, 1)
+    fitnet, ab = kdfast.FitNetLoss(), kdfast.ABLoss()
+    distiller = Distiller(student, teacher, [
+        Term(fitnet, "conv2", name="fitnet"),
+        Term(ab, "relu", capture="input", name="ab"),
+        Term(kdfast.ATLoss(), "conv2", name="at"),
+    ])
+    x = torch.randn(2, 1, 8, 8)
+    with distiller, pytest.raises(ValueError, match="connector"):
+        distiller(x)  # 4 vs 8 channels and no connector yet
+    assert distiller.build(x) == ["fitnet", "ab"]
+    assert fitnet.connector is not None and ab.connector is not None
+    assert fitnet.connector[0].in_channels == 4 and fitnet.connector[0].out_channels == 8
+    connector_ids = {id(p) for p in fitnet.parameters()} | {id(p) for p in ab.parameters()}
+    assert connector_ids <= {id(p) for p in distiller.parameters()}
+    assert distiller.build(x) == [], "a second build keeps the connectors"
+    with distiller:
+        _, total, terms = distiller(x)
+    total.backward()
+    assert fitnet.connector[0].weight.grad is not None and ab.connector[0].weight.grad is not None
+    assert set(terms) == {"fitnet", "ab", "at"}

@@ -100,6 +100,14 @@ class ABLoss(nn.Module):
             self.connector = make_connector(student_channels, teacher_channels, relu=False)
         self.margin, self.pool, self.reduction, self.backend = margin, pool, reduction, backend
 
+    def build_connector(self, student_shape, teacher_shape) -> bool:
+        """Creates the 1x1 conv + BN connector from observed (B, C, H, W) shapes when there is
+        none and the channels differ (what :meth:`kdfast.Distiller.build` calls)."""
+        if self.connector is not None or student_shape[1] == teacher_shape[1]:
+            return False
+        self.connector = make_connector(student_shape[1], teacher_shape[1], relu=False)
+        return True
+
     def forward(self, student_preact: torch.Tensor, teacher_preact: torch.Tensor
                 ) -> torch.Tensor:
         return ab_loss(student_preact, teacher_preact, margin=self.margin,

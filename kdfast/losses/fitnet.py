@@ -196,8 +196,18 @@ class FitNetLoss(nn.Module):
         self.connector = None if student_channels is None else make_connector(
             _shape(student_channels, student_size), _shape(teacher_channels, teacher_size),
             relu=relu)
+        self.relu = relu
         self.reduction = reduction
         self.backend = backend
+
+    def build_connector(self, student_shape, teacher_shape) -> bool:
+        """Creates the connector from observed (B, C, H, W) feature shapes when there is none
+        and the shapes differ (what :meth:`kdfast.Distiller.build` calls); True if built."""
+        if self.connector is not None or tuple(student_shape[1:]) == tuple(teacher_shape[1:]):
+            return False
+        self.connector = make_connector(tuple(student_shape), tuple(teacher_shape),
+                                        relu=self.relu)
+        return True
 
     @classmethod
     def from_shapes(cls, student_shape, teacher_shape, **options) -> FitNetLoss:

@@ -12,12 +12,14 @@ CE every J would be divided by B).
 import torch
 import torch.nn.functional as F
 
+from kdfast.reference._numerics import upcast_low_precision
+
 
 def input_gradient(logits: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
                    create_graph: bool) -> torch.Tensor | None:
     """J = d sum_b CE(logits_b, targets_b) / d inputs (shape of inputs), or None if the logits
     do not depend on ``inputs``. ``create_graph=True`` keeps the graph for double backprop."""
-    ce = F.cross_entropy(logits, targets, reduction="sum")
+    ce = F.cross_entropy(upcast_low_precision(logits), targets, reduction="sum")
     # retain_graph: the student's and the teacher's graphs may share nodes (the same network,
     # a shared preprocessing) that a later backward through J_s still needs.
     (grad,) = torch.autograd.grad(ce, inputs, create_graph=create_graph, retain_graph=True,
@@ -27,7 +29,8 @@ def input_gradient(logits: torch.Tensor, inputs: torch.Tensor, targets: torch.Te
 
 def gradient_distance(student_grad: torch.Tensor, teacher_grad: torch.Tensor) -> torch.Tensor:
     """Per-sample ||J_s - J_t||_2 over all non-batch dimensions, shape (B,)."""
-    return torch.linalg.vector_norm((student_grad - teacher_grad).flatten(1), dim=1)
+    diff = upcast_low_precision(student_grad) - upcast_low_precision(teacher_grad)
+    return torch.linalg.vector_norm(diff.flatten(1), dim=1)
 
 
 def gradient_at_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from kdfast.reference._numerics import upcast_low_precision
+
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             temperature: float = 4.0) -> torch.Tensor:
@@ -17,8 +19,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     The T^2 factor keeps the gradient's scale independent of T:
     d/ds of the batch mean is (T/B)(p_s - p_t) with p = softmax(logits/T).
     """
-    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
-    log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
+    log_p_s = F.log_softmax(upcast_low_precision(student_logits) / temperature, dim=1)
+    log_p_t = F.log_softmax(upcast_low_precision(teacher_logits) / temperature, dim=1)
     return temperature**2 * (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
 
 

@@ -31,13 +31,15 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from kdfast.reference._numerics import upcast_low_precision
+
 NORM_EPS = 1e-12
 KERNELS = ("linear", "poly", "rbf")
 
 
 def unit_channels(features: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, C, H*W) with every channel divided by max(its L2 norm, 1e-12)."""
-    return F.normalize(features.flatten(2), dim=2, eps=NORM_EPS)
+    return F.normalize(upcast_low_precision(features).flatten(2), dim=2, eps=NORM_EPS)
 
 
 def check_unbiased_sizes(num_student: int, num_teacher: int, unbiased: bool,
