@@ -7,6 +7,15 @@ TORCH_LIBRARY(kdfast, m) {
   // q_hat = normalise_HW(mean_C |features|^p) as (B, HW) in the accumulation dtype, and the
   // norm ||mean_C |features|^p||_2 per sample (B,) that the backward needs.
   m.def("attention_map(Tensor features, float p) -> (Tensor, Tensor)");
+  // Channel MMD (NST), per sample MMD² (B,) in the input dtype, and the state the backward
+  // needs: (M_ss, M_st, M_tt, -) for poly/rbf (undefined where no gradient is wanted), or
+  // (Σ x̂, Σ ŷ, 1/ρ_x, 1/ρ_y) for linear. sigma2 is ignored when sigma_mean is true.
+  m.def("channel_mmd(Tensor student, Tensor teacher, str kernel, int degree, float coef, "
+        "float[] sigma2, bool sigma_mean, bool unbiased, bool teacher_term, bool grad_student, "
+        "bool grad_teacher) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("channel_mmd_backward(Tensor grad, Tensor student, Tensor teacher, Tensor s0, "
+        "Tensor s1, Tensor s2, Tensor s3, str kernel, bool unbiased, bool teacher_term, "
+        "bool grad_student, bool grad_teacher) -> (Tensor, Tensor)");
 }
 
 static bool built_with_cuda() {
