@@ -6,11 +6,12 @@
 
 from kdfast import functional
 from kdfast.backends import available_backends
+from kdfast.distill import Distiller, Term
 from kdfast.losses.ab import ABLoss
 from kdfast.losses.adversarial import AdversarialKD, ConditionalDiscriminator
 from kdfast.losses.attention import ATLoss
-from kdfast.losses.ban import BornAgainEnsemble
-from kdfast.losses.dml import DMLLoss
+from kdfast.losses.ban import BornAgain, BornAgainEnsemble
+from kdfast.losses.dml import DMLLoss, MutualLearning
 from kdfast.losses.fitnet import FitNetLoss, make_connector
 from kdfast.losses.fsp import FSPLoss
 from kdfast.losses.gradient_attention import GradientATLoss
@@ -22,7 +23,8 @@ from kdfast.losses.sp import SPLoss
 __version__ = "0.1.0"
 
 __all__ = [
-    "ABLoss", "ATLoss", "AdversarialKD", "BornAgainEnsemble", "ConditionalDiscriminator",
-    "DMLLoss", "FSPLoss", "FitNetLoss", "GradientATLoss", "KDLoss", "NSTLoss", "RKDLoss", "SPLoss",
+    "ABLoss", "ATLoss", "AdversarialKD", "BornAgain", "BornAgainEnsemble",
+    "ConditionalDiscriminator", "DMLLoss", "Distiller", "FSPLoss", "FitNetLoss",
+    "GradientATLoss", "KDLoss", "MutualLearning", "NSTLoss", "RKDLoss", "SPLoss", "Term",
     "available_backends", "functional", "make_connector",
 ]

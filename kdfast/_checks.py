@@ -64,6 +64,11 @@ def check_choice(name: str, value, choices: Sequence) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
+def check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def check_positive(name: str, value, minimum: float = 0.0, inclusive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
@@ -74,27 +79,30 @@ def check_positive(name: str, value, minimum: float = 0.0, inclusive: bool = Fal
     return float(value)
 
 
-def match_spatial(student: torch.Tensor, teacher: torch.Tensor, pool: bool
+def match_spatial(student: torch.Tensor, teacher: torch.Tensor, pool: bool,
+                  names: tuple[str, str] = ("student", "teacher")
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Average-pools the larger of two (B, C, H, W) maps down to the smaller one's size.
 
     Pooling needs each of H and W of the larger map to be a whole multiple of the smaller's
-    (the ResNet stage ratios); anything else raises instead of resampling silently.
+    (the ResNet stage ratios); anything else raises instead of resampling silently. ``names``
+    are the two arguments as the error messages call them.
     """
     s_hw, t_hw = tuple(student.shape[-2:]), tuple(teacher.shape[-2:])
     if s_hw == t_hw:
         return student, teacher
+    first, second = names
     if not pool:
-        raise ValueError(f"student spatial size {s_hw} differs from teacher's {t_hw} and "
+        raise ValueError(f"{first} spatial size {s_hw} differs from {second}'s {t_hw} and "
                          "pool=False; pass pool=True to average-pool the larger map, or "
                          "resize one of them")
     s_larger = s_hw[0] >= t_hw[0] and s_hw[1] >= t_hw[1]
     t_larger = t_hw[0] >= s_hw[0] and t_hw[1] >= s_hw[1]
     big, small = (s_hw, t_hw) if s_larger else (t_hw, s_hw)
     if not (s_larger or t_larger) or big[0] % small[0] or big[1] % small[1]:
-        raise ValueError(f"student spatial size {s_hw} and teacher's {t_hw} cannot be matched "
-                         "by average pooling (the larger must be a whole multiple of the "
-                         "smaller in H and W); resize one of them with F.interpolate")
+        raise ValueError(f"{first} spatial size {s_hw} and {second}'s {t_hw} cannot be "
+                         "matched by average pooling (the larger must be a whole multiple of "
+                         "the smaller in H and W); resize one of them with F.interpolate")
     kernel = (big[0] // small[0], big[1] // small[1])
     if s_larger:
         return F.avg_pool2d(student, kernel), teacher
@@ -104,8 +112,39 @@ def match_spatial(student: torch.Tensor, teacher: torch.Tensor, pool: bool
 def reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     """Applies ``reduction`` ("mean", "sum" or "none") to a vector of per-sample losses."""
     check_choice("reduction", reduction, REDUCTIONS)
+    if per_sample.dtype in (torch.float16, torch.bfloat16):
+        per_sample = per_sample.float()  # losses are returned in fp32 for fp16/bf16 inputs
     if reduction == "mean":
         return per_sample.mean()
     if reduction == "sum":
         return per_sample.sum()
     return per_sample
+
+
+def check_labels(name: str, labels, batch: int, num_classes: int,
+                 device: torch.device | None = None) -> torch.Tensor:
+    """``labels`` must be a (batch,) integer tensor of class indices in [0, num_classes).
+
+    Returned as int64 (what ``F.cross_entropy`` and ``F.one_hot`` take). The range check reads
+    the values (a device sync on CUDA); it is skipped on the ``meta`` device, which has none,
+    and while ``torch.compile`` traces (a data-dependent branch would break the graph).
+    """
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of class indices, got "
+                        f"{type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer class indices, got dtype {labels.dtype}; "
+                        f"pass {name}.argmax(dim=1) for one-hot or soft labels, or "
+                        f"{name}.long() for whole numbers stored as floats")
+    if labels.shape != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},) (one class index per sample), "
+                         f"got {tuple(labels.shape)}")
+    if device is not None and labels.device != device:
+        raise ValueError(f"{name} is on {labels.device} but the logits are on {device}; move "
+                         f"it with {name}.to(device)")
+    if labels.numel() and labels.device.type != "meta" and not torch.compiler.is_compiling():
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"{name} must be class indices in [0, {num_classes - 1}] "
+                             f"(num_classes={num_classes}), got values in [{low}, {high}]")
+    return labels.long()

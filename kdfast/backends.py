@@ -19,12 +19,15 @@ variable, else ``"auto"``):
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from kdfast._precision import autocast_off
 
 BACKENDS = ("auto", "native", "triton", "reference")
 ENV_VAR = "KDFAST_BACKEND"
@@ -49,11 +52,25 @@ def _always(*tensors: torch.Tensor) -> str | None:
     return None
 
 
+def _without_autocast(fn: Callable) -> Callable:
+    """``fn`` run with autocast off for its first tensor's device: cores manage precision
+    themselves (fp32 accumulation, see :mod:`kdfast._precision`)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if tensor is None:
+            return fn(*args, **kwargs)
+        with autocast_off(tensor):
+            return fn(*args, **kwargs)
+    return run
+
+
 def register(core: str, backend: str, fn: Callable, supports: Callable | None = None) -> None:
-    """Registers ``fn`` as the ``backend`` implementation of ``core``."""
+    """Registers ``fn`` as the ``backend`` implementation of ``core`` (run without autocast)."""
     if backend not in BACKENDS or backend == "auto":
         raise ValueError(f"backend must be one of native, triton, reference; got {backend!r}")
-    _REGISTRY.setdefault(core, {})[backend] = Implementation(core, backend, fn, supports or _always)
+    impl = Implementation(core, backend, _without_autocast(fn), supports or _always)
+    _REGISTRY.setdefault(core, {})[backend] = impl
 
 
 def implementations(core: str) -> dict[str, Implementation]:

@@ -415,7 +415,7 @@ Result gram_forward(const at::Tensor& xs, const at::Tensor& ys, const MmdOptions
       }
     });
   });
-  at::Tensor loss = at::tensor(values, xs.options().dtype(at::kDouble)).to(out_type);
+  at::Tensor loss = at::tensor(values, xs.options().dtype(at::kDouble)).to(acc);
   const at::Tensor none = at::empty({0}, opts);
   return {loss, o.grad_student ? g_ss : none, g_st, o.grad_teacher ? g_tt : none, none};
 }
@@ -449,7 +449,7 @@ Result linear_forward(const at::Tensor& xs, const at::Tensor& ys, const MmdOptio
     const double cross = at::dot(sum_x.select(0, b), sum_y.select(0, b)).item<double>();
     values[b] = w.ss * within_x + w.tt * within_y - 2 * w.st * cross;
   });
-  at::Tensor loss = at::tensor(values, xs.options().dtype(at::kDouble)).to(out_type);
+  at::Tensor loss = at::tensor(values, xs.options().dtype(at::kDouble)).to(acc);
   return {loss, sum_x, sum_y, inv_x, inv_y};
 }
 

@@ -6,12 +6,14 @@ a(f) = normalise_HW(mean_C |f|^p): a (B, HW) spatial attention map of unit L2 no
 import torch
 import torch.nn.functional as F
 
+from kdfast.reference._numerics import upcast_low_precision
+
 NORM_EPS = 1e-12
 
 
 def attention_map(features: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     """q_hat = Q / max(||Q||, 1e-12) with Q = mean_C |features|^p, shape (B, H*W)."""
-    q = features.abs().pow(p).mean(dim=1).flatten(1)
+    q = upcast_low_precision(features).abs().pow(p).mean(dim=1).flatten(1)
     return F.normalize(q, dim=1, eps=NORM_EPS)
 
 

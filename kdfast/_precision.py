@@ -1,0 +1,28 @@
+"""Mixed precision: every loss computes in fp32 (or fp64) and returns fp32 for fp16/bf16 inputs.
+
+Under ``torch.autocast`` the features reaching a loss are fp16/bf16. The losses switch autocast
+off around their own computation (an autocast-listed matmul inside a reference would otherwise
+drop back to bf16) and accumulate in fp32: the references upcast low-precision inputs
+(:func:`upcast_low_precision`), the fused kernels read them as they are and accumulate in fp32.
+Gradients flow back in the inputs' dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from kdfast.reference._numerics import LOW_PRECISION, upcast_low_precision
+
+__all__ = ["LOW_PRECISION", "autocast_off", "upcast_low_precision"]
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def autocast_off(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A context with autocast disabled for ``tensor``'s device type (a no-op elsewhere)."""
+    device = tensor.device.type
+    if device not in _AUTOCAST_DEVICES:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, enabled=False)

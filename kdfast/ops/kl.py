@@ -1,0 +1,14 @@
+"""The ``"kd"`` core: per-sample T^2 * KL(softmax(t/T) || softmax(s/T)) over logits.
+
+Only the reference is registered for now. A fused kernel (row-wise online softmax for both
+logits, loss and gradient in one pass; DESIGN.md §3 "Logit KD") registers itself here under
+``"native"`` / ``"triton"`` with the same signature ``fn(student, teacher, temperature) -> (B,)``
+and every logit loss (KD, DML, BAN) picks it up through :func:`kdfast.backends.choose`.
+"""
+
+from kdfast import backends
+from kdfast.reference.kd import kd_loss
+
+CORE = "kd"
+
+backends.register(CORE, "reference", kd_loss)

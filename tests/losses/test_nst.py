@@ -1,0 +1,175 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kdfast
+from kdfast import backends
+from kdfast.functional import nst_loss
+from kdfast.reference.nst import channel_mmd
+from tests.helpers import assert_rel_close, randn
+
+
+def runnable_backends(*tensors):
+    return [name for name, impl in backends.implementations("channel_mmd").items()
+            if impl.supports(*tensors) is None]
+
+
+def repdistiller_nst(f_s, f_t):
+    """RepDistiller's NSTLoss.nst_loss (square maps): normalise over HW, poly d=2 c=0, and
+    means over B·C·C (equal to the batch mean of per-sample means)."""
+    s_h, t_h = f_s.shape[2], f_t.shape[2]
+    if s_h > t_h:
+        f_s = F.adaptive_avg_pool2d(f_s, (t_h, t_h))
+    elif s_h < t_h:
+        f_t = F.adaptive_avg_pool2d(f_t, (s_h, s_h))
+    f_s = F.normalize(f_s.view(f_s.shape[0], f_s.shape[1], -1), dim=2)
+    f_t = F.normalize(f_t.view(f_t.shape[0], f_t.shape[1], -1), dim=2)
+
+    def poly_kernel(a, b):
+        return (a.unsqueeze(1) * b.unsqueeze(2)).sum(-1).pow(2)
+
+    return (poly_kernel(f_t, f_t).mean().detach() + poly_kernel(f_s, f_s).mean()
+            - 2 * poly_kernel(f_s, f_t).mean())
+
+
+@pytest.mark.parametrize("shapes", [((4, 6, 8, 8), (4, 10, 4, 4)), ((3, 5, 4, 4), (3, 2, 4, 4))])
+def test_default_equals_repdistiller(shapes):
+    s = randn(*shapes[0], seed=0, requires_grad=True)
+    t = randn(*shapes[1], seed=1)
+    ours, theirs = nst_loss(s, t), repdistiller_nst(s, t)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(torch.autograd.grad(ours, s)[0], torch.autograd.grad(theirs, s)[0])
+
+
+OPTIONS = [
+    {},
+    {"kernel": "linear", "unbiased": True},
+    {"kernel": "poly", "degree": 3, "coef": 1.0, "teacher_term": False},
+    {"kernel": "rbf", "sigma2": [0.5, 2.0]},
+    {"kernel": "rbf", "sigma2": "mean", "unbiased": True},
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_backends_agree_with_reference(options, reduction):
+    # Odd sizes, C_s != C_t, a pooled (2x) non-contiguous student, grad_output != 1.
+    s = randn(3, 7, 6, 10, seed=2).transpose(2, 3).requires_grad_(True)
+    t = randn(3, 5, 5, 3, seed=3, requires_grad=True)
+    ref = nst_loss(s, t, reduction=reduction, backend="reference", **options)
+    ref_grads = torch.autograd.grad(ref.sum() * 1.7, (s, t))
+    names = runnable_backends(s, t)
+    assert "reference" in names
+    for name in names:
+        out = nst_loss(s, t, reduction=reduction, backend=name, **options)
+        assert_rel_close(out, ref, 1e-12, f"{name} value")
+        for got, want in zip(torch.autograd.grad(out.sum() * 1.7, (s, t)), ref_grads,
+                             strict=True):
+            assert_rel_close(got, want, 1e-12, f"{name} gradient")
+
+
+def test_reductions_and_pooling():
+    s, t = randn(3, 4, 8, 8, seed=4), randn(3, 6, 4, 4, seed=5)
+    per_sample = channel_mmd(F.avg_pool2d(s, 2), t, sigma2=(1.0,))
+    torch.testing.assert_close(nst_loss(s, t, reduction="none"), per_sample)
+    torch.testing.assert_close(nst_loss(s, t, reduction="sum"), per_sample.sum())
+    torch.testing.assert_close(nst_loss(s, t), per_sample.mean())
+    # The teacher is pooled when it is the larger map.
+    torch.testing.assert_close(nst_loss(t, s, reduction="none"),
+                               channel_mmd(t, F.avg_pool2d(s, 2)))
+
+
+def test_sigma2_forms():
+    s, t = randn(2, 3, 4, 4, seed=6), randn(2, 5, 4, 4, seed=7)
+    single = nst_loss(s, t, kernel="rbf", sigma2=2.0)
+    torch.testing.assert_close(nst_loss(s, t, kernel="rbf", sigma2=[2.0]), single)
+    torch.testing.assert_close(nst_loss(s, t, kernel="rbf", sigma2=(2,)), single)
+    torch.testing.assert_close(nst_loss(s, t, kernel="rbf", sigma2=[2.0, 0.5]),
+                               single + nst_loss(s, t, kernel="rbf", sigma2=0.5))
+    assert not torch.allclose(nst_loss(s, t, kernel="rbf", sigma2="mean"), single)
+
+
+@pytest.mark.parametrize("kernel", ["linear", "poly", "rbf"])
+def test_teacher_term_changes_value_not_student_gradient(kernel):
+    s = randn(2, 3, 4, 4, seed=8, requires_grad=True)
+    t = randn(2, 5, 4, 4, seed=9)  # teacher without requires_grad
+    kept = nst_loss(s, t, kernel=kernel)
+    dropped = nst_loss(s, t, kernel=kernel, teacher_term=False)
+    assert not torch.allclose(kept, dropped)
+    torch.testing.assert_close(torch.autograd.grad(kept, s)[0],
+                               torch.autograd.grad(dropped, s)[0])
+
+
+def test_module_matches_function_and_repr():
+    s, t = randn(2, 3, 4, 4, seed=10), randn(2, 4, 4, 4, seed=11)
+    module = kdfast.NSTLoss(kernel="rbf", sigma2=[1.0, 4.0], unbiased=True, reduction="sum",
+                            backend="reference")
+    torch.testing.assert_close(module(s, t), nst_loss(s, t, kernel="rbf", sigma2=[1.0, 4.0],
+                                                      unbiased=True, reduction="sum"))
+    assert "kernel='rbf'" in repr(module) and "unbiased=True" in repr(module)
+    assert kdfast.functional.nst_loss is nst_loss
+
+
+def test_compiled_matches_eager():
+    s, t = randn(2, 3, 4, 4, seed=12), randn(2, 5, 4, 4, seed=13)
+    compiled = torch.compile(lambda a, b: nst_loss(a, b, kernel="rbf", sigma2="mean",
+                                                   backend="reference"),
+                             fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(s, t), nst_loss(s, t, kernel="rbf", sigma2="mean"))
+
+
+BAD_OPTIONS = [
+    ({"kernel": "gauss"}, ValueError, "kernel must be one of"),
+    ({"degree": 0}, ValueError, "degree must be an int >= 1"),
+    ({"degree": 2.0}, TypeError, "degree must be an int"),
+    ({"degree": True}, TypeError, "degree must be an int"),
+    ({"coef": -0.1}, ValueError, "coef must be >= 0"),
+    ({"sigma2": 0.0}, ValueError, "sigma2 must be > 0"),
+    ({"sigma2": -1}, ValueError, "sigma2 must be > 0"),
+    ({"sigma2": []}, ValueError, "sigma2 must not be an empty list"),
+    ({"sigma2": [1.0, -2.0]}, ValueError, r"sigma2\[1\] must be > 0"),
+    ({"sigma2": [1.0, "a"]}, TypeError, r"sigma2\[1\] must be a number"),
+    ({"sigma2": "median"}, ValueError, "sigma2 must be one of 'mean'"),
+    ({"sigma2": None}, TypeError, "sigma2 must be a positive float"),
+    ({"sigma2": float("nan")}, ValueError, "sigma2 must be > 0"),
+    ({"unbiased": "yes"}, TypeError, "unbiased must be True or False"),
+    ({"teacher_term": 1}, TypeError, "teacher_term must be True or False"),
+    ({"reduction": "avg"}, ValueError, "reduction must be one of"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,match", BAD_OPTIONS)
+def test_bad_options(kwargs, error, match):
+    s = randn(2, 3, 4, 4)
+    with pytest.raises(error, match=match):
+        nst_loss(s, s, **kwargs)
+    with pytest.raises(error, match=match):
+        kdfast.NSTLoss(**kwargs)
+
+
+def test_bad_inputs():
+    s = randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="student must be 4-D"):
+        nst_loss(s[0], s)
+    with pytest.raises(ValueError, match="teacher must be 4-D"):
+        nst_loss(s, s.flatten(2))
+    with pytest.raises(ValueError, match="same batch size"):
+        nst_loss(s, randn(3, 3, 4, 4))
+    with pytest.raises(TypeError, match="floating-point"):
+        nst_loss(s, torch.ones(2, 3, 4, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="empty"):
+        nst_loss(s, randn(2, 0, 4, 4))
+    with pytest.raises(ValueError, match="move both to one device"):
+        nst_loss(s, torch.empty(2, 3, 4, 4, dtype=torch.float64, device="meta"))
+    with pytest.raises(ValueError, match="pool=False"):
+        nst_loss(s, randn(2, 3, 2, 2), pool=False)
+    with pytest.raises(ValueError, match="cannot be matched"):
+        nst_loss(s, randn(2, 3, 3, 3))
+    with pytest.raises(ValueError, match="at least 2 student channels"):
+        nst_loss(randn(2, 1, 4, 4), s, unbiased=True)
+    with pytest.raises(ValueError, match="at least 2 teacher channels"):
+        nst_loss(s, randn(2, 1, 4, 4), unbiased=True)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        nst_loss(s, s, backend="cuda")
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        nst_loss(s.numpy(), s)
