@@ -416,8 +416,8 @@ Result gram_forward(const at::Tensor& xs, const at::Tensor& ys, const MmdOptions
     });
   });
   at::Tensor loss = at::tensor(values, xs.options().dtype(at::kDouble)).to(acc);
-  const at::Tensor none = at::empty({0}, opts);
-  return {loss, o.grad_student ? g_ss : none, g_st, o.grad_teacher ? g_tt : none, none};
+  auto none = [&] { return at::empty({0}, opts); };  // distinct: outputs must not alias
+  return {loss, o.grad_student ? g_ss : none(), g_st, o.grad_teacher ? g_tt : none(), none()};
 }
 
 // Linear kernel, per sample: ρ, q and s = Σ x̂_i. Returns (‖s‖² − [unbiased] Σq) and fills
@@ -549,9 +549,8 @@ std::tuple<at::Tensor, at::Tensor> channel_mmd_backward_cpu(
       two_gemms(dy.select(0, b), s2.select(0, b), y, s1.select(0, b).t(), x, gp[b]);
     }
   });
-  const at::Tensor none = at::empty({0}, student.options());
-  return {dx.defined() ? dx.view(student.sizes()) : none,
-          dy.defined() ? dy.view(teacher.sizes()) : none};
+  return {dx.defined() ? dx.view(student.sizes()) : at::empty({0}, student.options()),
+          dy.defined() ? dy.view(teacher.sizes()) : at::empty({0}, teacher.options())};
 }
 
 }  // namespace

@@ -84,5 +84,38 @@ def native_channel_mmd_checked(student, teacher, *, sigma2=(1.0,), **options):
     return native_channel_mmd(student, teacher, sigma2=sigma2, **options)
 
 
+def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _fake_channel_mmd(student, teacher, kernel, degree, coef, sigma2, sigma_mean, unbiased,
+                      teacher_term, grad_student, grad_teacher):
+    """Shapes of torch.ops.kdfast.channel_mmd's outputs (for torch.compile tracing)."""
+    batch, m, n = student.shape[0], student.shape[1], teacher.shape[1]
+    hw = student.shape[2] * student.shape[3]
+    dtype = _accumulation_dtype(student)
+
+    def new(*shape):
+        return student.new_empty(shape, dtype=dtype)
+    if kernel == "linear":
+        return new(batch), new(batch, hw), new(batch, hw), new(batch, m), new(batch, n)
+    return (new(batch), new(batch, m, m) if grad_student else new(0), new(batch, m, n),
+            new(batch, n, n) if grad_teacher else new(0), new(0))
+
+
+def _fake_channel_mmd_backward(grad, student, teacher, s0, s1, s2, s3, kernel, unbiased,
+                               teacher_term, grad_student, grad_teacher):
+    return (student.new_empty(student.shape) if grad_student else student.new_empty(0),
+            teacher.new_empty(teacher.shape) if grad_teacher else teacher.new_empty(0))
+
+
+def _register_fakes() -> None:
+    if backends.native_extension() is None:
+        return
+    torch.library.register_fake("kdfast::channel_mmd")(_fake_channel_mmd)
+    torch.library.register_fake("kdfast::channel_mmd_backward")(_fake_channel_mmd_backward)
+
+
+_register_fakes()
 backends.register(CORE, "reference", channel_mmd)
 backends.register(CORE, "native", native_channel_mmd_checked, _native_supports)
