@@ -134,6 +134,38 @@ def native_extension():
     return _C
 
 
+NATIVE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def native_supports(*tensors: torch.Tensor) -> str | None:
+    """Why the native kernels cannot run ``tensors`` (None when they can).
+
+    They need the built extension, CPU tensors (or CUDA ones when it was built with CUDA)
+    and a float32/float64/float16/bfloat16 dtype.
+    """
+    ext = native_extension()
+    if ext is None:
+        return "the native extension is not built"
+    for tensor in tensors:
+        device = tensor.device.type
+        if device not in ("cpu", "cuda") or (device == "cuda" and not ext.built_with_cuda()):
+            return f"the native extension has no kernels for {device} tensors in this build"
+        if tensor.dtype not in NATIVE_DTYPES:
+            return f"the native kernels do not support dtype {tensor.dtype}"
+    return None
+
+
+def register_native_fake(op: str, fn: Callable) -> None:
+    """Registers ``fn`` as the fake (shape-only) implementation of ``torch.ops.kdfast.<op>``,
+    so ``torch.compile`` can trace the native kernels; a no-op when the extension is not built.
+    """
+    try:
+        from kdfast import _C  # noqa: F401  (defines the operators)
+    except ImportError:  # pragma: no cover - depends on the build
+        return
+    torch.library.register_fake(f"kdfast::{op}", fn)
+
+
 def triton_importable() -> bool:
     try:
         import triton  # noqa: F401

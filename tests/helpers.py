@@ -36,3 +36,11 @@ def grads(loss: torch.Tensor, inputs, grad_output: float = 1.0):
     """Gradients of ``loss * grad_output`` w.r.t. ``inputs`` (None for unused ones)."""
     return torch.autograd.grad(loss, inputs, grad_outputs=torch.full_like(loss, grad_output),
                                allow_unused=True)
+
+
+def dtype_tolerance(fn, inputs64, dtype, atol: float = 1e-3) -> float:
+    """Tolerance for a kernel run in ``dtype``: twice PyTorch's own relative error when
+    ``fn`` (the reference) runs in that dtype, plus ``atol``; ``fn`` returns one tensor."""
+    exact = fn(*inputs64)
+    low = fn(*(x.detach().to(dtype) for x in inputs64))
+    return 2.0 * rel_err(low, exact) + atol

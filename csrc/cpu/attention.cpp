@@ -1,12 +1,17 @@
-// Attention map forward on the CPU.
+// Attention map forward and backward on the CPU.
 //
 // Math (Zagoruyko & Komodakis, attention transfer): for features A of shape (B, C, HW),
 //   Q[b, i]   = (1/C) * sum_c |A[b, c, i]|^p
 //   q_hat[b]  = Q[b] / max(||Q[b]||_2, eps)
-// One pass over A: each task owns a block of HW positions of one sample and streams the C
-// channel rows through it (contiguous inner loop over HW, vectorisable), accumulating in
-// the op-math type (fp32 for fp16/bf16/fp32, fp64 for fp64). The normalisation is a second,
-// B x HW sized pass.
+// Backward (DESIGN.md §3), with n = max(||Q[b]||, eps):
+//   dQ[b]     = (dq_hat - <dq_hat, q_hat> q_hat) / n   (dq_hat / eps where ||Q|| <= eps)
+//   dA[b,c,i] = (p/C) |A|^(p-1) sign(A) dQ[b, i]
+// Both passes read A in place through its strides (no contiguous copy) when H and W
+// collapse to one stride: "rows" layouts (HW stride 1, e.g. NCHW or a channel slice) stream
+// the C rows through a block of HW positions; "channels-inner" layouts (C stride 1, e.g.
+// channels_last) reduce each position's contiguous channels. Other layouts are copied once.
+// Accumulation in the op-math type (fp32 for fp16/bf16/fp32, fp64 for fp64). Every task
+// owns its output block, and sums run in a fixed order, so results are deterministic.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -15,46 +20,83 @@
 #include <algorithm>
 #include <cmath>
 
+#include "kdfast/aten_layout.h"
 #include "kdfast/math.h"
 
 namespace {
 
-constexpr int64_t kHwBlock = 1024;
+constexpr int64_t kHwBlock = 1024;   // positions per task in the rows layout
+constexpr int64_t kPosBlock = 64;    // positions per task in the channels-inner layout
+constexpr int kLanes = 8;            // independent partial sums (vectorisable, fixed order)
+constexpr int64_t kGrainWork = 32768;  // elements below which a loop runs on one thread
 
-template <typename scalar_t, typename acc_t, typename Power>
-void accumulate_block(const scalar_t* rows, int64_t channels, int64_t hw, int64_t begin,
-                      int64_t end, acc_t* out, Power power) {
-  std::fill(out + begin, out + end, acc_t(0));
-  for (int64_t c = 0; c < channels; ++c) {
-    const scalar_t* row = rows + c * hw;
-    for (int64_t i = begin; i < end; ++i) out[i] += power(static_cast<acc_t>(row[i]));
-  }
-  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(channels);
-  for (int64_t i = begin; i < end; ++i) out[i] *= inv_c;
+// parallel_for grain (tasks) so that one thread gets at least kGrainWork elements.
+int64_t grain_for(int64_t work_per_task) {
+  return std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, work_per_task));
 }
 
-template <typename scalar_t, typename acc_t, typename Power>
-void attention_sums(const scalar_t* x, int64_t batch, int64_t channels, int64_t hw, acc_t* q,
-                    Power power) {
-  const int64_t blocks = (hw + kHwBlock - 1) / kHwBlock;
-  at::parallel_for(0, batch * blocks, 1, [&](int64_t first, int64_t last) {
+using kdfast::FeatureLayout;
+using kdfast::layout_or_copy;
+
+// Runs fn(b, begin, end) over every (sample, block of positions) task in parallel.
+template <typename Fn>
+void for_each_block(int64_t batch, int64_t channels, int64_t hw, int64_t block, const Fn& fn) {
+  const int64_t blocks = (hw + block - 1) / block;
+  const int64_t grain = grain_for(channels * std::min(block, hw));
+  at::parallel_for(0, batch * blocks, grain, [&](int64_t first, int64_t last) {
     for (int64_t task = first; task < last; ++task) {
       const int64_t b = task / blocks;
-      const int64_t begin = (task % blocks) * kHwBlock;
-      const int64_t end = std::min(hw, begin + kHwBlock);
-      accumulate_block(x + b * channels * hw, channels, hw, begin, end, q + b * hw, power);
+      const int64_t begin = (task % blocks) * block;
+      fn(b, begin, std::min(hw, begin + block));
     }
   });
 }
 
+// sum_c power(row[c]) over a contiguous row, kLanes partial sums combined in a fixed order.
+template <typename scalar_t, typename acc_t, typename Power>
+acc_t reduce_contiguous(const scalar_t* row, int64_t n, Power power) {
+  acc_t lanes[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes) {
+    for (int k = 0; k < kLanes; ++k) lanes[k] += power(static_cast<acc_t>(row[c + k]));
+  }
+  for (; c < n; ++c) lanes[0] += power(static_cast<acc_t>(row[c]));
+  acc_t total = 0;
+  for (int k = 0; k < kLanes; ++k) total += lanes[k];
+  return total;
+}
+
+template <typename scalar_t, typename acc_t, typename Power>
+void attention_sums(const scalar_t* x, const FeatureLayout& l, acc_t* q, Power power) {
+  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(l.channels);
+  if (l.rows()) {
+    for_each_block(l.batch, l.channels, l.hw, kHwBlock, [&](int64_t b, int64_t begin, int64_t end) {
+      acc_t* out = q + b * l.hw;
+      std::fill(out + begin, out + end, acc_t(0));
+      for (int64_t c = 0; c < l.channels; ++c) {
+        const scalar_t* row = x + b * l.stride_b + c * l.stride_c;
+        for (int64_t i = begin; i < end; ++i) out[i] += power(static_cast<acc_t>(row[i]));
+      }
+      for (int64_t i = begin; i < end; ++i) out[i] *= inv_c;
+    });
+  } else {
+    for_each_block(l.batch, l.channels, l.hw, kPosBlock, [&](int64_t b, int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t* row = x + b * l.stride_b + i * l.stride_hw;
+        q[b * l.hw + i] = reduce_contiguous<scalar_t, acc_t>(row, l.channels, power) * inv_c;
+      }
+    });
+  }
+}
+
 template <typename acc_t>
 void normalise_rows(acc_t* q, acc_t* norm, int64_t batch, int64_t hw) {
-  at::parallel_for(0, batch, 1, [&](int64_t first, int64_t last) {
+  at::parallel_for(0, batch, grain_for(hw), [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
       acc_t* row = q + b * hw;
-      acc_t squares = 0;
-      for (int64_t i = 0; i < hw; ++i) squares += row[i] * row[i];
-      const acc_t n = std::sqrt(squares);
+      const acc_t n = std::sqrt(reduce_contiguous<acc_t, acc_t>(row, hw, [](acc_t v) {
+        return v * v;
+      }));
       norm[b] = n;
       const acc_t inv = acc_t(1) / std::max(n, static_cast<acc_t>(kdfast::kNormEps));
       for (int64_t i = 0; i < hw; ++i) row[i] *= inv;
@@ -62,32 +104,140 @@ void normalise_rows(acc_t* q, acc_t* norm, int64_t batch, int64_t hw) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_map_cpu(const at::Tensor& features, double p) {
+// dQ scaled by p/C (B x HW, accumulation type) from dq_hat, q_hat and the norms.
+template <typename acc_t>
+void map_grad(const acc_t* grad_map, const acc_t* q_hat, const acc_t* norm, int64_t batch,
+              int64_t hw, acc_t scale, acc_t* grad_q) {
+  const acc_t eps = static_cast<acc_t>(kdfast::kNormEps);
+  at::parallel_for(0, batch, grain_for(hw), [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      const acc_t* g = grad_map + b * hw;
+      const acc_t* q = q_hat + b * hw;
+      acc_t* out = grad_q + b * hw;
+      if (norm[b] > eps) {
+        acc_t lanes[kLanes] = {};
+        int64_t i = 0;
+        for (; i + kLanes <= hw; i += kLanes) {
+          for (int k = 0; k < kLanes; ++k) lanes[k] += g[i + k] * q[i + k];
+        }
+        for (; i < hw; ++i) lanes[0] += g[i] * q[i];
+        acc_t along = 0;
+        for (int k = 0; k < kLanes; ++k) along += lanes[k];
+        const acc_t s = scale / norm[b];
+        for (i = 0; i < hw; ++i) out[i] = (g[i] - along * q[i]) * s;
+      } else {
+        const acc_t s = scale / eps;
+        for (int64_t i = 0; i < hw; ++i) out[i] = g[i] * s;
+      }
+    }
+  });
+}
+
+// dA = local(A) * dQ over the layout; dA has the same strides as A.
+template <typename scalar_t, typename acc_t, typename Local>
+void input_grad(const scalar_t* x, scalar_t* dx, const FeatureLayout& l, const acc_t* grad_q,
+                Local local) {
+  if (l.rows()) {
+    for_each_block(l.batch, l.channels, l.hw, kHwBlock, [&](int64_t b, int64_t begin, int64_t end) {
+      const acc_t* dq = grad_q + b * l.hw;
+      for (int64_t c = 0; c < l.channels; ++c) {
+        const int64_t offset = b * l.stride_b + c * l.stride_c;
+        const scalar_t* row = x + offset;
+        scalar_t* out = dx + offset;
+        for (int64_t i = begin; i < end; ++i) {
+          out[i] = static_cast<scalar_t>(local(static_cast<acc_t>(row[i])) * dq[i]);
+        }
+      }
+    });
+  } else {
+    for_each_block(l.batch, l.channels, l.hw, kPosBlock, [&](int64_t b, int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t offset = b * l.stride_b + i * l.stride_hw;
+        const scalar_t* row = x + offset;
+        scalar_t* out = dx + offset;
+        const acc_t d = grad_q[b * l.hw + i];
+        for (int64_t c = 0; c < l.channels; ++c) {
+          out[c] = static_cast<scalar_t>(local(static_cast<acc_t>(row[c])) * d);
+        }
+      }
+    });
+  }
+}
+
+// Calls fn(power) with |v|^p specialised for p = 2 and p = 1 (vectorisable), else generic.
+template <typename acc_t, typename Fn>
+void with_power(double p, const Fn& fn) {
+  if (p == 2.0) fn([](acc_t v) { return v * v; });
+  else if (p == 1.0) fn([](acc_t v) { return std::abs(v); });
+  else fn([e = static_cast<acc_t>(p)](acc_t v) { return kdfast::abs_pow(v, e); });
+}
+
+// Calls fn(local) with d|v|^p/dv specialised like with_power.
+template <typename acc_t, typename Fn>
+void with_power_grad(double p, const Fn& fn) {
+  if (p == 2.0) fn([](acc_t v) { return acc_t(2) * v; });
+  else if (p == 1.0) fn([](acc_t v) { return acc_t((v > 0) - (v < 0)); });
+  else fn([e = static_cast<acc_t>(p)](acc_t v) { return kdfast::abs_pow_grad(v, e); });
+}
+
+at::ScalarType acc_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_features(const at::Tensor& features, double p) {
   TORCH_CHECK(features.dim() == 4, "features must be (B, C, H, W), got ", features.sizes());
   TORCH_CHECK(p >= 1.0, "p must be >= 1, got ", p);
-  const at::Tensor x = features.contiguous();
-  const int64_t batch = x.size(0), channels = x.size(1), hw = x.size(2) * x.size(3);
-  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor q = at::empty({batch, hw}, x.options().dtype(acc_type));
-  at::Tensor norm = at::empty({batch}, x.options().dtype(acc_type));
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_map_cpu(const at::Tensor& features, double p) {
+  check_features(features, p);
+  at::Tensor x;
+  const FeatureLayout l = layout_or_copy(features, /*need_dense=*/false, &x);
+  at::Tensor q = at::empty({l.batch, l.hw}, x.options().dtype(acc_type(x)));
+  at::Tensor norm = at::empty({l.batch}, x.options().dtype(acc_type(x)));
+  if (x.numel() == 0) return {q.zero_(), norm.zero_()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attention_map", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* in = x.const_data_ptr<scalar_t>();
     acc_t* out = q.mutable_data_ptr<acc_t>();
-    if (p == 2.0) {
-      attention_sums(in, batch, channels, hw, out, [](acc_t v) { return v * v; });
-    } else if (p == 1.0) {
-      attention_sums(in, batch, channels, hw, out, [](acc_t v) { return std::abs(v); });
-    } else {
-      const acc_t exponent = static_cast<acc_t>(p);
-      attention_sums(in, batch, channels, hw, out,
-                     [exponent](acc_t v) { return kdfast::abs_pow(v, exponent); });
-    }
-    normalise_rows(out, norm.mutable_data_ptr<acc_t>(), batch, hw);
+    with_power<acc_t>(p, [&](auto power) { attention_sums(in, l, out, power); });
+    normalise_rows(out, norm.mutable_data_ptr<acc_t>(), l.batch, l.hw);
   });
   return {q, norm};
 }
 
+at::Tensor attention_map_backward_cpu(const at::Tensor& grad_map, const at::Tensor& features,
+                                      const at::Tensor& q_hat, const at::Tensor& norm,
+                                      double p) {
+  check_features(features, p);
+  // dA is written with A's strides, so A must be dense for dA to be a valid tensor of them.
+  at::Tensor x;
+  const FeatureLayout l = layout_or_copy(features, /*need_dense=*/true, &x);
+  at::Tensor grad = at::empty_like(x, at::MemoryFormat::Preserve);
+  TORCH_CHECK(grad.strides() == x.strides(), "attention_map_backward: stride mismatch");
+  if (x.numel() == 0) return grad;
+  const auto acc = acc_type(x);
+  const at::Tensor g = grad_map.to(acc).contiguous().view({l.batch, l.hw});
+  const at::Tensor qh = q_hat.to(acc).contiguous();
+  const at::Tensor n = norm.to(acc).contiguous();
+  at::Tensor grad_q = at::empty({l.batch, l.hw}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "attention_map_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    map_grad(g.const_data_ptr<acc_t>(), qh.const_data_ptr<acc_t>(), n.const_data_ptr<acc_t>(),
+             l.batch, l.hw, static_cast<acc_t>(1.0 / static_cast<double>(l.channels)),
+             grad_q.mutable_data_ptr<acc_t>());
+    with_power_grad<acc_t>(p, [&](auto local) {
+      input_grad(x.const_data_ptr<scalar_t>(), grad.mutable_data_ptr<scalar_t>(), l,
+                 grad_q.const_data_ptr<acc_t>(), local);
+    });
+  });
+  return grad;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kdfast, CPU, m) { m.impl("attention_map", &attention_map_cpu); }
+TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
+  m.impl("attention_map", &attention_map_cpu);
+  m.impl("attention_map_backward", &attention_map_backward_cpu);
+}

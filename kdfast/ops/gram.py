@@ -16,11 +16,16 @@ student, teacher)`` and ``fsp_loss`` calls ``backends.choose("fsp", backend, stu
 student_b, teacher_a, teacher_b)`` once per pair, so a ``supports`` predicate receives those
 tensors (and can decline, e.g., student/teacher pairs of different H, W).
 
-Only the reference implementations are registered here; native and Triton ones register
-against the same names.
+The native implementations (below) run the GEMMs through ATen's BLAS/cuBLAS on raw views
+of the features (channels_last read in place) and everything around them in one native
+epilogue (csrc/cpu/gram.cpp, csrc/cuda/gram.cu); SP's backward is the single GEMM
+dQ = (dA + dA^T) Q. Triton ones register against the same names.
 """
 
+import torch
+
 from kdfast import backends
+from kdfast.reference._numerics import LOW_PRECISION
 from kdfast.reference.fsp import fsp_pair_loss
 from kdfast.reference.sp import similarity_loss
 
@@ -29,3 +34,167 @@ FSP = "fsp"
 
 backends.register(SIMILARITY, "reference", similarity_loss)
 backends.register(FSP, "reference", fsp_pair_loss)
+
+
+# --- native ---------------------------------------------------------------------------------
+
+# fp16/bf16 inputs: products accumulate in fp32 through column chunks of this many fp32
+# elements (never a feature-size fp32 copy; a fp16 Q Q^T would overflow at ordinary sizes).
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def _column_chunks(x: torch.Tensor):
+    """Slices over x's last dim holding about _CHUNK_ELEMENTS elements each."""
+    rows = max(x.numel() // max(x.shape[-1], 1), 1)
+    step = max(_CHUNK_ELEMENTS // rows, 1)
+    return [slice(k, k + step) for k in range(0, x.shape[-1], step)]
+
+
+def _products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a b^T over the last dim ((m, K)(n, K) or batched), fp32 for half inputs, else a's dtype."""
+    if a.dtype not in LOW_PRECISION:
+        return torch.matmul(a, b.transpose(-1, -2))
+    out = None
+    for cols in _column_chunks(a):
+        part = torch.matmul(a[..., cols].float(), b[..., cols].float().transpose(-1, -2))
+        out = part if out is None else out.add_(part)
+    return out
+
+
+def _apply_left(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = weight x (weight small, x the raw features), accumulated in fp32 for half x."""
+    if x.dtype not in LOW_PRECISION:
+        return torch.matmul(weight.to(x.dtype), x, out=out)
+    for cols in _column_chunks(x):
+        out[..., cols] = torch.matmul(weight, x[..., cols].float())
+    return out
+
+
+def _permuted_flat(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """x as (B, D) without a copy where its memory order allows, and the dim order used.
+
+    A Gram Q Q^T does not depend on the order of the D columns (the same for every row), so
+    a channels_last tensor is flattened in its memory order (B, H, W, C).
+    """
+    order = tuple(range(x.dim()))
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last):
+        order = (0, 2, 3, 1)
+    return x.permute(order).reshape(x.shape[0], -1), order
+
+
+def _similarity_input_grad(weight: torch.Tensor, q: torch.Tensor, shape: torch.Size,
+                           order: tuple[int, ...]) -> torch.Tensor:
+    """dQ = W Q for the (B, D) view q of an input of this shape, in the input's layout."""
+    permuted_shape = [shape[d] for d in order]
+    grad = _apply_left(weight, q, torch.empty_like(q, memory_format=torch.contiguous_format))
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return grad.view(permuted_shape).permute(inverse)
+
+
+class NativeSimilarity(torch.autograd.Function):
+    """SP per-row loss: Grams on raw views, the epilogue fused natively, and one GEMM
+    dQ = (dA + dA^T) Q per side in the backward."""
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        (q_s, order_s), (q_t, order_t) = _permuted_flat(student), _permuted_flat(teacher)
+        loss, *saved = torch.ops.kdfast.similarity_forward(_products(q_s, q_s),
+                                                           _products(q_t, q_t))
+        ctx.layout = (student.shape, order_s, teacher.shape, order_t)
+        ctx.save_for_backward(q_s, q_t, *saved)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q_s, q_t, g_s, g_t, norm_s, norm_t = ctx.saved_tensors
+        shape_s, order_s, shape_t, order_t = ctx.layout
+        need_s, need_t = ctx.needs_input_grad
+        w_s, w_t = torch.ops.kdfast.similarity_backward(grad, g_s, g_t, norm_s, norm_t,
+                                                        need_s, need_t)
+        return (_similarity_input_grad(w_s, q_s, shape_s, order_s) if need_s else None,
+                _similarity_input_grad(w_t, q_t, shape_t, order_t) if need_t else None)
+
+
+def native_similarity_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Native "similarity" core: the per-row SP loss, (B,), like ``similarity_loss``."""
+    return NativeSimilarity.apply(student, teacher)
+
+
+def _hw(x: torch.Tensor) -> int:
+    return max(x.shape[2] * x.shape[3], 1)
+
+
+def _fsp_input_grad(weight: torch.Tensor, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """d x = W X_other (W: B x C_x x C_other), written in x's layout (channels_last kept)."""
+    grad = torch.empty_like(x)  # x's strides when x is dense, else contiguous
+    h, w = x.shape[2], x.shape[3]
+    if h > 1 and w > 1 and grad.stride(2) != w * grad.stride(3):  # H, W do not collapse
+        grad = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _apply_left(weight, other.flatten(2), grad.view(x.shape[0], x.shape[1], h * w))
+    return grad
+
+
+class NativeFsp(torch.autograd.Function):
+    """FSP per-sample loss: batched GEMMs on raw views, difference and mean fused after."""
+
+    @staticmethod
+    def forward(ctx, student_a, student_b, teacher_a, teacher_b) -> torch.Tensor:
+        loss, diff = torch.ops.kdfast.fsp_forward(
+            _products(student_a.flatten(2), student_b.flatten(2)),
+            _products(teacher_a.flatten(2), teacher_b.flatten(2)),
+            1.0 / _hw(student_a), 1.0 / _hw(teacher_a))
+        ctx.save_for_backward(student_a, student_b, teacher_a, teacher_b, diff)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        student_a, student_b, teacher_a, teacher_b, diff = ctx.saved_tensors
+        # d loss_b / d G_s = 2 D_b / (C_a C_b); G = X_a X_b^T / HW; the teacher's sign flips.
+        coef = grad.to(diff.dtype) * (2.0 / max(diff.shape[1] * diff.shape[2], 1))
+        grads = [None] * 4
+        for side, (a, b, sign) in enumerate(((student_a, student_b, 1.0),
+                                             (teacher_a, teacher_b, -1.0))):
+            if not any(ctx.needs_input_grad[2 * side:2 * side + 2]):
+                continue
+            weight = diff * (coef * (sign / _hw(a))).view(-1, 1, 1)
+            if ctx.needs_input_grad[2 * side]:
+                grads[2 * side] = _fsp_input_grad(weight, a, b)
+            if ctx.needs_input_grad[2 * side + 1]:
+                grads[2 * side + 1] = _fsp_input_grad(weight.transpose(1, 2), b, a)
+        return tuple(grads)
+
+
+def native_fsp_pair_loss(student_a: torch.Tensor, student_b: torch.Tensor,
+                         teacher_a: torch.Tensor, teacher_b: torch.Tensor) -> torch.Tensor:
+    """Native "fsp" core: the per-sample FSP loss of one pair, (B,), like ``fsp_pair_loss``."""
+    return NativeFsp.apply(student_a, student_b, teacher_a, teacher_b)
+
+
+def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _fake_similarity_forward(gram_s: torch.Tensor, gram_t: torch.Tensor):
+    dtype = _accumulation_dtype(gram_s)
+    rows = gram_s.new_empty(gram_s.shape[:1], dtype=dtype)
+    square = gram_s.new_empty(gram_s.shape, dtype=dtype)
+    return rows, square, torch.empty_like(square), torch.empty_like(rows), torch.empty_like(rows)
+
+
+def _fake_similarity_backward(grad, g_s, g_t, norm_s, norm_t, student: bool, teacher: bool):
+    n = g_s.shape[0]
+    return g_s.new_empty((n if student else 0, n)), g_s.new_empty((n if teacher else 0, n))
+
+
+def _fake_fsp_forward(prod_s: torch.Tensor, prod_t: torch.Tensor, scale_s, scale_t):
+    dtype = _accumulation_dtype(prod_s)
+    return prod_s.new_empty(prod_s.shape[:1], dtype=dtype), prod_s.new_empty(prod_s.shape,
+                                                                              dtype=dtype)
+
+
+backends.register_native_fake("similarity_forward", _fake_similarity_forward)
+backends.register_native_fake("similarity_backward", _fake_similarity_backward)
+backends.register_native_fake("fsp_forward", _fake_fsp_forward)
+backends.register(SIMILARITY, "native", native_similarity_loss, backends.native_supports)
+backends.register(FSP, "native", native_fsp_pair_loss, backends.native_supports)

@@ -15,13 +15,13 @@ from __future__ import annotations
 import torch
 
 from kdfast import backends
+from kdfast.ops.attention import _accumulation_dtype
 from kdfast.reference.nst import channel_mmd
 
 CORE = "channel_mmd"
 
 # The native kernels take at most this many rbf bandwidths (kMmdMaxBandwidths in math.h).
 MAX_BANDWIDTHS = 16
-NATIVE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 class NativeChannelMMD(torch.autograd.Function):
@@ -63,29 +63,12 @@ def native_channel_mmd(student: torch.Tensor, teacher: torch.Tensor, *, kernel: 
                                   teacher_term)
 
 
-def _native_supports(student: torch.Tensor, teacher: torch.Tensor, *rest) -> str | None:
-    ext = backends.native_extension()
-    if ext is None:
-        return "the native extension is not built"
-    if student.device.type == "cuda" and not ext.built_with_cuda():
-        return "the native extension was built without CUDA kernels"
-    if student.device.type not in ("cpu", "cuda"):
-        return f"no native kernel for {student.device.type} tensors"
-    if student.dtype not in NATIVE_DTYPES or teacher.dtype != student.dtype:
-        return f"no native kernel for dtypes {student.dtype} and {teacher.dtype}"
-    return None
-
-
 def native_channel_mmd_checked(student, teacher, *, sigma2=(1.0,), **options):
     """The registered native fn: more bandwidths than the kernels take go to the reference."""
     if not isinstance(sigma2, str) and not isinstance(sigma2, (int, float)) \
             and len(sigma2) > MAX_BANDWIDTHS:
         return channel_mmd(student, teacher, sigma2=sigma2, **options)
     return native_channel_mmd(student, teacher, sigma2=sigma2, **options)
-
-
-def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _fake_channel_mmd(student, teacher, kernel, degree, coef, sigma2, sigma_mean, unbiased,
@@ -109,13 +92,7 @@ def _fake_channel_mmd_backward(grad, student, teacher, s0, s1, s2, s3, kernel, u
             teacher.new_empty(teacher.shape) if grad_teacher else teacher.new_empty(0))
 
 
-def _register_fakes() -> None:
-    if backends.native_extension() is None:
-        return
-    torch.library.register_fake("kdfast::channel_mmd")(_fake_channel_mmd)
-    torch.library.register_fake("kdfast::channel_mmd_backward")(_fake_channel_mmd_backward)
-
-
-_register_fakes()
+backends.register_native_fake("channel_mmd", _fake_channel_mmd)
+backends.register_native_fake("channel_mmd_backward", _fake_channel_mmd_backward)
 backends.register(CORE, "reference", channel_mmd)
-backends.register(CORE, "native", native_channel_mmd_checked, _native_supports)
+backends.register(CORE, "native", native_channel_mmd_checked, backends.native_supports)

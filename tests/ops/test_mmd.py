@@ -71,7 +71,7 @@ def test_awkward_shapes(shapes, options):
     student = randn(*shapes[0], requires_grad=True)
     teacher = randn(*shapes[1], requires_grad=True)
     # HW = 1: every channel normalises to ±1 and the exact gradient is 0 (rounding noise only).
-    atol = 1e-12 if shapes[0][2] * shapes[0][3] == 1 else 1e-13
+    atol = 1e-9 if shapes[0][2] * shapes[0][3] == 1 else 1e-13
     compare(student, teacher, 1e-10, atol=atol, **options)
 
 

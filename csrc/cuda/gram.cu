@@ -1,0 +1,134 @@
+// CUDA batch-Gram epilogues (see csrc/cpu/gram.cpp for the math): one block per row (SP) or
+// per sample (FSP), fixed-order block reductions, so results are deterministic.
+#include "block_reduce.cuh"
+#include "gram.h"
+#include "kdfast/math.h"
+
+namespace kdfast {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = kBlockThreads;
+
+template <typename Acc>
+__device__ Acc normalise_row(const Acc* a, int64_t n, Acc* g) {
+  Acc squares = 0;
+  for (int64_t j = threadIdx.x; j < n; j += kThreads) squares += a[j] * a[j];
+  const Acc r = sqrt(block_sum(squares));
+  const Acc inv = Acc(1) / (r > Acc(kNormEps) ? r : Acc(kNormEps));
+  for (int64_t j = threadIdx.x; j < n; j += kThreads) g[j] = a[j] * inv;
+  return r;
+}
+
+template <typename Acc>
+__global__ void similarity_forward_kernel(const Acc* a_s, const Acc* a_t, int64_t n, Acc* g_s,
+                                          Acc* g_t, Acc* norm_s, Acc* norm_t, Acc* loss) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * n;
+  const Acc r_s = normalise_row(a_s + row, n, g_s + row);
+  const Acc r_t = normalise_row(a_t + row, n, g_t + row);
+  Acc squares = 0;
+  for (int64_t j = threadIdx.x; j < n; j += kThreads) {
+    const Acc d = g_t[row + j] - g_s[row + j];
+    squares += d * d;
+  }
+  const Acc total = block_sum(squares);
+  if (threadIdx.x == 0) {
+    norm_s[blockIdx.x] = r_s;
+    norm_t[blockIdx.x] = r_t;
+    loss[blockIdx.x] = total / static_cast<Acc>(n);
+  }
+}
+
+// da_i = (dG_i - <dG_i, g_i> g_i) / r_i (dG_i / eps where r_i <= eps), dG = sign 2 D grad_i / n.
+template <typename Acc>
+__global__ void similarity_row_grad_kernel(const Acc* grad, const Acc* g_s, const Acc* g_t,
+                                           const Acc* norm, Acc sign, int64_t n, Acc* da) {
+  const int64_t i = blockIdx.x, row = i * n;
+  const Acc* g = sign < Acc(0) ? g_s : g_t;
+  const Acc coef = sign * Acc(2) * grad[i] / static_cast<Acc>(n);
+  const Acc eps = Acc(kNormEps);
+  const Acc r = norm[i];
+  Acc along = 0;
+  if (r > eps) {
+    Acc dot = 0;
+    for (int64_t j = threadIdx.x; j < n; j += kThreads) {
+      dot += coef * (g_t[row + j] - g_s[row + j]) * g[row + j];
+    }
+    along = block_sum(dot);
+  }
+  const Acc inv = Acc(1) / (r > eps ? r : eps);
+  for (int64_t j = threadIdx.x; j < n; j += kThreads) {
+    da[row + j] = (coef * (g_t[row + j] - g_s[row + j]) - along * g[row + j]) * inv;
+  }
+}
+
+template <typename Acc>
+__global__ void symmetrise_kernel(const Acc* da, int64_t n, Acc* w) {
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (k >= n * n) return;
+  const int64_t i = k / n, j = k % n;
+  w[k] = da[k] + da[j * n + i];
+}
+
+template <typename Acc>
+__global__ void fsp_forward_kernel(const Acc* p_s, const Acc* p_t, Acc scale_s, Acc scale_t,
+                                   int64_t per_sample, Acc* diff, Acc* loss) {
+  const int64_t offset = static_cast<int64_t>(blockIdx.x) * per_sample;
+  Acc squares = 0;
+  for (int64_t k = threadIdx.x; k < per_sample; k += kThreads) {
+    const Acc d = scale_s * p_s[offset + k] - scale_t * p_t[offset + k];
+    diff[offset + k] = d;
+    squares += d * d;
+  }
+  const Acc total = block_sum(squares);
+  if (threadIdx.x == 0) loss[blockIdx.x] = per_sample > 0 ? total / Acc(per_sample) : Acc(0);
+}
+
+template <typename Fn>
+void with_acc(bool is_double, const Fn& fn) {
+  if (is_double) fn(double{});
+  else fn(float{});
+}
+
+unsigned int blocks(int64_t n) { return static_cast<unsigned int>(n); }
+
+}  // namespace
+
+void similarity_forward(bool is_double, const void* a_s, const void* a_t, int64_t n, void* g_s,
+                        void* g_t, void* norm_s, void* norm_t, void* loss, cudaStream_t stream) {
+  with_acc(is_double, [&](auto acc) {
+    using Acc = decltype(acc);
+    similarity_forward_kernel<<<blocks(n), kThreads, 0, stream>>>(
+        static_cast<const Acc*>(a_s), static_cast<const Acc*>(a_t), n, static_cast<Acc*>(g_s),
+        static_cast<Acc*>(g_t), static_cast<Acc*>(norm_s), static_cast<Acc*>(norm_t),
+        static_cast<Acc*>(loss));
+  });
+}
+
+void similarity_backward(bool is_double, const void* grad, const void* g_s, const void* g_t,
+                         const void* norm, double sign, int64_t n, void* da, void* w,
+                         cudaStream_t stream) {
+  with_acc(is_double, [&](auto acc) {
+    using Acc = decltype(acc);
+    similarity_row_grad_kernel<<<blocks(n), kThreads, 0, stream>>>(
+        static_cast<const Acc*>(grad), static_cast<const Acc*>(g_s),
+        static_cast<const Acc*>(g_t), static_cast<const Acc*>(norm), static_cast<Acc>(sign), n,
+        static_cast<Acc*>(da));
+    symmetrise_kernel<<<blocks((n * n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+        static_cast<const Acc*>(da), n, static_cast<Acc*>(w));
+  });
+}
+
+void fsp_forward(bool is_double, const void* p_s, const void* p_t, double scale_s,
+                 double scale_t, int64_t batch, int64_t per_sample, void* diff, void* loss,
+                 cudaStream_t stream) {
+  with_acc(is_double, [&](auto acc) {
+    using Acc = decltype(acc);
+    fsp_forward_kernel<<<blocks(batch), kThreads, 0, stream>>>(
+        static_cast<const Acc*>(p_s), static_cast<const Acc*>(p_t), static_cast<Acc>(scale_s),
+        static_cast<Acc>(scale_t), per_sample, static_cast<Acc*>(diff), static_cast<Acc*>(loss));
+  });
+}
+
+}  // namespace cuda
+}  // namespace kdfast
