@@ -28,7 +28,7 @@ TORCH_LIBRARY(kdfast, m) {
         "float[] sigma2, bool sigma_mean, bool unbiased, bool teacher_term, bool grad_student, "
         "bool grad_teacher) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("channel_mmd_backward(Tensor grad, Tensor student, Tensor teacher, Tensor s0, "
-        "Tensor s1, Tensor s2, Tensor s3, str kernel, bool unbiased, bool teacher_term, "
+        "Tensor s1, Tensor s2, Tensor s3, str kernel, float coef, bool unbiased, bool teacher_term, "
         "bool grad_student, bool grad_teacher) -> (Tensor, Tensor)");
 }
 

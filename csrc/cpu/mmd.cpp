@@ -453,6 +453,79 @@ Result linear_forward(const at::Tensor& xs, const at::Tensor& ys, const MmdOptio
   return {loss, sum_x, sum_y, inv_x, inv_y};
 }
 
+// Poly d = 2 through D × D Grams, taken (like the reference) when D < the Gram rows: with
+// F = X̂ᵀX̂ and s = Σ x̂_i, Σ_ij (ĝ_ij + c)² = ⟨F_a, F_b⟩ + 2c s_aᵀs_b + c²·rows_a·rows_b, and the
+// unbiased within-set sums take Σ_i (q_i + c)² out. The backward of x̂_i is u_i = x̂_i A_x + v_x
+// − [unbiased] 4 w_ss (q_i + c) x̂_i with A_x = 4 w_ss F_x − 4 w_st F_y, v_x = 4c (w_ss s_x −
+// w_st s_y) (symmetrically for the teacher); state: A (B, 2, D, D), v (B, 2, D), 1/ρ_x, 1/ρ_y.
+bool use_feature_gram(int kind, int64_t degree, int64_t d, int64_t m, int64_t n,
+                      bool teacher_term) {
+  return kind == kdfast::kMmdPoly && degree == 2 && d < m + (teacher_term ? n : 0);
+}
+
+struct FeatureSide {
+  at::Tensor inv, f, sum;  // 1/ρ (rows), F = X̂ᵀX̂ (D × D), Σ x̂_i (D)
+  double diagonal;         // Σ_i (q_i + c)²
+};
+
+FeatureSide feature_side(const at::Tensor& x, double coef, at::Tensor inv) {
+  const at::Tensor r = at::linalg_vector_norm(x, 2, {1});
+  const at::Tensor rho = r.clamp_min(kdfast::kNormEps);
+  inv.copy_(rho.reciprocal());
+  const at::Tensor unit = x * inv.unsqueeze(1);  // one sample's rows, a per-task temporary
+  const at::Tensor q = (r * inv).square();
+  return {inv, at::mm(unit.t(), unit), unit.sum(0), (q + coef).square().sum().item<double>()};
+}
+
+Result feature_gram_forward(const at::Tensor& xs, const at::Tensor& ys, const MmdOptions& o) {
+  const int64_t batch = xs.size(0), m = xs.size(1), n = ys.size(1), d = xs.size(2);
+  const auto acc = acc_type_of(xs.scalar_type());
+  const auto opts = xs.options().dtype(acc);
+  at::Tensor a = at::zeros({batch, 2, d, d}, opts), v = at::zeros({batch, 2, d}, opts);
+  at::Tensor inv_x = at::empty({batch, m}, opts), inv_y = at::empty({batch, n}, opts);
+  const MmdBlockWeights w = kdfast::mmd_block_weights(m, n, o.unbiased, o.teacher_term);
+  const double c = o.coef;
+  std::vector<double> values(batch);
+  for_each_sample(batch, [&](int64_t b) {
+    const FeatureSide sx = feature_side(sample_rows(xs, b, acc), c, inv_x.select(0, b));
+    const FeatureSide sy = feature_side(sample_rows(ys, b, acc), c, inv_y.select(0, b));
+    auto block = [&](const FeatureSide& p, const FeatureSide& q, double count) {
+      return (p.f * q.f).sum().item<double>() + 2 * c * at::dot(p.sum, q.sum).item<double>() +
+             c * c * count;
+    };
+    double ss = block(sx, sx, double(m) * m), tt = 0;
+    if (o.unbiased) ss -= sx.diagonal;
+    if (o.teacher_term) tt = block(sy, sy, double(n) * n) - (o.unbiased ? sy.diagonal : 0.0);
+    values[b] = w.ss * ss + w.tt * tt - 2 * w.st * block(sx, sy, double(m) * n);
+    if (o.grad_student) {
+      a[b][0].copy_(4 * w.ss * sx.f - 4 * w.st * sy.f);
+      v[b][0].copy_(4 * c * (w.ss * sx.sum - w.st * sy.sum));
+    }
+    if (o.grad_teacher) {
+      a[b][1].copy_(4 * w.tt * sy.f - 4 * w.st * sx.f);
+      v[b][1].copy_(4 * c * (w.tt * sy.sum - w.st * sx.sum));
+    }
+  });
+  at::Tensor loss = at::tensor(values, xs.options().dtype(at::kDouble)).to(acc);
+  return {loss, a, v, inv_x, inv_y};
+}
+
+// dx_i = g/ρ_i (u_i − live_i (x̂_iᵀu_i) x̂_i), u_i = x̂_i A + v − [unbiased] 4 w (q_i + c) x̂_i.
+void feature_rows_grad(at::Tensor out, const at::Tensor& x, const at::Tensor& inv,
+                       const at::Tensor& a, const at::Tensor& v, double g, bool unbiased,
+                       double w, double coef) {
+  const at::Tensor sq = x.square().sum(1);
+  const at::Tensor live = (sq.sqrt() > kdfast::kNormEps).to(x.scalar_type());
+  at::Tensor u = at::mm(x, a) * inv.unsqueeze(1) + v.unsqueeze(0);
+  if (unbiased) {
+    const at::Tensor q = sq * inv * inv;
+    u -= x * (4 * w * (q + coef) * inv).unsqueeze(1);
+  }
+  const at::Tensor proj = (x * u).sum(1) * inv;  // x̂_iᵀ u_i
+  u -= x * (live * proj * inv).unsqueeze(1);
+  out.copy_(u * (g * inv).unsqueeze(1));
+}
+
 Result channel_mmd_cpu(const at::Tensor& student, const at::Tensor& teacher,
                        c10::string_view kernel, int64_t degree, double coef,
                        at::ArrayRef<double> sigma2, bool sigma_mean, bool unbiased,
@@ -478,6 +551,9 @@ Result channel_mmd_cpu(const at::Tensor& student, const at::Tensor& teacher,
                      std::vector<double>(sigma2.begin(), sigma2.end()),
                      sigma_mean, unbiased, teacher_term, grad_student, grad_teacher};
   if (o.kind == kdfast::kMmdLinear) return linear_forward(xs, ys, o, student.scalar_type());
+  if (use_feature_gram(o.kind, degree, xs.size(2), xs.size(1), ys.size(1), teacher_term)) {
+    return feature_gram_forward(xs, ys, o);
+  }
   return gram_forward(xs, ys, o, student.scalar_type());
 }
 
@@ -514,7 +590,7 @@ void linear_rows_grad(at::Tensor out, const at::Tensor& x, const at::Tensor& inv
 std::tuple<at::Tensor, at::Tensor> channel_mmd_backward_cpu(
     const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
     const at::Tensor& s0, const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& s3,
-    c10::string_view kernel, bool unbiased, bool teacher_term, bool grad_student,
+    c10::string_view kernel, double coef, bool unbiased, bool teacher_term, bool grad_student,
     bool grad_teacher) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor xs = channel_rows(student), ys = channel_rows(teacher);
@@ -526,9 +602,21 @@ std::tuple<at::Tensor, at::Tensor> channel_mmd_backward_cpu(
   if (grad_student) dx = at::empty(xs.sizes(), xs.options().memory_format(at::MemoryFormat::Contiguous));
   if (grad_teacher) dy = at::empty(ys.sizes(), ys.options().memory_format(at::MemoryFormat::Contiguous));
   const bool linear = kernel_kind(kernel) == kdfast::kMmdLinear;
+  const bool feature = !linear && s0.dim() == 4;  // the D × D poly-2 state
   const MmdBlockWeights w = kdfast::mmd_block_weights(m, n, unbiased, teacher_term);
   for_each_sample(batch, [&](int64_t b) {
     const at::Tensor x = sample_rows(xs, b, acc), y = sample_rows(ys, b, acc);
+    if (feature) {
+      if (grad_student) {
+        feature_rows_grad(dx.select(0, b), x, s2.select(0, b), s0[b][0], s1[b][0], gp[b],
+                          unbiased, w.ss, coef);
+      }
+      if (grad_teacher) {
+        feature_rows_grad(dy.select(0, b), y, s3.select(0, b), s0[b][1], s1[b][1], gp[b],
+                          unbiased && teacher_term, w.tt, coef);
+      }
+      return;
+    }
     if (linear) {
       const at::Tensor sx = s0.select(0, b), sy = s1.select(0, b);
       if (grad_student) {

@@ -188,7 +188,7 @@ at::Tensor linear_grad(const at::Tensor& z, const at::Tensor& inv, const at::Ten
 std::tuple<at::Tensor, at::Tensor> channel_mmd_backward_cuda(
     const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
     const at::Tensor& s0, const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& s3,
-    c10::string_view kernel, bool unbiased, bool teacher_term, bool grad_student,
+    c10::string_view kernel, double coef, bool unbiased, bool teacher_term, bool grad_student,
     bool grad_teacher) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::cuda::CUDAGuard guard(student.device());

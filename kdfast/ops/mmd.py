@@ -35,7 +35,7 @@ class NativeChannelMMD(torch.autograd.Function):
         loss, *state = torch.ops.kdfast.channel_mmd(
             student, teacher, kernel, int(degree), float(coef), bandwidths, sigma_mean,
             bool(unbiased), bool(teacher_term), grad_student, grad_teacher)
-        ctx.options = (kernel, bool(unbiased), bool(teacher_term))
+        ctx.options = (kernel, float(coef), bool(unbiased), bool(teacher_term))
         ctx.save_for_backward(student, teacher, *state)
         return loss
 
@@ -43,10 +43,10 @@ class NativeChannelMMD(torch.autograd.Function):
     def backward(ctx, grad_loss):
         student, teacher, *state = ctx.saved_tensors
         grad_student, grad_teacher = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        kernel, unbiased, teacher_term = ctx.options
+        kernel, coef, unbiased, teacher_term = ctx.options
         d_student, d_teacher = torch.ops.kdfast.channel_mmd_backward(
-            grad_loss.contiguous(), student, teacher, *state, kernel, unbiased, teacher_term,
-            grad_student, grad_teacher)
+            grad_loss.contiguous(), student, teacher, *state, kernel, coef, unbiased,
+            teacher_term, grad_student, grad_teacher)
         return (d_student if grad_student else None, d_teacher if grad_teacher else None,
                 None, None, None, None, None, None)
 
@@ -82,11 +82,14 @@ def _fake_channel_mmd(student, teacher, kernel, degree, coef, sigma2, sigma_mean
         return student.new_empty(shape, dtype=dtype)
     if kernel == "linear":
         return new(batch), new(batch, hw), new(batch, hw), new(batch, m), new(batch, n)
+    if (student.device.type == "cpu" and kernel == "poly" and degree == 2
+            and hw < m + (n if teacher_term else 0)):  # the D x D path of csrc/cpu/mmd.cpp
+        return new(batch), new(batch, 2, hw, hw), new(batch, 2, hw), new(batch, m), new(batch, n)
     return (new(batch), new(batch, m, m) if grad_student else new(0), new(batch, m, n),
             new(batch, n, n) if grad_teacher else new(0), new(0))
 
 
-def _fake_channel_mmd_backward(grad, student, teacher, s0, s1, s2, s3, kernel, unbiased,
+def _fake_channel_mmd_backward(grad, student, teacher, s0, s1, s2, s3, kernel, coef, unbiased,
                                teacher_term, grad_student, grad_teacher):
     return (student.new_empty(student.shape) if grad_student else student.new_empty(0),
             teacher.new_empty(teacher.shape) if grad_teacher else teacher.new_empty(0))

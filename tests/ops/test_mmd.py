@@ -208,3 +208,28 @@ def test_torch_compile_fullgraph(kernel):
     eager = native_channel_mmd(student, teacher, kernel=kernel)
     (eager_grad,) = torch.autograd.grad(eager.sum(), student)
     assert torch.equal(out, eager) and torch.equal(grad, eager_grad)
+
+
+@pytest.mark.parametrize("coef", [0.0, 0.5])
+@pytest.mark.parametrize("unbiased", [False, True], ids=["biased", "unbiased"])
+@pytest.mark.parametrize("teacher_term", [True, False], ids=["tt", "no-tt"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_poly2_feature_gram_path(coef, unbiased, teacher_term, layout):
+    # H·W = 6 < C_s + C_t: the native CPU kernel (like the reference) uses the D x D Grams.
+    student, teacher = randn(2, 9, 2, 3), randn(2, 7, 2, 3)
+    if layout == "channels_last":
+        student = student.to(memory_format=torch.channels_last)
+        teacher = teacher.to(memory_format=torch.channels_last)
+    student[1, 4] = 0  # an all-zero channel
+    compare(student.requires_grad_(), teacher.requires_grad_(), 1e-10, kernel="poly", degree=2,
+            coef=coef, unbiased=unbiased, teacher_term=teacher_term)
+
+
+def test_poly2_feature_gram_path_compiles():
+    student, teacher = randn(2, 9, 2, 3, requires_grad=True), randn(2, 7, 2, 3)
+    compiled = torch.compile(lambda s, t: native_channel_mmd(s, t, kernel="poly"), fullgraph=True)
+    out = compiled(student, teacher)
+    (grad,) = torch.autograd.grad(out.sum(), student)
+    (want,) = torch.autograd.grad(channel_mmd(student, teacher, kernel="poly").sum(), student)
+    assert_rel_close(out, channel_mmd(student, teacher, kernel="poly"), 1e-12)
+    assert_rel_close(grad, want, 1e-12)
