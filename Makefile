@@ -45,7 +45,12 @@ check-cuda:
 test-unit: build
 	$(PYTEST) tests
 
-test: lint check-cuda test-unit
+# The pytest-benchmark suites once, untimed, on the tiny shapes (without torch.compile), so that
+# they cannot rot.
+test-bench: build
+	$(PYTEST) benchmarks --benchmark-disable
+
+test: lint check-cuda test-unit test-bench
 
 bench: build
 	$(PY) -m kdfast.bench

@@ -1,0 +1,10 @@
+"""``python -m kdfast.bench``: speed, peak memory and fraction-of-floor of every core against
+eager PyTorch, ``torch.compile`` and the naive formulations (DESIGN.md §5).
+
+Modules: :mod:`~kdfast.bench.shapes` (suites, shared with ``benchmarks/``),
+:mod:`~kdfast.bench.cores` (one declarative entry per core), :mod:`~kdfast.bench.providers`
+(reference, compile, naive, registered backends), :mod:`~kdfast.bench.measure` (timing and
+memory), :mod:`~kdfast.bench.floors` and :mod:`~kdfast.bench.ceilings` (the floor),
+:mod:`~kdfast.bench.runner` (rows), :mod:`~kdfast.bench.report` (table, JSON, plots),
+:mod:`~kdfast.bench.cli`.
+"""

@@ -1,0 +1,3 @@
+from kdfast.bench.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,125 @@
+"""The benchmarked cores, one declarative entry each.
+
+A :class:`Core` names the public function (looked up in :mod:`kdfast.functional` at call time,
+so a loss that lands later is picked up), its options, the registry core whose backends are
+benchmarked (:func:`kdfast.backends.implementations`), the naive B·C·C·HW formulation where
+public KD code has one, how to build inputs and the floor (:mod:`kdfast.bench.floors`).
+
+To add a core: append a ``Core(...)`` to ``CORES``; nothing else in the harness changes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from kdfast.bench import floors
+from kdfast.bench.shapes import EmbeddingShape, FeatureShape, LogitShape, Shape
+
+Tensors = tuple[torch.Tensor, ...]
+
+
+def _randn(shape, dtype, device, seed, requires_grad):
+    generator = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(*shape, dtype=dtype, device=device, generator=generator)
+    return x.requires_grad_(requires_grad)
+
+
+def feature_inputs(shape: FeatureShape, dtype, device) -> tuple[Tensors, Tensors]:
+    """Student (B, C_s, H, W) with grad, teacher (B, C_t, H, W) without."""
+    b, h, w = shape.batch, shape.height, shape.width
+    return ((_randn((b, shape.s_channels, h, w), dtype, device, 1, True),),
+            (_randn((b, shape.t_channels, h, w), dtype, device, 2, False),))
+
+
+def pair_inputs(shape: FeatureShape, dtype, device) -> tuple[Tensors, Tensors]:
+    """FSP: layers a (C_s channels) and b (C_t channels) for student (grad) and teacher."""
+    b, h, w = shape.batch, shape.height, shape.width
+    sizes = ((b, shape.s_channels, h, w), (b, shape.t_channels, h, w))
+    return (tuple(_randn(s, dtype, device, 1 + i, True) for i, s in enumerate(sizes)),
+            tuple(_randn(s, dtype, device, 3 + i, False) for i, s in enumerate(sizes)))
+
+
+def logit_inputs(shape: LogitShape, dtype, device) -> tuple[Tensors, Tensors]:
+    size = (shape.batch, shape.classes)
+    return (_randn(size, dtype, device, 1, True),), (_randn(size, dtype, device, 2, False),)
+
+
+def embedding_inputs(shape: EmbeddingShape, dtype, device) -> tuple[Tensors, Tensors]:
+    return ((_randn((shape.batch, shape.s_dim), dtype, device, 1, True),),
+            (_randn((shape.batch, shape.t_dim), dtype, device, 2, False),))
+
+
+def as_pairs(students: Tensors, teachers: Tensors) -> tuple:
+    """FSP's public signature: two lists of (layer a, layer b) pairs."""
+    return [tuple(students)], [tuple(teachers)]
+
+
+def flat(students: Tensors, teachers: Tensors) -> tuple:
+    return (*students, *teachers)
+
+
+def naive_broadcast_bytes(students: Tensors, teachers: Tensors) -> float:
+    """The naive formulation's largest tensor, B·C·C·HW (C the most channels of any input),
+    times 6: what must fit before the naive provider is run. Measured on CPU (cifar suite):
+    NST-rbf's forward+backward peaks at 5 such tensors, FSP's at 3, forwards at 1-2."""
+    first = students[0]
+    channels = max(x.shape[1] for x in (*students, *teachers))
+    return 6.0 * first.shape[0] * channels ** 2 * first[0, 0].numel() * first.element_size()
+
+
+@dataclass(frozen=True)
+class Core:
+    name: str                          # CLI name
+    function: str                      # public function in kdfast.functional
+    make_inputs: Callable[..., tuple[Tensors, Tensors]]
+    floor: Callable[[Shape, int], dict[str, floors.Floor]]
+    kind: str = "features"             # which shapes of a suite it takes
+    options: Mapping = field(default_factory=dict)
+    pack: Callable[[Tensors, Tensors], tuple] = flat
+    registry: str | None = None        # backends.implementations(registry) are benchmarked
+    naive: str | None = None           # "module:function" of the naive formulation
+    naive_options: Mapping = field(default_factory=dict)
+
+    def loss(self, students: Tensors, teachers: Tensors, backend: str) -> torch.Tensor:
+        """The public loss (mean reduction) on these inputs with ``backend``."""
+        function = getattr(importlib.import_module("kdfast.functional"), self.function)
+        return function(*self.pack(students, teachers), **self.options, backend=backend)
+
+    def naive_function(self) -> Callable | None:
+        """The naive formulation, or None where it does not exist (yet)."""
+        if self.naive is None:
+            return None
+        module, name = self.naive.split(":")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            return None
+
+    def naive_loss(self, function: Callable, students: Tensors, teachers: Tensors):
+        return function(*students, *teachers, **self.naive_options).mean()
+
+
+def _nst(kernel: str, floor) -> Core:
+    return Core(f"nst-{kernel}", "nst_loss", feature_inputs, floor,
+                options={"kernel": kernel, **({"sigma2": 1.0} if kernel == "rbf" else {})},
+                registry="channel_mmd", naive="kdfast.reference.nst:naive_channel_mmd",
+                naive_options={"kernel": kernel})
+
+
+CORES: dict[str, Core] = {core.name: core for core in (
+    Core("at", "at_loss", feature_inputs, floors.attention, options={"p": 2},
+         registry="attention_map"),
+    _nst("rbf", floors.mmd_gram),
+    _nst("poly", floors.mmd_poly),
+    _nst("linear", floors.mmd_linear),
+    Core("sp", "sp_loss", feature_inputs, floors.similarity, registry="similarity"),
+    Core("fsp", "fsp_loss", pair_inputs, floors.fsp, pack=as_pairs, registry="fsp",
+         naive="kdfast.reference.fsp:naive_fsp_pair_loss"),
+    Core("kd", "kd_loss", logit_inputs, floors.logit_kd, kind="logits",
+         options={"temperature": 4.0}),
+    Core("rkd", "rkd_loss", embedding_inputs, floors.relational, kind="embeddings"),
+)}

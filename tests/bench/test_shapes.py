@@ -1,0 +1,84 @@
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+import torch
+
+from kdfast.bench.cores import CORES
+from kdfast.bench.shapes import (
+    SUITES,
+    EmbeddingShape,
+    FeatureShape,
+    LogitShape,
+    parse_shape,
+    shape_dict,
+    shape_from_dict,
+)
+
+
+@pytest.mark.parametrize("text, kind, expected", [
+    ("64x128x32x32", "features", FeatureShape(64, 128, 128, 32, 32)),
+    ("8x64/256x7x9", "features", FeatureShape(8, 64, 256, 7, 9)),
+    ("64x100", "logits", LogitShape(64, 100)),
+    ("64x100", "embeddings", EmbeddingShape(64, 100, 100)),
+    ("64x128/512", "embeddings", EmbeddingShape(64, 128, 512)),
+    ("64x128/512", "logits", None),
+    ("64x128x32x32", "logits", None),
+    ("64x100", "features", None),
+])
+def test_parse_shape(text, kind, expected):
+    assert parse_shape(text, kind) == expected
+
+
+@pytest.mark.parametrize("text", ["64x", "ax3", "1x2x3", "2/3x4x5x6", "1x2x3/4x5", ""])
+def test_parse_shape_rejects_what_is_no_shape(text):
+    with pytest.raises(ValueError, match="--shape"):
+        parse_shape(text, "features")
+
+
+@pytest.mark.parametrize("suite", sorted(SUITES))
+def test_every_suite_has_each_kind_and_sweeps_to_plot(suite):
+    for kind in ("features", "logits", "embeddings"):
+        shapes = SUITES[suite].shapes(kind)
+        assert shapes and all(s.kind == kind for s in shapes)
+        assert len(set(shapes)) == len(shapes)
+        assert all(shape_from_dict(shape_dict(s)) == s for s in shapes)
+    features = SUITES[suite].features
+    assert len({s.height for s in features}) >= 2
+    assert len({s.s_channels for s in features}) >= 2
+
+
+def test_cifar_and_large_suites_match_the_design():
+    cifar = SUITES["cifar"].features
+    assert {s.height for s in cifar} == {8, 16, 32} and {s.batch for s in cifar} == {64}
+    assert {s.s_channels for s in cifar} == {64, 128, 256}
+    large = {s.height for s in SUITES["large"].features}
+    assert min(large) == 8 and max(large) == 256
+
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(path: pathlib.Path):
+    spec = importlib.util.spec_from_file_location(f"_bench_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmarks_take_their_shapes_from_these_suites():
+    conftest = _load(BENCHMARKS / "conftest.py")
+    found = conftest.cases(("at", "kd"), "quick", torch.device("cpu"), with_compile=False)
+    assert {c.shape for c in found if c.core.name == "at"} == set(SUITES["quick"].features)
+    assert {c.shape for c in found if c.core.name == "kd"} == set(SUITES["quick"].logits)
+    assert not any(c.provider.startswith("compile") for c in found)
+    with_compile = conftest.cases(("at",), "tiny", torch.device("cpu"), with_compile=True)
+    assert any(c.provider == "compile" for c in with_compile)
+
+
+def test_every_core_has_a_pytest_benchmark_file():
+    covered = [name for path in sorted(BENCHMARKS.glob("bench_*.py"))
+               for name in _load(path).CORES]
+    assert sorted(covered) == sorted(CORES)
