@@ -463,62 +463,67 @@ bool use_feature_gram(int kind, int64_t degree, int64_t d, int64_t m, int64_t n,
   return kind == kdfast::kMmdPoly && degree == 2 && d < m + (teacher_term ? n : 0);
 }
 
-// Batched over samples: in this regime D < C, so a (B, C, D) temporary is within O(B·C²).
 struct FeatureSide {
-  at::Tensor inv, f, sum, diagonal;  // 1/ρ (B, rows), X̂ᵀX̂ (B, D, D), Σ x̂_i (B, D), Σ (q+c)²
+  at::Tensor inv, f, sum;  // 1/ρ (rows), F = X̂ᵀX̂ (D × D), Σ x̂_i (D)
+  double diagonal;         // Σ_i (q_i + c)²
 };
 
-FeatureSide feature_side(const at::Tensor& z, double coef, at::ScalarType acc) {
-  const at::Tensor za = z.to(acc);
-  const at::Tensor r = at::linalg_vector_norm(za, 2, {2});
-  const at::Tensor inv = r.clamp_min(kdfast::kNormEps).reciprocal();
-  const at::Tensor unit = za * inv.unsqueeze(2);
-  return {inv, at::bmm(unit.transpose(1, 2), unit), unit.sum(1),
-          ((r * inv).square() + coef).square().sum(1)};
+FeatureSide feature_side(const at::Tensor& x, double coef, at::Tensor inv) {
+  const at::Tensor r = at::linalg_vector_norm(x, 2, {1});
+  const at::Tensor rho = r.clamp_min(kdfast::kNormEps);
+  inv.copy_(rho.reciprocal());
+  const at::Tensor unit = x * inv.unsqueeze(1);  // one sample's rows, a per-task temporary
+  const at::Tensor q = (r * inv).square();
+  return {inv, at::mm(unit.t(), unit), unit.sum(0), (q + coef).square().sum().item<double>()};
 }
 
 Result feature_gram_forward(const at::Tensor& xs, const at::Tensor& ys, const MmdOptions& o) {
   const int64_t batch = xs.size(0), m = xs.size(1), n = ys.size(1), d = xs.size(2);
   const auto acc = acc_type_of(xs.scalar_type());
   const auto opts = xs.options().dtype(acc);
+  at::Tensor a = at::zeros({batch, 2, d, d}, opts), v = at::zeros({batch, 2, d}, opts);
+  at::Tensor inv_x = at::empty({batch, m}, opts), inv_y = at::empty({batch, n}, opts);
   const MmdBlockWeights w = kdfast::mmd_block_weights(m, n, o.unbiased, o.teacher_term);
   const double c = o.coef;
-  const FeatureSide sx = feature_side(xs, c, acc), sy = feature_side(ys, c, acc);
-  auto block = [&](const FeatureSide& p, const FeatureSide& q, double count) {
-    return (p.f * q.f).sum({1, 2}) + 2 * c * (p.sum * q.sum).sum(1) + c * c * count;
-  };
-  at::Tensor ss = block(sx, sx, double(m) * m);
-  if (o.unbiased) ss = ss - sx.diagonal;
-  at::Tensor loss = w.ss * ss - 2 * w.st * block(sx, sy, double(m) * n);
-  if (o.teacher_term) {
-    at::Tensor tt = block(sy, sy, double(n) * n);
-    if (o.unbiased) tt = tt - sy.diagonal;
-    loss = loss + w.tt * tt;
-  }
-  at::Tensor a = at::zeros({batch, 2, d, d}, opts), v = at::zeros({batch, 2, d}, opts);
-  if (o.grad_student) {
-    a.select(1, 0).copy_(4 * w.ss * sx.f - 4 * w.st * sy.f);
-    v.select(1, 0).copy_(4 * c * (w.ss * sx.sum - w.st * sy.sum));
-  }
-  if (o.grad_teacher) {
-    a.select(1, 1).copy_(4 * w.tt * sy.f - 4 * w.st * sx.f);
-    v.select(1, 1).copy_(4 * c * (w.tt * sy.sum - w.st * sx.sum));
-  }
-  return {loss, a, v, sx.inv, sy.inv};
+  std::vector<double> values(batch);
+  for_each_sample(batch, [&](int64_t b) {
+    const FeatureSide sx = feature_side(sample_rows(xs, b, acc), c, inv_x.select(0, b));
+    const FeatureSide sy = feature_side(sample_rows(ys, b, acc), c, inv_y.select(0, b));
+    auto block = [&](const FeatureSide& p, const FeatureSide& q, double count) {
+      return (p.f * q.f).sum().item<double>() + 2 * c * at::dot(p.sum, q.sum).item<double>() +
+             c * c * count;
+    };
+    double ss = block(sx, sx, double(m) * m), tt = 0;
+    if (o.unbiased) ss -= sx.diagonal;
+    if (o.teacher_term) tt = block(sy, sy, double(n) * n) - (o.unbiased ? sy.diagonal : 0.0);
+    values[b] = w.ss * ss + w.tt * tt - 2 * w.st * block(sx, sy, double(m) * n);
+    if (o.grad_student) {
+      a[b][0].copy_(4 * w.ss * sx.f - 4 * w.st * sy.f);
+      v[b][0].copy_(4 * c * (w.ss * sx.sum - w.st * sy.sum));
+    }
+    if (o.grad_teacher) {
+      a[b][1].copy_(4 * w.tt * sy.f - 4 * w.st * sx.f);
+      v[b][1].copy_(4 * c * (w.tt * sy.sum - w.st * sx.sum));
+    }
+  });
+  at::Tensor loss = at::tensor(values, xs.options().dtype(at::kDouble)).to(acc);
+  return {loss, a, v, inv_x, inv_y};
 }
 
-// dz_i = g/ρ_i (u_i − live_i (ẑ_iᵀu_i) ẑ_i), u_i = ẑ_i A + v − [unbiased] 4 w (q_i + c) ẑ_i.
-at::Tensor feature_grad(const at::Tensor& z, const at::Tensor& inv, const at::Tensor& a,
-                        const at::Tensor& v, const at::Tensor& g, bool unbiased, double w,
-                        double coef, at::ScalarType acc) {
-  const at::Tensor za = z.to(acc);
-  const at::Tensor sq = at::linalg_vector_norm(za, 2, {2}).square();
-  const at::Tensor live = (sq.sqrt() > kdfast::kNormEps).to(acc);
-  at::Tensor u = at::bmm(za, a) * inv.unsqueeze(2) + v.unsqueeze(1);
-  if (unbiased) u -= za * (4 * w * (sq * inv * inv + coef) * inv).unsqueeze(2);
-  const at::Tensor proj = (za * u).sum(2) * inv;  // ẑ_iᵀ u_i
-  u -= za * (live * proj * inv).unsqueeze(2);
-  return u * (g.unsqueeze(1) * inv).unsqueeze(2);
+// dx_i = g/ρ_i (u_i − live_i (x̂_iᵀu_i) x̂_i), u_i = x̂_i A + v − [unbiased] 4 w (q_i + c) x̂_i.
+void feature_rows_grad(at::Tensor out, const at::Tensor& x, const at::Tensor& inv,
+                       const at::Tensor& a, const at::Tensor& v, double g, bool unbiased,
+                       double w, double coef) {
+  const at::Tensor sq = x.square().sum(1);
+  const at::Tensor live = (sq.sqrt() > kdfast::kNormEps).to(x.scalar_type());
+  at::Tensor u = at::mm(x, a) * inv.unsqueeze(1) + v.unsqueeze(0);
+  if (unbiased) {
+    const at::Tensor q = sq * inv * inv;
+    u -= x * (4 * w * (q + coef) * inv).unsqueeze(1);
+  }
+  const at::Tensor proj = (x * u).sum(1) * inv;  // x̂_iᵀ u_i
+  u -= x * (live * proj * inv).unsqueeze(1);
+  out.copy_(u * (g * inv).unsqueeze(1));
 }
 
 Result channel_mmd_cpu(const at::Tensor& student, const at::Tensor& teacher,
@@ -599,19 +604,19 @@ std::tuple<at::Tensor, at::Tensor> channel_mmd_backward_cpu(
   const bool linear = kernel_kind(kernel) == kdfast::kMmdLinear;
   const bool feature = !linear && s0.dim() == 4;  // the D × D poly-2 state
   const MmdBlockWeights w = kdfast::mmd_block_weights(m, n, unbiased, teacher_term);
-  if (feature) {
-    const at::Tensor ga = g.to(acc);
-    if (grad_student) {
-      dx.copy_(feature_grad(xs, s2, s0.select(1, 0), s1.select(1, 0), ga, unbiased, w.ss, coef,
-                            acc));
-    }
-    if (grad_teacher) {
-      dy.copy_(feature_grad(ys, s3, s0.select(1, 1), s1.select(1, 1), ga,
-                            unbiased && teacher_term, w.tt, coef, acc));
-    }
-  } else {
   for_each_sample(batch, [&](int64_t b) {
     const at::Tensor x = sample_rows(xs, b, acc), y = sample_rows(ys, b, acc);
+    if (feature) {
+      if (grad_student) {
+        feature_rows_grad(dx.select(0, b), x, s2.select(0, b), s0[b][0], s1[b][0], gp[b],
+                          unbiased, w.ss, coef);
+      }
+      if (grad_teacher) {
+        feature_rows_grad(dy.select(0, b), y, s3.select(0, b), s0[b][1], s1[b][1], gp[b],
+                          unbiased && teacher_term, w.tt, coef);
+      }
+      return;
+    }
     if (linear) {
       const at::Tensor sx = s0.select(0, b), sy = s1.select(0, b);
       if (grad_student) {
@@ -632,7 +637,6 @@ std::tuple<at::Tensor, at::Tensor> channel_mmd_backward_cpu(
       two_gemms(dy.select(0, b), s2.select(0, b), y, s1.select(0, b).t(), x, gp[b]);
     }
   });
-  }
   return {dx.defined() ? dx.view(student.sizes()) : at::empty({0}, student.options()),
           dy.defined() ? dy.view(teacher.sizes()) : at::empty({0}, teacher.options())};
 }
