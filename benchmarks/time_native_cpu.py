@@ -3,8 +3,8 @@
 Forward+backward, fp32, cifar-like shapes (B = 64; C 64..256 at 32x32 / 16x16 / 8x8); the
 student requires grad, the teacher does not. Median of ``--repeats`` runs after warm-up,
 the providers interleaved round-robin.
-Usage: ``python benchmarks/time_native_cpu.py [--cores at,sp,fsp] [--repeats 15]
-[--threads N]``.
+Usage: ``python benchmarks/time_native_cpu.py [--cores at,sp,fsp,nst-rbf,nst-poly,nst-linear]
+[--repeats 15] [--threads N]``.
 Stop-gap until ``python -m kdfast.bench`` lands.
 """
 
@@ -59,6 +59,10 @@ def cases(core: str, b: int, c: int, hw: int):
     if core == "at":
         return lambda backend: (lambda x, y: F.at_loss(x, y, backend=backend)), (s, t), \
             4 * (3 * s.numel() + t.numel())
+    if core.startswith("nst-"):  # nst-rbf, nst-poly, nst-linear: the loss defaults otherwise
+        kernel = core[len("nst-"):]
+        return lambda backend: (lambda x, y: F.nst_loss(x, y, kernel=kernel, backend=backend)), \
+            (s, t), None
     if core == "sp":
         return lambda backend: (lambda x, y: F.sp_loss(x, y, backend=backend)), (s, t), None
     sb = torch.randn(b, c, hw, hw, requires_grad=True)

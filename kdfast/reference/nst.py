@@ -144,11 +144,12 @@ def _poly2_feature_gram_mmd(x_hat: torch.Tensor, y_hat: torch.Tensor, coef: floa
 
     def within(feat, row_sum, z):
         rows = z.shape[1]
+        full = mean_of(feat, feat, row_sum, row_sum, rows * rows)
         if not unbiased:
-            return mean_of(feat, feat, row_sum, row_sum, rows * rows)
-        count = rows * (rows - 1)
+            return full
+        # The c² term counts all rows² entries; only then is the diagonal taken out.
         diagonal = (z.pow(2).sum(2) + coef).pow(2).sum(1)
-        return mean_of(feat, feat, row_sum, row_sum, count) - diagonal / count
+        return (full * rows * rows - diagonal) / (rows * (rows - 1))
 
     loss = within(feat_x, sum_x, x_hat) - 2 * mean_of(feat_x, feat_y, sum_x, sum_y,
                                                       x_hat.shape[1] * y_hat.shape[1])

@@ -261,3 +261,12 @@ def test_memory_sane_forward_and_backward(hw, options):
         naive_channel_mmd(s, t, **options).sum().backward()
     assert reference.numel <= bound
     assert naive.numel >= 2 * 48 * 80 * hw[0] * hw[1]  # the recorder sees the broadcast
+
+
+@pytest.mark.parametrize("teacher_term", [True, False])
+def test_unbiased_poly2_with_coef_on_the_feature_gram_path(teacher_term):
+    # D = 4 < C: the D x D path, whose unbiased within-set sums once counted c² only
+    # m(m - 1) times before taking the diagonal (m times c²) out.
+    s, t = randn(3, 6, 2, 2, seed=1), randn(3, 5, 2, 2, seed=2)
+    kwargs = dict(kernel="poly", degree=2, coef=0.5, unbiased=True, teacher_term=teacher_term)
+    torch.testing.assert_close(channel_mmd(s, t, **kwargs), naive_channel_mmd(s, t, **kwargs))

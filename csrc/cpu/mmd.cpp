@@ -1,0 +1,649 @@
+// Channel MMD (NST) forward and backward on the CPU. The math is DESIGN.md §3 "Channel MMD".
+//
+// Per sample: X (m × D) the student channels, Y (n × D) the teacher's, both read in place
+// (a (C, HW) view of the input, row-major or channels_last). Nothing of feature size is
+// created besides the gradients (fp16/bf16 samples are upcast one sample at a time).
+//
+// Forward, Gram kernels (poly, rbf):
+//   G_ss = X Xᵀ (upper triangle only, in row panels), G_st = X Yᵀ, G_tt = Y Yᵀ (upper, only
+//   when the teacher term is kept); r² = diag(G), ρ = max(r, eps); ĝ_ij = G_ij / (ρ_i ρ_j).
+//   One epilogue per sample applies φ, reduces the three block sums and, when a gradient is
+//   wanted, overwrites the Grams in place with the backward matrices
+//     W_ss = 2 w_ss φ′(ĝ_ss), W_st = −2 w_st φ′(ĝ_st), W_tt = 2 w_tt φ′(ĝ_tt),
+//     c_i  = Σ_j W_ss,ij ĝ_ss,ij + Σ_j W_st,ij ĝ_st,ij   (c^t likewise for the teacher),
+//     M_ss = diag(1/ρ) W_ss diag(1/ρ) − diag(c/ρ²),  M_st = diag(1/ρ) W_st diag(1/ρ_t),
+//   (the c term only where r > eps: an all-zero channel's normalisation is x / eps).
+// Backward: dX = g_b (M_ss X + M_st Y), dY = g_b (M_tt Y + M_stᵀ X): two GEMMs per output.
+//
+// Linear kernel: no Gram. With s_x = Σ_i x̂_i, q_i = ‖x̂_i‖²,
+//   MMD² = w_ss (‖s_x‖² − [unbiased] Σ q_i) + w_tt (‖s_y‖² − ...) − 2 w_st s_xᵀ s_y,
+//   dx_i = g/ρ_i (v − [r_i > eps] (x̂_iᵀ v) x̂_i) − [unbiased] 2 w_ss g (1 − [r_i > eps] q_i) x_i/ρ_i²,
+//   v = 2 w_ss s_x − 2 w_st s_y (and symmetrically for the teacher).
+//
+// Parallel over the batch (at::parallel_for, one sample per task: the GEMMs inside run
+// single-threaded); with fewer samples than threads the samples run one after another and the
+// GEMMs use the threads instead. Every sum has a fixed order: the results are deterministic.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "kdfast/math.h"
+
+namespace {
+
+using kdfast::MmdBlockWeights;
+using kdfast::MmdKernelParams;
+
+constexpr int64_t kPanel = 64;  // rows per panel of the symmetric Grams
+
+int kernel_kind(c10::string_view name) {
+  if (name == "linear") return kdfast::kMmdLinear;
+  if (name == "poly") return kdfast::kMmdPoly;
+  TORCH_CHECK(name == "rbf", "kernel must be 'linear', 'poly' or 'rbf', got '", std::string(name),
+              "'");
+  return kdfast::kMmdRbf;
+}
+
+// Runs body(b) for every sample: in parallel over samples when there are enough of them,
+// else one after another (the ATen GEMMs inside then use the threads).
+void for_each_sample(int64_t batch, const std::function<void(int64_t)>& body) {
+  if (batch >= at::get_num_threads() && batch > 1) {
+    at::parallel_for(0, batch, 1, [&](int64_t first, int64_t last) {
+      for (int64_t b = first; b < last; ++b) body(b);
+    });
+  } else {
+    for (int64_t b = 0; b < batch; ++b) body(b);
+  }
+}
+
+// (B, C, H, W) -> (B, C, HW): a view for contiguous and channels_last inputs (one unit stride,
+// which the BLAS calls need); other layouts are made contiguous.
+at::Tensor channel_rows(const at::Tensor& features) {
+  TORCH_CHECK(features.dim() == 4, "features must be (B, C, H, W), got ", features.sizes());
+  at::Tensor rows = features.flatten(2);
+  if (rows.stride(2) == 1 || rows.stride(1) == 1) return rows;
+  return rows.contiguous();
+}
+
+at::ScalarType acc_type_of(at::ScalarType type) {
+  return type == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// One sample's (C, HW) rows in the accumulation dtype (a copy only for fp16/bf16).
+at::Tensor sample_rows(const at::Tensor& rows, int64_t b, at::ScalarType acc) {
+  return rows.select(0, b).to(acc);
+}
+
+// Upper triangle (and the diagonal blocks in full) of x xᵀ into out (m × m, contiguous).
+void upper_gram(at::Tensor out, const at::Tensor& x) {
+  const int64_t m = x.size(0);
+  for (int64_t i = 0; i < m; i += kPanel) {
+    const int64_t rows = std::min(kPanel, m - i);
+    at::Tensor panel = out.narrow(0, i, rows).narrow(1, i, m - i);
+    at::mm_out(panel, x.narrow(0, i, rows), x.narrow(0, i, m - i).t());
+  }
+}
+
+template <typename T>
+struct RowNorms {
+  std::vector<T> inv;   // 1 / ρ
+  std::vector<T> sq;    // q = r² / ρ²
+  std::vector<char> live;  // r > eps: the normalisation's norm term has a gradient
+};
+
+template <typename T>
+RowNorms<T> norms_from_squares(const T* squares, int64_t count, int64_t stride) {
+  RowNorms<T> norms{std::vector<T>(count), std::vector<T>(count), std::vector<char>(count)};
+  for (int64_t i = 0; i < count; ++i) {
+    const T r = std::sqrt(std::max(squares[i * stride], T(0)));
+    const T rho = std::max(r, static_cast<T>(kdfast::kNormEps));
+    norms.inv[i] = T(1) / rho;
+    norms.sq[i] = (r * r) / (rho * rho);
+    norms.live[i] = r > static_cast<T>(kdfast::kNormEps);
+  }
+  return norms;
+}
+
+template <typename T>
+double sum_of(const std::vector<T>& v) {
+  double total = 0;
+  for (T e : v) total += e;
+  return total;
+}
+
+// Σ_ij ĝ_ij of a symmetric Gram whose upper triangle is valid.
+template <typename T>
+double symmetric_sum(const T* gram, int64_t m, const RowNorms<T>& nx) {
+  double total = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    double row = 0;
+    for (int64_t j = i + 1; j < m; ++j) row += gram[i * m + j] * nx.inv[j];
+    total += nx.inv[i] * (2 * row + gram[i * m + i] * nx.inv[i]);
+  }
+  return total;
+}
+
+template <typename T>
+double cross_sum(const T* gram, int64_t m, int64_t n, const RowNorms<T>& nx,
+                 const RowNorms<T>& ny) {
+  double total = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    double row = 0;
+    for (int64_t j = 0; j < n; ++j) row += gram[i * n + j] * ny.inv[j];
+    total += nx.inv[i] * row;
+  }
+  return total;
+}
+
+// exp(x) for x <= 0 in float, in a form GCC vectorises: Cephes expf (Cody-Waite reduction,
+// degree-6 polynomial, about 1 ulp); flushes to 0 below −87.
+inline float exp_nonpositive(float x) {
+  const float below = -87.0f - x;  // max(x, −87) without a branch
+  x += 0.5f * (below + std::fabs(below));
+  const float t = x * 1.44269504088896341f;
+  const int n = static_cast<int>(t - 0.5f);  // round to nearest for t <= 0
+  const float fn = static_cast<float>(n);
+  const float r = (x - fn * 0.693359375f) + fn * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * __builtin_bit_cast(float, (n + 127) << 23);
+}
+
+// value[j] += e, slope[j] += 2h·e with e = exp(−max(dist[j], 0)·h): the rbf hot loop, cloned
+// for AVX-512 and AVX2 and picked at load time.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void rbf_accumulate(const float* __restrict dist, int64_t count, float h,
+                    float* __restrict value, float* __restrict slope) {
+  for (int64_t j = 0; j < count; ++j) {
+    const float d = 0.5f * (dist[j] + std::fabs(dist[j]));  // max(dist, 0), branch-free
+    const float e = exp_nonpositive(-d * h);
+    value[j] += e;
+    slope[j] += 2.0f * h * e;
+  }
+}
+
+void rbf_accumulate(const double* __restrict dist, int64_t count, double h,
+                    double* __restrict value, double* __restrict slope) {
+  for (int64_t j = 0; j < count; ++j) {
+    const double e = std::exp(-std::max(dist[j], 0.0) * h);
+    value[j] += e;
+    slope[j] += 2.0 * h * e;
+  }
+}
+
+// Per-sample scratch rows for the epilogue (g, φ, φ′ of one Gram row).
+template <typename T>
+struct RowScratch {
+  explicit RowScratch(int64_t size) : g(size), value(size), slope(size), grad(size) {}
+  std::vector<T> g, value, slope, grad;
+};
+
+// φ and φ′ of count Gram entries g (row i against columns with squared norms q_col).
+template <int Kind, typename T>
+void kernel_row(const MmdKernelParams<T>& p, const T* __restrict g, T q_i,
+                const T* __restrict q_col, int64_t count, T* __restrict value,
+                T* __restrict slope, T* __restrict scratch_grad) {
+  if (Kind == kdfast::kMmdPoly) {
+    // lower = (g + c)^(d−1), built by repeated products so every loop vectorises.
+#pragma omp simd
+    for (int64_t j = 0; j < count; ++j) {
+      value[j] = g[j] + p.coef;
+      slope[j] = T(1);
+    }
+    for (int k = 1; k < p.degree; ++k) {
+#pragma omp simd
+      for (int64_t j = 0; j < count; ++j) slope[j] *= value[j];
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < count; ++j) {
+      const T lower = slope[j];
+      slope[j] = T(p.degree) * lower;
+      value[j] = lower * value[j];
+    }
+    return;
+  }
+  // rbf: dist = max(q_i + q_j − 2g, 0) kept in slope until the exponentials are summed.
+  T* dist = slope;
+#pragma omp simd
+  for (int64_t j = 0; j < count; ++j) {
+    dist[j] = q_i + q_col[j] - T(2) * g[j];
+    value[j] = T(0);
+  }
+  T* __restrict dg = scratch_grad;
+#pragma omp simd
+  for (int64_t j = 0; j < count; ++j) dg[j] = T(0);
+  for (int s = 0; s < p.num_bandwidths; ++s) {
+    rbf_accumulate(dist, count, p.half_inv_sigma2[s], value, dg);
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < count; ++j) slope[j] = dist[j] >= T(0) ? dg[j] : T(0);
+}
+
+// One Gram row: Σ φ over count entries; with want_grad writes W·scale over the raw entries,
+// adds W·g to c_col[j] and returns Σ_j W·g in c_row.
+template <int Kind, typename T>
+double epilogue_row(T* __restrict row, int64_t count, T inv_i, T q_i,
+                    const T* __restrict inv_col, const T* __restrict q_col,
+                    const MmdKernelParams<T>& p, T weight2, bool want_grad,
+                    T* __restrict c_col, T* c_row, RowScratch<T>& scratch) {
+  if (count <= 0) return 0.0;
+  T* __restrict g = scratch.g.data();
+  T* __restrict value = scratch.value.data();
+  T* __restrict slope = scratch.slope.data();
+#pragma omp simd
+  for (int64_t j = 0; j < count; ++j) g[j] = row[j] * inv_i * inv_col[j];
+  kernel_row<Kind>(p, g, q_i, q_col, count, value, slope, scratch.grad.data());
+  T total = 0;
+#pragma omp simd reduction(+ : total)
+  for (int64_t j = 0; j < count; ++j) total += value[j];
+  if (want_grad) {
+    T c_i = 0;
+#pragma omp simd reduction(+ : c_i)
+    for (int64_t j = 0; j < count; ++j) {
+      const T w = weight2 * slope[j];
+      row[j] = w * inv_i * inv_col[j];
+      const T wg = w * g[j];
+      c_i += wg;
+      c_col[j] += wg;
+    }
+    *c_row += c_i;
+  }
+  return static_cast<double>(total);
+}
+
+// Σ φ over a symmetric block whose upper triangle is valid. With want_grad, overwrites the
+// Gram with M (without its diagonal c term) in full and adds the block's part of c.
+template <int Kind, typename T>
+double symmetric_block(T* gram, int64_t m, const RowNorms<T>& nx, const MmdKernelParams<T>& p,
+                       bool unbiased, T weight2, bool want_grad, std::vector<T>& c,
+                       RowScratch<T>& scratch) {
+  double total = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    T* row = gram + i * m;
+    const T inv_i = nx.inv[i], q_i = nx.sq[i];
+    T c_i = 0, unused = 0;
+    // The diagonal entry: counted once, and not at all when unbiased.
+    const double diag = epilogue_row<Kind>(row + i, 1, inv_i, q_i, nx.inv.data() + i,
+                                           nx.sq.data() + i, p, unbiased ? T(0) : weight2,
+                                           want_grad, &c_i, &unused, scratch);
+    if (!unbiased) total += diag;
+    total += 2 * epilogue_row<Kind>(row + i + 1, m - i - 1, inv_i, q_i, nx.inv.data() + i + 1,
+                                    nx.sq.data() + i + 1, p, weight2, want_grad,
+                                    c.data() + i + 1, &c_i, scratch);
+    c[i] += c_i;
+  }
+  if (want_grad) {  // mirror the upper triangle
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t j = i + 1; j < m; ++j) gram[j * m + i] = gram[i * m + j];
+    }
+  }
+  return total;
+}
+
+template <int Kind, typename T>
+double cross_block(T* gram, int64_t m, int64_t n, const RowNorms<T>& nx, const RowNorms<T>& ny,
+                   const MmdKernelParams<T>& p, T weight2, bool want_grad, std::vector<T>& c,
+                   std::vector<T>& c_t, RowScratch<T>& scratch) {
+  double total = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    total += epilogue_row<Kind>(gram + i * n, n, nx.inv[i], nx.sq[i], ny.inv.data(),
+                                ny.sq.data(), p, weight2, want_grad, c_t.data(), &c[i], scratch);
+  }
+  return total;
+}
+
+// M_ii −= [r_i > eps] c_i / ρ_i².
+template <typename T>
+void subtract_diagonal(T* matrix, int64_t m, const RowNorms<T>& nx, const std::vector<T>& c) {
+  for (int64_t i = 0; i < m; ++i) {
+    if (nx.live[i]) matrix[i * m + i] -= c[i] * nx.inv[i] * nx.inv[i];
+  }
+}
+
+struct MmdOptions {
+  int kind;
+  int64_t degree;
+  double coef;
+  std::vector<double> sigma2;
+  bool sigma_mean, unbiased, teacher_term, grad_student, grad_teacher;
+};
+
+template <typename T>
+MmdKernelParams<T> kernel_params(const MmdOptions& o) {
+  MmdKernelParams<T> p{};
+  p.kind = o.kind;
+  p.degree = static_cast<int>(o.degree);
+  p.coef = static_cast<T>(o.coef);
+  p.num_bandwidths = static_cast<int>(o.sigma2.size());
+  for (size_t s = 0; s < o.sigma2.size(); ++s) p.half_inv_sigma2[s] = T(0.5 / o.sigma2[s]);
+  return p;
+}
+
+// One sample of the Gram path: Grams, epilogue, M matrices in place. Returns MMD².
+template <int Kind, typename T>
+double gram_sample(const at::Tensor& x, const at::Tensor& y, at::Tensor g_ss, at::Tensor g_st,
+                   at::Tensor g_tt, const MmdOptions& o, MmdKernelParams<T> p,
+                   const MmdBlockWeights& w) {
+  const int64_t m = x.size(0), n = y.size(0);
+  upper_gram(g_ss, x);
+  at::mm_out(g_st, x, y.t());
+  const bool keep_tt = g_tt.defined() && o.teacher_term;
+  if (keep_tt) upper_gram(g_tt, y);
+  T* ss = g_ss.data_ptr<T>();
+  T* st = g_st.data_ptr<T>();
+  T* tt = keep_tt ? g_tt.data_ptr<T>() : nullptr;
+
+  const RowNorms<T> nx = norms_from_squares(ss, m, m + 1);
+  RowNorms<T> ny;
+  double teacher_sum = 0;  // Σ_jj' ŷ_jᵀŷ_j' for the "mean" bandwidth
+  if (keep_tt) {
+    ny = norms_from_squares(tt, n, n + 1);
+    if (o.sigma_mean) teacher_sum = symmetric_sum(tt, n, ny);
+  } else {
+    const at::Tensor squares = y.square().sum(1);
+    ny = norms_from_squares(squares.data_ptr<T>(), n, 1);
+    if (o.sigma_mean) {
+      const at::Tensor inv = at::from_blob(ny.inv.data(), {n}, y.options());
+      teacher_sum = at::mv(y.t(), inv).square().sum().item<double>();
+    }
+  }
+  if (o.sigma_mean) {
+    const double all = symmetric_sum(ss, m, nx) + 2 * cross_sum(st, m, n, nx, ny) + teacher_sum;
+    const double sigma2 = kdfast::mmd_mean_bandwidth(sum_of(nx.sq) + sum_of(ny.sq), all, m + n);
+    p.num_bandwidths = 1;
+    p.half_inv_sigma2[0] = T(0.5 / sigma2);
+  }
+
+  std::vector<T> c(m, T(0)), c_t(n, T(0));
+  RowScratch<T> scratch(std::max(m, n));
+  const bool grad_s = o.grad_student, grad_t = o.grad_teacher;
+  const double sum_ss =
+      symmetric_block<Kind>(ss, m, nx, p, o.unbiased, T(2 * w.ss), grad_s, c, scratch);
+  const double sum_st =
+      cross_block<Kind>(st, m, n, nx, ny, p, T(-2 * w.st), grad_s || grad_t, c, c_t,
+                        scratch);
+  double sum_tt = 0;
+  if (keep_tt) sum_tt = symmetric_block<Kind>(tt, n, ny, p, o.unbiased, T(2 * w.tt), grad_t, c_t,
+                                            scratch);
+  if (grad_s) subtract_diagonal(ss, m, nx, c);
+  if (grad_t) {
+    if (!keep_tt) g_tt.zero_();
+    subtract_diagonal(g_tt.data_ptr<T>(), n, ny, c_t);
+  }
+  return w.ss * sum_ss + w.tt * sum_tt - 2 * w.st * sum_st;
+}
+
+using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Result gram_forward(const at::Tensor& xs, const at::Tensor& ys, const MmdOptions& o,
+                    at::ScalarType out_type) {
+  const int64_t batch = xs.size(0), m = xs.size(1), n = ys.size(1);
+  const auto acc = acc_type_of(xs.scalar_type());
+  const auto opts = xs.options().dtype(acc);
+  at::Tensor g_ss = at::empty({batch, m, m}, opts);
+  at::Tensor g_st = at::empty({batch, m, n}, opts);
+  at::Tensor g_tt;
+  if (o.teacher_term || o.grad_teacher) g_tt = at::empty({batch, n, n}, opts);
+  std::vector<double> values(batch);
+  const MmdBlockWeights w = kdfast::mmd_block_weights(m, n, o.unbiased, o.teacher_term);
+  AT_DISPATCH_FLOATING_TYPES(acc, "channel_mmd_gram", [&] {
+    const MmdKernelParams<scalar_t> p = kernel_params<scalar_t>(o);
+    for_each_sample(batch, [&](int64_t b) {
+      const at::Tensor x = sample_rows(xs, b, acc), y = sample_rows(ys, b, acc);
+      at::Tensor tt = g_tt.defined() ? g_tt.select(0, b) : at::Tensor();
+      auto run = [&](auto kind) {
+        return gram_sample<decltype(kind)::value, scalar_t>(x, y, g_ss.select(0, b),
+                                                           g_st.select(0, b), tt, o, p, w);
+      };
+      if (o.kind == kdfast::kMmdPoly) {
+        values[b] = run(std::integral_constant<int, kdfast::kMmdPoly>());
+      } else {
+        values[b] = run(std::integral_constant<int, kdfast::kMmdRbf>());
+      }
+    });
+  });
+  at::Tensor loss = at::tensor(values, xs.options().dtype(at::kDouble)).to(acc);
+  auto none = [&] { return at::empty({0}, opts); };  // distinct: outputs must not alias
+  return {loss, o.grad_student ? g_ss : none(), g_st, o.grad_teacher ? g_tt : none(), none()};
+}
+
+// Linear kernel, per sample: ρ, q and s = Σ x̂_i. Returns (‖s‖² − [unbiased] Σq) and fills
+// inv_rho (1/ρ) and sum_rows (s).
+double linear_within(const at::Tensor& x, bool unbiased, at::Tensor inv_rho, at::Tensor sum_rows) {
+  const at::Tensor r = at::linalg_vector_norm(x, 2, {1});
+  const at::Tensor rho = r.clamp_min(kdfast::kNormEps);
+  inv_rho.copy_(rho.reciprocal());
+  at::mv_out(sum_rows, x.t(), inv_rho);
+  double within = sum_rows.square().sum().item<double>();
+  if (unbiased) within -= (r / rho).square().sum().item<double>();
+  return within;
+}
+
+Result linear_forward(const at::Tensor& xs, const at::Tensor& ys, const MmdOptions& o,
+                      at::ScalarType out_type) {
+  const int64_t batch = xs.size(0), m = xs.size(1), n = ys.size(1), d = xs.size(2);
+  const auto acc = acc_type_of(xs.scalar_type());
+  const auto opts = xs.options().dtype(acc);
+  at::Tensor sum_x = at::empty({batch, d}, opts), sum_y = at::empty({batch, d}, opts);
+  at::Tensor inv_x = at::empty({batch, m}, opts), inv_y = at::empty({batch, n}, opts);
+  const MmdBlockWeights w = kdfast::mmd_block_weights(m, n, o.unbiased, o.teacher_term);
+  std::vector<double> values(batch);
+  for_each_sample(batch, [&](int64_t b) {
+    const double within_x = linear_within(sample_rows(xs, b, acc), o.unbiased, inv_x.select(0, b),
+                                          sum_x.select(0, b));
+    const double within_y = linear_within(sample_rows(ys, b, acc), o.unbiased, inv_y.select(0, b),
+                                          sum_y.select(0, b));
+    const double cross = at::dot(sum_x.select(0, b), sum_y.select(0, b)).item<double>();
+    values[b] = w.ss * within_x + w.tt * within_y - 2 * w.st * cross;
+  });
+  at::Tensor loss = at::tensor(values, xs.options().dtype(at::kDouble)).to(acc);
+  return {loss, sum_x, sum_y, inv_x, inv_y};
+}
+
+// Poly d = 2 through D × D Grams, taken (like the reference) when D < the Gram rows: with
+// F = X̂ᵀX̂ and s = Σ x̂_i, Σ_ij (ĝ_ij + c)² = ⟨F_a, F_b⟩ + 2c s_aᵀs_b + c²·rows_a·rows_b, and the
+// unbiased within-set sums take Σ_i (q_i + c)² out. The backward of x̂_i is u_i = x̂_i A_x + v_x
+// − [unbiased] 4 w_ss (q_i + c) x̂_i with A_x = 4 w_ss F_x − 4 w_st F_y, v_x = 4c (w_ss s_x −
+// w_st s_y) (symmetrically for the teacher); state: A (B, 2, D, D), v (B, 2, D), 1/ρ_x, 1/ρ_y.
+bool use_feature_gram(int kind, int64_t degree, int64_t d, int64_t m, int64_t n,
+                      bool teacher_term) {
+  return kind == kdfast::kMmdPoly && degree == 2 && d < m + (teacher_term ? n : 0);
+}
+
+struct FeatureSide {
+  at::Tensor inv, f, sum;  // 1/ρ (rows), F = X̂ᵀX̂ (D × D), Σ x̂_i (D)
+  double diagonal;         // Σ_i (q_i + c)²
+};
+
+FeatureSide feature_side(const at::Tensor& x, double coef, at::Tensor inv) {
+  const at::Tensor r = at::linalg_vector_norm(x, 2, {1});
+  const at::Tensor rho = r.clamp_min(kdfast::kNormEps);
+  inv.copy_(rho.reciprocal());
+  const at::Tensor unit = x * inv.unsqueeze(1);  // one sample's rows, a per-task temporary
+  const at::Tensor q = (r * inv).square();
+  return {inv, at::mm(unit.t(), unit), unit.sum(0), (q + coef).square().sum().item<double>()};
+}
+
+Result feature_gram_forward(const at::Tensor& xs, const at::Tensor& ys, const MmdOptions& o) {
+  const int64_t batch = xs.size(0), m = xs.size(1), n = ys.size(1), d = xs.size(2);
+  const auto acc = acc_type_of(xs.scalar_type());
+  const auto opts = xs.options().dtype(acc);
+  at::Tensor a = at::zeros({batch, 2, d, d}, opts), v = at::zeros({batch, 2, d}, opts);
+  at::Tensor inv_x = at::empty({batch, m}, opts), inv_y = at::empty({batch, n}, opts);
+  const MmdBlockWeights w = kdfast::mmd_block_weights(m, n, o.unbiased, o.teacher_term);
+  const double c = o.coef;
+  std::vector<double> values(batch);
+  for_each_sample(batch, [&](int64_t b) {
+    const FeatureSide sx = feature_side(sample_rows(xs, b, acc), c, inv_x.select(0, b));
+    const FeatureSide sy = feature_side(sample_rows(ys, b, acc), c, inv_y.select(0, b));
+    auto block = [&](const FeatureSide& p, const FeatureSide& q, double count) {
+      return (p.f * q.f).sum().item<double>() + 2 * c * at::dot(p.sum, q.sum).item<double>() +
+             c * c * count;
+    };
+    double ss = block(sx, sx, double(m) * m), tt = 0;
+    if (o.unbiased) ss -= sx.diagonal;
+    if (o.teacher_term) tt = block(sy, sy, double(n) * n) - (o.unbiased ? sy.diagonal : 0.0);
+    values[b] = w.ss * ss + w.tt * tt - 2 * w.st * block(sx, sy, double(m) * n);
+    if (o.grad_student) {
+      a[b][0].copy_(4 * w.ss * sx.f - 4 * w.st * sy.f);
+      v[b][0].copy_(4 * c * (w.ss * sx.sum - w.st * sy.sum));
+    }
+    if (o.grad_teacher) {
+      a[b][1].copy_(4 * w.tt * sy.f - 4 * w.st * sx.f);
+      v[b][1].copy_(4 * c * (w.tt * sy.sum - w.st * sx.sum));
+    }
+  });
+  at::Tensor loss = at::tensor(values, xs.options().dtype(at::kDouble)).to(acc);
+  return {loss, a, v, inv_x, inv_y};
+}
+
+// dx_i = g/ρ_i (u_i − live_i (x̂_iᵀu_i) x̂_i), u_i = x̂_i A + v − [unbiased] 4 w (q_i + c) x̂_i.
+void feature_rows_grad(at::Tensor out, const at::Tensor& x, const at::Tensor& inv,
+                       const at::Tensor& a, const at::Tensor& v, double g, bool unbiased,
+                       double w, double coef) {
+  const at::Tensor sq = x.square().sum(1);
+  const at::Tensor live = (sq.sqrt() > kdfast::kNormEps).to(x.scalar_type());
+  at::Tensor u = at::mm(x, a) * inv.unsqueeze(1) + v.unsqueeze(0);
+  if (unbiased) {
+    const at::Tensor q = sq * inv * inv;
+    u -= x * (4 * w * (q + coef) * inv).unsqueeze(1);
+  }
+  const at::Tensor proj = (x * u).sum(1) * inv;  // x̂_iᵀ u_i
+  u -= x * (live * proj * inv).unsqueeze(1);
+  out.copy_(u * (g * inv).unsqueeze(1));
+}
+
+Result channel_mmd_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                       c10::string_view kernel, int64_t degree, double coef,
+                       at::ArrayRef<double> sigma2, bool sigma_mean, bool unbiased,
+                       bool teacher_term, bool grad_student, bool grad_teacher) {
+  // The ATen calls below are implementation details: no autograd recording through them.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
+              "student and teacher must have one dtype, got ", student.scalar_type(), " and ",
+              teacher.scalar_type());
+  TORCH_CHECK(at::isFloatingType(student.scalar_type()), "features must be floating point");
+  const at::Tensor xs = channel_rows(student), ys = channel_rows(teacher);
+  TORCH_CHECK(xs.size(0) == ys.size(0) && xs.size(2) == ys.size(2),
+              "student and teacher must share B, H and W, got ", student.sizes(), " and ",
+              teacher.sizes());
+  TORCH_CHECK(degree >= 1, "degree must be >= 1, got ", degree);
+  TORCH_CHECK(sigma_mean || !sigma2.empty(), "sigma2 must hold at least one bandwidth");
+  TORCH_CHECK(static_cast<int64_t>(sigma2.size()) <= kdfast::kMmdMaxBandwidths,
+              "at most ", kdfast::kMmdMaxBandwidths, " bandwidths, got ", sigma2.size());
+  for (double s : sigma2) TORCH_CHECK(s > 0, "every sigma2 must be > 0, got ", s);
+  TORCH_CHECK(!unbiased || (xs.size(1) >= 2 && (!teacher_term || ys.size(1) >= 2)),
+              "unbiased=True needs at least 2 channels in each set it averages");
+  const MmdOptions o{kernel_kind(kernel), degree, coef,
+                     std::vector<double>(sigma2.begin(), sigma2.end()),
+                     sigma_mean, unbiased, teacher_term, grad_student, grad_teacher};
+  if (o.kind == kdfast::kMmdLinear) return linear_forward(xs, ys, o, student.scalar_type());
+  if (use_feature_gram(o.kind, degree, xs.size(2), xs.size(1), ys.size(1), teacher_term)) {
+    return feature_gram_forward(xs, ys, o);
+  }
+  return gram_forward(xs, ys, o, student.scalar_type());
+}
+
+// out = g (a·p + b·q) for one sample, in the accumulation dtype, then into out's dtype.
+void two_gemms(at::Tensor out, const at::Tensor& a, const at::Tensor& p, const at::Tensor& b,
+               const at::Tensor& q, double g) {
+  if (out.scalar_type() == a.scalar_type()) {
+    at::addmm_out(out, out, a, p, 0.0, g);
+    at::addmm_out(out, out, b, q, 1.0, g);
+    return;
+  }
+  at::Tensor acc = at::mm(a, p);
+  acc.addmm_(b, q, g, g);
+  out.copy_(acc);
+}
+
+// Linear gradient of one sample's rows: g/ρ_i (v − live_i (x̂_iᵀv) x̂_i) − corr_i x_i with
+// corr_i = [unbiased] 2 w g (1 − live_i q_i)/ρ_i².
+void linear_rows_grad(at::Tensor out, const at::Tensor& x, const at::Tensor& inv_rho,
+                      const at::Tensor& v, double g, bool unbiased, double w) {
+  const at::Tensor sq = at::linalg_vector_norm(x, 2, {1}).square();
+  const at::Tensor live = (sq.sqrt() > kdfast::kNormEps).to(x.scalar_type());
+  const at::Tensor proj = at::mv(x, v) * inv_rho;  // x̂_iᵀ v
+  at::Tensor coeff = -g * live * proj * inv_rho * inv_rho;
+  if (unbiased) {
+    const at::Tensor q = sq * inv_rho * inv_rho;
+    coeff = coeff - 2 * w * g * (1 - live * q) * inv_rho * inv_rho;
+  }
+  at::Tensor acc = x * coeff.unsqueeze(1);
+  acc.addr_(inv_rho, v, 1.0, g);
+  out.copy_(acc);
+}
+
+std::tuple<at::Tensor, at::Tensor> channel_mmd_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
+    const at::Tensor& s0, const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& s3,
+    c10::string_view kernel, double coef, bool unbiased, bool teacher_term, bool grad_student,
+    bool grad_teacher) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const at::Tensor xs = channel_rows(student), ys = channel_rows(teacher);
+  const int64_t batch = xs.size(0), m = xs.size(1), n = ys.size(1);
+  const auto acc = acc_type_of(xs.scalar_type());
+  const at::Tensor g = grad.to(at::kDouble).contiguous();
+  const double* gp = g.data_ptr<double>();
+  at::Tensor dx, dy;
+  if (grad_student) dx = at::empty(xs.sizes(), xs.options().memory_format(at::MemoryFormat::Contiguous));
+  if (grad_teacher) dy = at::empty(ys.sizes(), ys.options().memory_format(at::MemoryFormat::Contiguous));
+  const bool linear = kernel_kind(kernel) == kdfast::kMmdLinear;
+  const bool feature = !linear && s0.dim() == 4;  // the D × D poly-2 state
+  const MmdBlockWeights w = kdfast::mmd_block_weights(m, n, unbiased, teacher_term);
+  for_each_sample(batch, [&](int64_t b) {
+    const at::Tensor x = sample_rows(xs, b, acc), y = sample_rows(ys, b, acc);
+    if (feature) {
+      if (grad_student) {
+        feature_rows_grad(dx.select(0, b), x, s2.select(0, b), s0[b][0], s1[b][0], gp[b],
+                          unbiased, w.ss, coef);
+      }
+      if (grad_teacher) {
+        feature_rows_grad(dy.select(0, b), y, s3.select(0, b), s0[b][1], s1[b][1], gp[b],
+                          unbiased && teacher_term, w.tt, coef);
+      }
+      return;
+    }
+    if (linear) {
+      const at::Tensor sx = s0.select(0, b), sy = s1.select(0, b);
+      if (grad_student) {
+        const at::Tensor v = 2 * w.ss * sx - 2 * w.st * sy;
+        linear_rows_grad(dx.select(0, b), x, s2.select(0, b), v, gp[b], unbiased, w.ss);
+      }
+      if (grad_teacher) {
+        const at::Tensor v = 2 * w.tt * sy - 2 * w.st * sx;
+        linear_rows_grad(dy.select(0, b), y, s3.select(0, b), v, gp[b],
+                         unbiased && teacher_term, w.tt);
+      }
+      return;
+    }
+    if (grad_student) {
+      two_gemms(dx.select(0, b), s0.select(0, b), x, s1.select(0, b), y, gp[b]);
+    }
+    if (grad_teacher) {
+      two_gemms(dy.select(0, b), s2.select(0, b), y, s1.select(0, b).t(), x, gp[b]);
+    }
+  });
+  return {dx.defined() ? dx.view(student.sizes()) : at::empty({0}, student.options()),
+          dy.defined() ? dy.view(teacher.sizes()) : at::empty({0}, teacher.options())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
+  m.impl("channel_mmd", &channel_mmd_cpu);
+  m.impl("channel_mmd_backward", &channel_mmd_backward_cpu);
+}

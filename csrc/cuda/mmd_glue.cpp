@@ -1,0 +1,227 @@
+// Torch-facing side of the CUDA channel MMD (NST): checks, the Grams and the backward GEMMs
+// through ATen (cuBLAS, fp16/bf16 Grams accumulated and returned in fp32), allocation, the
+// current stream, and the CUDA registrations of kdfast::channel_mmd(_backward). The same
+// contract as csrc/cpu/mmd.cpp: loss (B,) in the accumulation dtype, then the backward state
+// (M_ss, M_st, M_tt, -) for poly/rbf, (Σ x̂, Σ ŷ, 1/ρ_x, 1/ρ_y) for linear.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "kdfast/math.h"
+#include "mmd.h"
+
+namespace {
+
+using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+void* stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+at::ScalarType acc_type_of(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+int kernel_kind(c10::string_view name) {
+  if (name == "linear") return kdfast::kMmdLinear;
+  if (name == "poly") return kdfast::kMmdPoly;
+  TORCH_CHECK(name == "rbf", "kernel must be 'linear', 'poly' or 'rbf', got '", std::string(name),
+              "'");
+  return kdfast::kMmdRbf;
+}
+
+// (B, C, H, W) -> (B, C, HW): a view when one of the last two strides is 1 (cuBLAS takes it).
+at::Tensor channel_rows(const at::Tensor& features) {
+  TORCH_CHECK(features.dim() == 4, "features must be (B, C, H, W), got ", features.sizes());
+  TORCH_CHECK(features.is_cuda(), "features must be CUDA tensors");
+  at::Tensor rows = features.flatten(2);
+  if (rows.stride(2) == 1 || rows.stride(1) == 1) return rows;
+  return rows.contiguous();
+}
+
+// a bᵀ per sample in the accumulation dtype (fp16/bf16 inputs: cuBLAS accumulates in fp32 and
+// writes fp32).
+at::Tensor gram(const at::Tensor& a, const at::Tensor& b, at::ScalarType acc) {
+  if (a.scalar_type() == acc) return at::bmm(a, b.transpose(1, 2));
+  return at::bmm(a, b.transpose(1, 2), acc);
+}
+
+at::Tensor in_acc(const at::Tensor& x, at::ScalarType acc) {
+  return x.scalar_type() == acc ? x : x.to(acc);
+}
+
+at::Tensor empty_state(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+Result linear_forward(const at::Tensor& xs, const at::Tensor& ys, bool unbiased,
+                      bool teacher_term) {
+  const auto acc = acc_type_of(xs);
+  const int64_t m = xs.size(1), n = ys.size(1);
+  const kdfast::MmdBlockWeights w = kdfast::mmd_block_weights(m, n, unbiased, teacher_term);
+  auto side = [&](const at::Tensor& z) {
+    const at::Tensor r = at::linalg_vector_norm(z, 2, {2}, false, acc);
+    const at::Tensor rho = r.clamp_min(kdfast::kNormEps);
+    const at::Tensor inv = rho.reciprocal();
+    const at::Tensor sum = at::bmm(inv.unsqueeze(1), in_acc(z, acc)).squeeze(1);
+    at::Tensor within = sum.square().sum(1);
+    if (unbiased) within = within - (r / rho).square().sum(1);
+    return std::make_tuple(inv, sum, within);
+  };
+  auto [inv_x, sum_x, within_x] = side(xs);
+  auto [inv_y, sum_y, within_y] = side(ys);
+  const at::Tensor loss = w.ss * within_x + w.tt * within_y - 2 * w.st * (sum_x * sum_y).sum(1);
+  return {loss, sum_x, sum_y, inv_x, inv_y};
+}
+
+Result gram_forward(const at::Tensor& xs, const at::Tensor& ys, int kind, int64_t degree,
+                    double coef, at::ArrayRef<double> sigma2, bool sigma_mean, bool unbiased,
+                    bool teacher_term, bool grad_student, bool grad_teacher) {
+  const auto acc = acc_type_of(xs);
+  const int64_t batch = xs.size(0), m = xs.size(1), n = ys.size(1);
+  const auto opts = xs.options().dtype(acc);
+  const at::Tensor g_ss = gram(xs, xs, acc).contiguous();
+  const at::Tensor g_st = gram(xs, ys, acc).contiguous();
+  at::Tensor g_tt;
+  if (teacher_term) g_tt = gram(ys, ys, acc).contiguous();
+  at::Tensor stats_x = at::empty({3, batch, m}, opts), stats_y = at::empty({3, batch, n}, opts);
+  at::Tensor squares_y;
+  if (!teacher_term) squares_y = at::linalg_vector_norm(ys, 2, {2}, false, acc).square();
+  at::Tensor m_ss = grad_student ? at::empty({batch, m, m}, opts) : empty_state(g_ss);
+  at::Tensor m_st = at::empty({batch, m, n}, opts);
+  at::Tensor m_tt = grad_teacher ? at::empty({batch, n, n}, opts) : empty_state(g_ss);
+  at::Tensor partials = at::empty({batch, m + n, 3}, opts);
+  at::Tensor loss = at::empty({batch}, opts);
+  AT_DISPATCH_FLOATING_TYPES(acc, "channel_mmd_cuda", [&] {
+    using T = scalar_t;
+    T* inv_x = stats_x[0].data_ptr<T>();
+    T* sq_x = stats_x[1].data_ptr<T>();
+    T* live_x = stats_x[2].data_ptr<T>();
+    T* inv_y = stats_y[0].data_ptr<T>();
+    T* sq_y = stats_y[1].data_ptr<T>();
+    T* live_y = stats_y[2].data_ptr<T>();
+    kdfast::cuda::mmd_row_norms<T>(g_ss.data_ptr<T>(), batch, m, m * m, m + 1, inv_x, sq_x,
+                                   live_x, stream());
+    if (teacher_term) {
+      kdfast::cuda::mmd_row_norms<T>(g_tt.data_ptr<T>(), batch, n, n * n, n + 1, inv_y, sq_y,
+                                     live_y, stream());
+    } else {
+      const at::Tensor sq = squares_y.contiguous();
+      kdfast::cuda::mmd_row_norms<T>(sq.data_ptr<T>(), batch, n, n, 1, inv_y, sq_y, live_y,
+                                     stream());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    at::Tensor half_inv;
+    if (sigma_mean) {
+      at::Tensor teacher_sum;
+      if (!teacher_term) {  // ‖Σ ŷ‖² from one pass over Y (no teacher Gram)
+        teacher_sum = at::bmm(stats_y[0].unsqueeze(1), in_acc(ys, acc)).square().sum({1, 2});
+      }
+      at::Tensor row_sums = at::empty({batch, m + n}, opts);
+      half_inv = at::empty({batch}, opts);
+      kdfast::cuda::mmd_mean_bandwidth<T>(
+          g_ss.data_ptr<T>(), g_st.data_ptr<T>(), teacher_term ? g_tt.data_ptr<T>() : nullptr,
+          teacher_term ? nullptr : teacher_sum.data_ptr<T>(), inv_x, sq_x, inv_y, sq_y, batch,
+          m, n, row_sums.data_ptr<T>(), half_inv.data_ptr<T>(), stream());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    kdfast::MmdKernelParams<T> p{};
+    p.kind = kind;
+    p.degree = static_cast<int>(degree);
+    p.coef = static_cast<T>(coef);
+    p.num_bandwidths = static_cast<int>(sigma2.size());
+    for (size_t s = 0; s < sigma2.size(); ++s) p.half_inv_sigma2[s] = T(0.5 / sigma2[s]);
+    kdfast::cuda::mmd_epilogue<T>(
+        g_ss.data_ptr<T>(), g_st.data_ptr<T>(), teacher_term ? g_tt.data_ptr<T>() : nullptr,
+        inv_x, sq_x, live_x, inv_y, sq_y, live_y, p,
+        sigma_mean ? half_inv.data_ptr<T>() : nullptr, batch, m, n, unbiased, teacher_term,
+        grad_student ? m_ss.data_ptr<T>() : nullptr, m_st.data_ptr<T>(),
+        grad_teacher ? m_tt.data_ptr<T>() : nullptr, partials.data_ptr<T>(),
+        loss.data_ptr<T>(), stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, m_ss, m_st, m_tt, empty_state(g_ss)};
+}
+
+Result channel_mmd_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                        c10::string_view kernel, int64_t degree, double coef,
+                        at::ArrayRef<double> sigma2, bool sigma_mean, bool unbiased,
+                        bool teacher_term, bool grad_student, bool grad_teacher) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const c10::cuda::CUDAGuard guard(student.device());
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
+              "student and teacher must have one dtype, got ", student.scalar_type(), " and ",
+              teacher.scalar_type());
+  const at::Tensor xs = channel_rows(student), ys = channel_rows(teacher);
+  TORCH_CHECK(xs.size(0) == ys.size(0) && xs.size(2) == ys.size(2),
+              "student and teacher must share B, H and W, got ", student.sizes(), " and ",
+              teacher.sizes());
+  TORCH_CHECK(degree >= 1, "degree must be >= 1, got ", degree);
+  TORCH_CHECK(sigma_mean || !sigma2.empty(), "sigma2 must hold at least one bandwidth");
+  TORCH_CHECK(static_cast<int64_t>(sigma2.size()) <= kdfast::kMmdMaxBandwidths, "at most ",
+              kdfast::kMmdMaxBandwidths, " bandwidths, got ", sigma2.size());
+  TORCH_CHECK(!unbiased || (xs.size(1) >= 2 && (!teacher_term || ys.size(1) >= 2)),
+              "unbiased=True needs at least 2 channels in each set it averages");
+  const int kind = kernel_kind(kernel);
+  if (kind == kdfast::kMmdLinear) return linear_forward(xs, ys, unbiased, teacher_term);
+  return gram_forward(xs, ys, kind, degree, coef, sigma2, sigma_mean, unbiased, teacher_term,
+                      grad_student, grad_teacher);
+}
+
+// Linear gradient rows: g/ρ_i (v − live_i (x̂_iᵀv) x̂_i) − [unbiased] 2 w g (1 − live_i q_i) x_i/ρ_i².
+at::Tensor linear_grad(const at::Tensor& z, const at::Tensor& inv, const at::Tensor& v,
+                       const at::Tensor& g, bool unbiased, double w, at::ScalarType acc) {
+  const at::Tensor za = in_acc(z, acc);
+  const at::Tensor sq = at::linalg_vector_norm(z, 2, {2}, false, acc).square();
+  const at::Tensor live = (sq.sqrt() > kdfast::kNormEps).to(acc);
+  const at::Tensor proj = at::bmm(za, v.unsqueeze(2)).squeeze(2) * inv;
+  const at::Tensor gb = g.unsqueeze(1);
+  at::Tensor coeff = -gb * live * proj * inv * inv;
+  if (unbiased) coeff = coeff - 2 * w * gb * (1 - live * sq * inv * inv) * inv * inv;
+  at::Tensor out = za * coeff.unsqueeze(2);
+  out.baddbmm_((inv * gb).unsqueeze(2), v.unsqueeze(1));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> channel_mmd_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
+    const at::Tensor& s0, const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& s3,
+    c10::string_view kernel, double coef, bool unbiased, bool teacher_term, bool grad_student,
+    bool grad_teacher) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const c10::cuda::CUDAGuard guard(student.device());
+  const at::Tensor xs = channel_rows(student), ys = channel_rows(teacher);
+  const auto acc = acc_type_of(xs);
+  const int64_t m = xs.size(1), n = ys.size(1);
+  const at::Tensor g = grad.to(acc);
+  const kdfast::MmdBlockWeights w = kdfast::mmd_block_weights(m, n, unbiased, teacher_term);
+  at::Tensor dx, dy;
+  if (kernel_kind(kernel) == kdfast::kMmdLinear) {
+    if (grad_student) {
+      dx = linear_grad(xs, s2, 2 * w.ss * s0 - 2 * w.st * s1, g, unbiased, w.ss, acc);
+    }
+    if (grad_teacher) {
+      dy = linear_grad(ys, s3, 2 * w.tt * s1 - 2 * w.st * s0, g, unbiased && teacher_term, w.tt,
+                       acc);
+    }
+  } else {
+    const at::Tensor gb = g.view({-1, 1, 1});
+    const at::Tensor xa = in_acc(xs, acc), ya = in_acc(ys, acc);
+    const at::Tensor m_st = s1 * gb;
+    if (grad_student) dx = at::bmm(s0 * gb, xa).baddbmm_(m_st, ya);
+    if (grad_teacher) dy = at::bmm(s2 * gb, ya).baddbmm_(m_st.transpose(1, 2), xa);
+  }
+  return {dx.defined() ? dx.to(student.scalar_type()).reshape(student.sizes())
+                       : at::empty({0}, student.options()),
+          dy.defined() ? dy.to(teacher.scalar_type()).reshape(teacher.sizes())
+                       : at::empty({0}, teacher.options())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kdfast, CUDA, m) {
+  m.impl("channel_mmd", &channel_mmd_cuda);
+  m.impl("channel_mmd_backward", &channel_mmd_backward_cuda);
+}

@@ -1,0 +1,242 @@
+"""Native channel MMD (NST) against the reference: values and gradients of every kernel."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kdfast
+from kdfast.ops.mmd import native_channel_mmd
+from kdfast.reference.nst import channel_mmd
+from tests.helpers import assert_rel_close, randn
+
+pytestmark = pytest.mark.skipif(not kdfast.available_backends()["native"],
+                                reason="native extension not built")
+
+KERNELS = [
+    {"kernel": "linear"},
+    *({"kernel": "poly", "degree": d, "coef": c} for d in (1, 2, 3) for c in (0.0, 0.5)),
+    {"kernel": "rbf", "sigma2": (1.0,)},
+    {"kernel": "rbf", "sigma2": (0.5, 2.0)},
+    {"kernel": "rbf", "sigma2": "mean"},
+]
+KERNEL_IDS = ["linear", *(f"poly{d}-c{c}" for d in (1, 2, 3) for c in (0, 0.5)),
+              "rbf", "rbf-multi", "rbf-mean"]
+NO_CUDA = not (torch.cuda.is_available() and kdfast.available_backends()["native_cuda"])
+DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(NO_CUDA, reason="needs CUDA and the native CUDA kernels")])]
+
+
+def compare(student, teacher, tol, atol=1e-13, grad_output=None, **options):
+    """Native vs the float64 reference on the same inputs: value and every gradient."""
+    inputs = [x for x in (student, teacher) if x.requires_grad]
+    ref_inputs = [x.detach().double().requires_grad_(x.requires_grad) for x in (student, teacher)]
+    ref = channel_mmd(*ref_inputs, **options)
+    out = native_channel_mmd(student, teacher, **options)
+    assert_rel_close(out, ref, tol, "value", atol)
+    weights = grad_output if grad_output is not None else torch.linspace(
+        0.5, 2.0, ref.numel(), dtype=torch.float64)
+    got = torch.autograd.grad(out, inputs, weights.to(out))
+    want = torch.autograd.grad(ref, [r for r in ref_inputs if r.requires_grad], weights)
+    for name, g_out, g_ref, x in zip(("student", "teacher"), got, want, inputs, strict=False):
+        assert g_out.dtype == x.dtype and g_out.shape == x.shape
+        assert_rel_close(g_out, g_ref, tol, f"{name} gradient", atol)
+
+
+@pytest.mark.parametrize("options", KERNELS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("unbiased", [False, True], ids=["biased", "unbiased"])
+@pytest.mark.parametrize("teacher_term", [True, False], ids=["tt", "no-tt"])
+@pytest.mark.parametrize("teacher_grad", [False, True], ids=["t-fixed", "t-grad"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_reference_float64(options, unbiased, teacher_term, teacher_grad, device):
+    student = randn(2, 5, 3, 5, requires_grad=True).to(device)
+    teacher = randn(2, 7, 3, 5).to(device).requires_grad_(teacher_grad)
+    compare(student, teacher, 1e-10, unbiased=unbiased, teacher_term=teacher_term, **options)
+
+
+SHAPES = {
+    "batch-1": ((1, 6, 4, 4), (1, 6, 4, 4)),
+    "odd-c-and-hw": ((3, 9, 5, 3), (3, 13, 5, 3)),
+    "hw-below-channels": ((2, 17, 2, 3), (2, 11, 2, 3)),
+    "hw-1": ((2, 4, 1, 1), (2, 3, 1, 1)),
+    "one-channel": ((2, 1, 3, 3), (2, 2, 3, 3)),
+    "panels": ((2, 70, 3, 3), (2, 130, 3, 3)),
+}
+
+
+@pytest.mark.parametrize("shapes", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("options", [KERNELS[0], KERNELS[3], KERNELS[-3], KERNELS[-1]],
+                         ids=["linear", "poly2", "rbf", "rbf-mean"])
+def test_awkward_shapes(shapes, options):
+    student, teacher = randn(*shapes[0]), randn(*shapes[1])
+    atol = 1e-13
+    if shapes[0][2] * shapes[0][3] == 1:
+        # HW = 1: every channel normalises to ±1 and the exact gradient is 0 (rounding noise
+        # only). Both signs in every sample, or sigma2="mean" is 0 (floored at 1e-12) and
+        # amplifies that noise by 1e12 in both implementations.
+        student[:, 0], teacher[:, 0] = student[:, 0].abs(), -teacher[:, 0].abs()
+        atol = 1e-9
+    compare(student.requires_grad_(), teacher.requires_grad_(), 1e-10, atol=atol, **options)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
+@pytest.mark.parametrize("options", [KERNELS[0], KERNELS[-3]], ids=["linear", "rbf"])
+def test_non_contiguous_inputs(layout, options):
+    if layout == "channels_last":
+        student = randn(2, 6, 5, 4).to(memory_format=torch.channels_last)
+        teacher = randn(2, 9, 5, 4).to(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        student, teacher = randn(2, 6, 4, 5).transpose(2, 3), randn(2, 9, 4, 5).transpose(2, 3)
+    else:
+        student, teacher = randn(2, 12, 5, 4)[:, ::2], randn(2, 9, 5, 6)[..., 1:5]
+    assert not student.is_contiguous() and not teacher.is_contiguous()
+    compare(student.requires_grad_(), teacher.requires_grad_(), 1e-10, **options)
+
+
+@pytest.mark.parametrize("options", KERNELS, ids=KERNEL_IDS)
+def test_grad_output_per_sample(options):
+    student = randn(3, 6, 4, 3, requires_grad=True)
+    teacher = randn(3, 5, 4, 3, requires_grad=True)
+    compare(student, teacher, 1e-10, grad_output=torch.tensor([-1.5, 0.0, 3.0],
+                                                              dtype=torch.float64), **options)
+
+
+@pytest.mark.parametrize("options", KERNELS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("unbiased", [False, True], ids=["biased", "unbiased"])
+def test_all_zero_channels(options, unbiased):
+    student, teacher = randn(2, 5, 4, 4), randn(2, 6, 4, 4)
+    student[0, 1] = 0
+    teacher[1, 2] = 0
+    teacher[1, 4] = 0
+    compare(student.requires_grad_(), teacher.requires_grad_(), 1e-10, unbiased=unbiased,
+            **options)
+
+
+# sigma2="mean" is detached by definition, so finite differences (which move it) disagree.
+@pytest.mark.parametrize("options", KERNELS[:-1], ids=KERNEL_IDS[:-1])
+def test_gradcheck(options):
+    student = randn(2, 3, 2, 3, requires_grad=True)
+    teacher = randn(2, 4, 2, 3, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda s, t: native_channel_mmd(s, t, unbiased=True, **options), (student, teacher))
+
+
+@pytest.mark.parametrize("options", KERNELS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32(options, device):
+    student = randn(3, 37, 7, 9).float().to(device).requires_grad_()
+    teacher = randn(3, 29, 7, 9).float().to(device).requires_grad_()
+    compare(student, teacher, 1e-5 if device == "cpu" else 5e-4, atol=1e-7, **options)
+
+
+def low_precision_error(student, teacher, dtype, options):
+    """Error of PyTorch itself (the reference) run on inputs rounded to ``dtype``."""
+    ref = channel_mmd(student, teacher, **options)
+    s_low, t_low = (x.detach().to(dtype).requires_grad_() for x in (student, teacher))
+    low = channel_mmd(s_low, t_low, **options)
+    grads_ref = torch.autograd.grad(ref.sum(), (student, teacher))
+    grads_low = torch.autograd.grad(low.sum(), (s_low, t_low))
+
+    def err(a, b):
+        return (a.double() - b.double()).norm().item()
+    return [err(low, ref)] + [err(a, b) for a, b in zip(grads_low, grads_ref, strict=True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("options", [KERNELS[0], KERNELS[3], KERNELS[-3], KERNELS[-1]],
+                         ids=["linear", "poly2", "rbf", "rbf-mean"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_low_precision(dtype, options, device):
+    student = randn(2, 11, 6, 5, requires_grad=True).to(device)
+    teacher = randn(2, 8, 6, 5, requires_grad=True).to(device)
+    budget = low_precision_error(student, teacher, dtype, options)
+    s_low, t_low = (x.detach().to(dtype).requires_grad_() for x in (student, teacher))
+    out = native_channel_mmd(s_low, t_low, **options)
+    assert out.dtype == torch.float32  # like the reference: low precision in, fp32 out
+    got = torch.autograd.grad(out.sum(), (s_low, t_low))
+    assert all(g.dtype == dtype for g in got)
+    ref = channel_mmd(student, teacher, **options)
+    want = torch.autograd.grad(ref.sum(), (student, teacher))
+    for what, a, b, allowed in zip(("value", "student grad", "teacher grad"), (out, *got),
+                                   (ref, *want), budget, strict=True):
+        err = (a.double() - b.double()).norm().item()
+        assert err <= 2 * allowed + 1e-3 * b.norm().item() + 1e-6, (what, err, allowed)
+
+
+@pytest.mark.parametrize("options", KERNELS, ids=KERNEL_IDS)
+def test_deterministic(options):
+    student = randn(5, 70, 6, 6).float().requires_grad_()
+    teacher = randn(5, 66, 6, 6).float().requires_grad_()
+    runs = []
+    for _ in range(2):
+        out = native_channel_mmd(student, teacher, **options)
+        runs.append((out, *torch.autograd.grad(out.sum(), (student, teacher))))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 3), c_s=st.integers(1, 9), c_t=st.integers(1, 9),
+       h=st.integers(1, 5), w=st.integers(1, 5), kernel=st.sampled_from(range(len(KERNELS))),
+       unbiased=st.booleans(), teacher_term=st.booleans(), seed=st.integers(0, 2**16))
+def test_random_shapes(batch, c_s, c_t, h, w, kernel, unbiased, teacher_term, seed):
+    if unbiased and (c_s < 2 or (teacher_term and c_t < 2)):
+        unbiased = False
+    student, teacher = randn(batch, c_s, h, w, seed=seed), randn(batch, c_t, h, w, seed=seed + 1)
+    atol = 1e-11
+    if h * w == 1:  # as in test_awkward_shapes: gradients are rounding noise, sigma2 > 0
+        student[:, 0], teacher[:, 0] = student[:, 0].abs(), -teacher[:, 0].abs()
+        atol = 1e-9
+    compare(student.requires_grad_(), teacher.requires_grad_(), 1e-9, atol=atol,
+            unbiased=unbiased, teacher_term=teacher_term, **KERNELS[kernel])
+
+
+def test_nst_loss_dispatches_to_native():
+    student = randn(2, 6, 4, 4, requires_grad=True)
+    teacher = randn(2, 8, 4, 4)
+    native = kdfast.functional.nst_loss(student, teacher, kernel="rbf", backend="native")
+    reference = kdfast.functional.nst_loss(student, teacher, kernel="rbf", backend="reference")
+    assert_rel_close(native, reference, 1e-12)
+    assert kdfast.backends.choose("channel_mmd", "auto", student, teacher).backend == "native"
+
+
+def test_unbiased_needs_two_channels():
+    with pytest.raises(RuntimeError, match="at least 2 channels"):
+        native_channel_mmd(randn(1, 1, 3, 3), randn(1, 4, 3, 3), unbiased=True)
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_torch_compile_fullgraph(kernel):
+    student = randn(2, 6, 4, 4, requires_grad=True)
+    teacher = randn(2, 5, 4, 4)
+    compiled = torch.compile(lambda s, t: native_channel_mmd(s, t, kernel=kernel), fullgraph=True)
+    out = compiled(student, teacher)
+    (grad,) = torch.autograd.grad(out.sum(), student)
+    eager = native_channel_mmd(student, teacher, kernel=kernel)
+    (eager_grad,) = torch.autograd.grad(eager.sum(), student)
+    assert torch.equal(out, eager) and torch.equal(grad, eager_grad)
+
+
+@pytest.mark.parametrize("coef", [0.0, 0.5])
+@pytest.mark.parametrize("unbiased", [False, True], ids=["biased", "unbiased"])
+@pytest.mark.parametrize("teacher_term", [True, False], ids=["tt", "no-tt"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_poly2_feature_gram_path(coef, unbiased, teacher_term, layout):
+    # H·W = 6 < C_s + C_t: the native CPU kernel (like the reference) uses the D x D Grams.
+    student, teacher = randn(2, 9, 2, 3), randn(2, 7, 2, 3)
+    if layout == "channels_last":
+        student = student.to(memory_format=torch.channels_last)
+        teacher = teacher.to(memory_format=torch.channels_last)
+    student[1, 4] = 0  # an all-zero channel
+    compare(student.requires_grad_(), teacher.requires_grad_(), 1e-10, kernel="poly", degree=2,
+            coef=coef, unbiased=unbiased, teacher_term=teacher_term)
+
+
+def test_poly2_feature_gram_path_compiles():
+    student, teacher = randn(2, 9, 2, 3, requires_grad=True), randn(2, 7, 2, 3)
+    compiled = torch.compile(lambda s, t: native_channel_mmd(s, t, kernel="poly"), fullgraph=True)
+    out = compiled(student, teacher)
+    (grad,) = torch.autograd.grad(out.sum(), student)
+    (want,) = torch.autograd.grad(channel_mmd(student, teacher, kernel="poly").sum(), student)
+    assert_rel_close(out, channel_mmd(student, teacher, kernel="poly"), 1e-12)
+    assert_rel_close(grad, want, 1e-12)
