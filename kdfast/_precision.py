@@ -15,7 +15,7 @@ import torch
 
 from kdfast.reference._numerics import LOW_PRECISION, upcast_low_precision
 
-__all__ = ["LOW_PRECISION", "autocast_off", "upcast_low_precision"]
+__all__ = ["LOW_PRECISION", "accumulation_dtype", "autocast_off", "upcast_low_precision"]
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 
@@ -26,3 +26,10 @@ def autocast_off(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     if device not in _AUTOCAST_DEVICES:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device, enabled=False)
+
+
+def accumulation_dtype(x: torch.Tensor | torch.dtype) -> torch.dtype:
+    """What the fused kernels accumulate (and return losses) in for a tensor or dtype: fp64
+    for fp64, else fp32."""
+    dtype = x if isinstance(x, torch.dtype) else x.dtype
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -14,6 +14,7 @@ import torch
 
 import kdfast.triton  # noqa: F401  (registers the Triton implementations)
 from kdfast import backends
+from kdfast._precision import accumulation_dtype
 from kdfast.reference.attention import attention_map
 
 CORE = "attention_map"
@@ -41,13 +42,9 @@ def native_attention_map(features: torch.Tensor, p: float = 2.0) -> torch.Tensor
     return NativeAttentionMap.apply(features, float(p))
 
 
-def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _fake_attention_map(features: torch.Tensor, p: float):
     shape = (features.shape[0], features.shape[2] * features.shape[3])
-    dtype = _accumulation_dtype(features)
+    dtype = accumulation_dtype(features)
     return features.new_empty(shape, dtype=dtype), features.new_empty(shape[:1], dtype=dtype)
 
 

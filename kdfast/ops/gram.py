@@ -26,6 +26,7 @@ import torch
 
 import kdfast.triton  # noqa: F401  (registers the Triton implementations)
 from kdfast import backends
+from kdfast._precision import accumulation_dtype
 from kdfast.reference._numerics import LOW_PRECISION
 from kdfast.reference.fsp import fsp_pair_loss
 from kdfast.reference.sp import similarity_loss
@@ -172,12 +173,8 @@ def native_fsp_pair_loss(student_a: torch.Tensor, student_b: torch.Tensor,
     return NativeFsp.apply(student_a, student_b, teacher_a, teacher_b)
 
 
-def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _fake_similarity_forward(gram_s: torch.Tensor, gram_t: torch.Tensor):
-    dtype = _accumulation_dtype(gram_s)
+    dtype = accumulation_dtype(gram_s)
     rows = gram_s.new_empty(gram_s.shape[:1], dtype=dtype)
     square = gram_s.new_empty(gram_s.shape, dtype=dtype)
     return rows, square, torch.empty_like(square), torch.empty_like(rows), torch.empty_like(rows)
@@ -189,7 +186,7 @@ def _fake_similarity_backward(grad, g_s, g_t, norm_s, norm_t, student: bool, tea
 
 
 def _fake_fsp_forward(prod_s: torch.Tensor, prod_t: torch.Tensor, scale_s, scale_t):
-    dtype = _accumulation_dtype(prod_s)
+    dtype = accumulation_dtype(prod_s)
     return prod_s.new_empty(prod_s.shape[:1], dtype=dtype), prod_s.new_empty(prod_s.shape,
                                                                               dtype=dtype)
 

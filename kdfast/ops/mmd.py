@@ -16,7 +16,7 @@ import torch
 
 import kdfast.triton  # noqa: F401  (registers the Triton implementations)
 from kdfast import backends
-from kdfast.ops.attention import _accumulation_dtype
+from kdfast._precision import accumulation_dtype
 from kdfast.reference.nst import channel_mmd
 
 CORE = "channel_mmd"
@@ -77,7 +77,7 @@ def _fake_channel_mmd(student, teacher, kernel, degree, coef, sigma2, sigma_mean
     """Shapes of torch.ops.kdfast.channel_mmd's outputs (for torch.compile tracing)."""
     batch, m, n = student.shape[0], student.shape[1], teacher.shape[1]
     hw = student.shape[2] * student.shape[3]
-    dtype = _accumulation_dtype(student)
+    dtype = accumulation_dtype(student)
 
     def new(*shape):
         return student.new_empty(shape, dtype=dtype)

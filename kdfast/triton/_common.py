@@ -20,11 +20,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 NO_AUTOTUNE = INTERPRET or os.environ.get("KDFAST_TRITON_NO_AUTOTUNE") == "1"
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation / result dtype: float64 stays float64, everything else is float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s ``input_precision`` (exists in Triton >= 3.0, both 3.6 and 3.9).
 

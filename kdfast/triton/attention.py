@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kdfast.triton._common import NORM_EPS, compute_dtype, configs, spatial_strides
+from kdfast._precision import accumulation_dtype
+from kdfast.triton._common import NORM_EPS, configs, spatial_strides
 
 # P_MODE: 0 for p == 2 (a*a), 1 for p == 1 (|a|), 2 for any other p (exp(p log|a|)).
 _P_SQUARE, _P_ABS, _P_GENERAL = 0, 1, 2
@@ -140,7 +141,7 @@ def attention_forward(features: torch.Tensor, p: float) -> tuple[torch.Tensor, t
     """(q̂ (B, HW), ‖Q‖ (B,)) in the compute dtype; two launches, no feature-size temporary."""
     batch, channels, height, width = features.shape
     hw = height * width
-    dtype = compute_dtype(features.dtype)
+    dtype = accumulation_dtype(features.dtype)
     q = torch.empty(batch, hw, dtype=dtype, device=features.device)
     norm = torch.empty(batch, dtype=dtype, device=features.device)
     # One partial slot per program of the smallest HW block any configuration uses.

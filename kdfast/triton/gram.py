@@ -31,7 +31,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kdfast.triton._common import NORM_EPS, compute_dtype, configs, dot_precision, feature_view
+from kdfast._precision import accumulation_dtype
+from kdfast.triton._common import NORM_EPS, configs, dot_precision, feature_view
 
 _GRAM_CONFIGS = configs({"BLOCK_M": 16, "BLOCK_K": 16},
                         [{"BLOCK_M": m, "BLOCK_K": k, "num_warps": w, "num_stages": s}
@@ -221,7 +222,7 @@ def _sp_rows_kernel(part_ptr, gram_ptr, loss_ptr, B, eps, SPLITS: tl.constexpr,
 def similarity_forward(student: torch.Tensor, teacher: torch.Tensor):
     """(per-row loss (B,), raw Grams A (2, B, B): [A_s, A_t]) in the compute dtype."""
     batch = student.shape[0]
-    dtype = compute_dtype(student.dtype)
+    dtype = accumulation_dtype(student.dtype)
     splits = 1 if student.device.type == "cpu" else SP_SPLITS_GPU
     parts = torch.empty(2, splits, batch, batch, dtype=dtype, device=student.device)
     d_s, d_t = student.numel() // batch, teacher.numel() // batch
@@ -329,7 +330,7 @@ def fsp_forward(sa, sb, ta, tb):
     """(per-sample loss (B,), G_s − G_t (B, C_a, C_b)) in the compute dtype."""
     batch, ca = sa.shape[:2]
     cb = sb.shape[1]
-    dtype = compute_dtype(sa.dtype)
+    dtype = accumulation_dtype(sa.dtype)
     diff = torch.empty(batch, ca, cb, dtype=dtype, device=sa.device)
     min_m = min(c.kwargs["BLOCK_M"] for c in _FSP_CONFIGS)
     min_n = min(c.kwargs["BLOCK_N"] for c in _FSP_CONFIGS)

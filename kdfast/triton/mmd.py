@@ -41,8 +41,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kdfast._precision import accumulation_dtype
 from kdfast.reference.nst import as_bandwidths, block_mean, check_unbiased_sizes, kernel_values
-from kdfast.triton._common import NORM_EPS, compute_dtype, configs, dot_precision, feature_view
+from kdfast.triton._common import NORM_EPS, configs, dot_precision, feature_view
 from kdfast.triton.gram import rows_gemm
 
 _KERNELS = {"linear": 0, "poly": 1, "rbf": 2}
@@ -232,7 +233,7 @@ def _unit_rho2(sq: torch.Tensor) -> torch.Tensor:
 def unit_sums(x: torch.Tensor, y: torch.Tensor):
     """Squared row norms (sq_x (B, m), sq_y (B, n)), the sums S = [Σ x̂_i; Σ ŷ_j] (B, 2, D) and
     the per-sample ‖S_x‖², ‖S_y‖², S_x·S_y (B, 3): three O(C·D) passes, no Gram."""
-    dtype = compute_dtype(x.dtype)
+    dtype = accumulation_dtype(x.dtype)
     sq_x, sq_y = _row_squares(x, dtype), _row_squares(y, dtype)
     batch, m = x.shape[:2]
     n, hw = y.shape[1], x.shape[2] * x.shape[3]
@@ -328,7 +329,7 @@ def mmd_forward(x, y, kernel, degree, coef, sigma2, unbiased, teacher_term,
     squared row norms (sq_x, sq_y), σ² table (B, S))."""
     batch, m = x.shape[:2]
     n, hw = y.shape[1], x.shape[2] * x.shape[3]
-    dtype = compute_dtype(x.dtype)
+    dtype = accumulation_dtype(x.dtype)
     device = x.device
     sigmas = (_sigma_table(sigma2, x, y, batch, dtype) if kernel == "rbf"
               else torch.ones(batch, 1, dtype=dtype, device=device))
