@@ -10,6 +10,8 @@ pass that reads A and writes dA.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 import kdfast.triton  # noqa: F401  (registers the Triton implementations)
@@ -20,22 +22,35 @@ from kdfast.reference.attention import attention_map
 CORE = "attention_map"
 
 
-class NativeAttentionMap(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, features: torch.Tensor, p: float) -> torch.Tensor:
-        q_hat, norm = torch.ops.kdfast.attention_map(features, p)
-        ctx.p = p
-        ctx.save_for_backward(features, q_hat, norm)
-        return q_hat
+def attention_map_function(name: str, forward: Callable, backward: Callable) -> type:
+    """An autograd Function for q_hat = normalise(mean_C |A|^p) from a backend's two kernels:
+    ``forward(features, p) -> (q_hat, norm)`` and
+    ``backward(grad_map, features, q_hat, norm, p) -> grad_features``."""
+    forward_kernel, backward_kernel = forward, backward  # the methods below shadow the names
 
-    @staticmethod
-    def backward(ctx, grad_map: torch.Tensor):
-        features, q_hat, norm = ctx.saved_tensors
-        grad = None
-        if ctx.needs_input_grad[0]:
-            grad = torch.ops.kdfast.attention_map_backward(grad_map, features, q_hat, norm,
-                                                           ctx.p)
-        return grad, None
+    class AttentionMap(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, features: torch.Tensor, p: float) -> torch.Tensor:
+            q_hat, norm = forward_kernel(features, p)
+            ctx.p = p
+            ctx.save_for_backward(features, q_hat, norm)
+            return q_hat
+
+        @staticmethod
+        def backward(ctx, grad_map: torch.Tensor):
+            features, q_hat, norm = ctx.saved_tensors
+            grad = None
+            if ctx.needs_input_grad[0]:
+                grad = backward_kernel(grad_map, features, q_hat, norm, ctx.p)
+            return grad, None
+
+    AttentionMap.__name__ = AttentionMap.__qualname__ = name
+    return AttentionMap
+
+
+NativeAttentionMap = attention_map_function(
+    "NativeAttentionMap", lambda features, p: torch.ops.kdfast.attention_map(features, p),
+    lambda *args: torch.ops.kdfast.attention_map_backward(*args))
 
 
 def native_attention_map(features: torch.Tensor, p: float = 2.0) -> torch.Tensor:

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from kdfast._precision import accumulation_dtype
+from kdfast.ops.attention import attention_map_function
 from kdfast.triton._common import NORM_EPS, configs, spatial_strides
 
 # P_MODE: 0 for p == 2 (a*a), 1 for p == 1 (|a|), 2 for any other p (exp(p log|a|)).
@@ -176,21 +177,8 @@ def attention_backward(grad_map: torch.Tensor, features: torch.Tensor, q_hat: to
     return grad
 
 
-class TritonAttentionMap(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, features: torch.Tensor, p: float) -> torch.Tensor:
-        q_hat, norm = attention_forward(features, p)
-        ctx.p = p
-        ctx.save_for_backward(features, q_hat, norm)
-        return q_hat
-
-    @staticmethod
-    def backward(ctx, grad_map: torch.Tensor):
-        features, q_hat, norm = ctx.saved_tensors
-        grad = None
-        if ctx.needs_input_grad[0]:
-            grad = attention_backward(grad_map, features, q_hat, norm, ctx.p)
-        return grad, None
+TritonAttentionMap = attention_map_function("TritonAttentionMap", attention_forward,
+                                            attention_backward)
 
 
 def triton_attention_map(features: torch.Tensor, p: float = 2.0) -> torch.Tensor:
