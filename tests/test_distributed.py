@@ -24,6 +24,7 @@ def full_batch(seed: int = 0):
 
 
 def _worker(rank: int, init_file: str, results: str) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD)
     try:
@@ -37,6 +38,7 @@ def _worker(rank: int, init_file: str, results: str) -> None:
             (grad,) = torch.autograd.grad(value, s)
             out[name] = (value.detach(), grad)
         torch.save(out, os.path.join(results, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other is still in a collective
     finally:
         dist.destroy_process_group()
 
