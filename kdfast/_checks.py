@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from kdfast.reference._numerics import upcast_low_precision
+
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -112,8 +114,7 @@ def match_spatial(student: torch.Tensor, teacher: torch.Tensor, pool: bool,
 def reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     """Applies ``reduction`` ("mean", "sum" or "none") to a vector of per-sample losses."""
     check_choice("reduction", reduction, REDUCTIONS)
-    if per_sample.dtype in (torch.float16, torch.bfloat16):
-        per_sample = per_sample.float()  # losses are returned in fp32 for fp16/bf16 inputs
+    per_sample = upcast_low_precision(per_sample)  # fp32 losses for fp16/bf16 inputs
     if reduction == "mean":
         return per_sample.mean()
     if reduction == "sum":
