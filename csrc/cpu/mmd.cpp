@@ -35,22 +35,16 @@
 #include <string>
 #include <vector>
 
+#include "kdfast/aten_mmd.h"
 #include "kdfast/math.h"
 
 namespace {
 
+using kdfast::channel_rows;
 using kdfast::MmdBlockWeights;
 using kdfast::MmdKernelParams;
 
 constexpr int64_t kPanel = 64;  // rows per panel of the symmetric Grams
-
-int kernel_kind(c10::string_view name) {
-  if (name == "linear") return kdfast::kMmdLinear;
-  if (name == "poly") return kdfast::kMmdPoly;
-  TORCH_CHECK(name == "rbf", "kernel must be 'linear', 'poly' or 'rbf', got '", std::string(name),
-              "'");
-  return kdfast::kMmdRbf;
-}
 
 // Runs body(b) for every sample: in parallel over samples when there are enough of them,
 // else one after another (the ATen GEMMs inside then use the threads).
@@ -62,15 +56,6 @@ void for_each_sample(int64_t batch, const std::function<void(int64_t)>& body) {
   } else {
     for (int64_t b = 0; b < batch; ++b) body(b);
   }
-}
-
-// (B, C, H, W) -> (B, C, HW): a view for contiguous and channels_last inputs (one unit stride,
-// which the BLAS calls need); other layouts are made contiguous.
-at::Tensor channel_rows(const at::Tensor& features) {
-  TORCH_CHECK(features.dim() == 4, "features must be (B, C, H, W), got ", features.sizes());
-  at::Tensor rows = features.flatten(2);
-  if (rows.stride(2) == 1 || rows.stride(1) == 1) return rows;
-  return rows.contiguous();
 }
 
 at::ScalarType acc_type_of(at::ScalarType type) {
@@ -547,7 +532,7 @@ Result channel_mmd_cpu(const at::Tensor& student, const at::Tensor& teacher,
   for (double s : sigma2) TORCH_CHECK(s > 0, "every sigma2 must be > 0, got ", s);
   TORCH_CHECK(!unbiased || (xs.size(1) >= 2 && (!teacher_term || ys.size(1) >= 2)),
               "unbiased=True needs at least 2 channels in each set it averages");
-  const MmdOptions o{kernel_kind(kernel), degree, coef,
+  const MmdOptions o{kdfast::mmd_kernel_kind(kernel), degree, coef,
                      std::vector<double>(sigma2.begin(), sigma2.end()),
                      sigma_mean, unbiased, teacher_term, grad_student, grad_teacher};
   if (o.kind == kdfast::kMmdLinear) return linear_forward(xs, ys, o, student.scalar_type());
@@ -601,7 +586,7 @@ std::tuple<at::Tensor, at::Tensor> channel_mmd_backward_cpu(
   at::Tensor dx, dy;
   if (grad_student) dx = at::empty(xs.sizes(), xs.options().memory_format(at::MemoryFormat::Contiguous));
   if (grad_teacher) dy = at::empty(ys.sizes(), ys.options().memory_format(at::MemoryFormat::Contiguous));
-  const bool linear = kernel_kind(kernel) == kdfast::kMmdLinear;
+  const bool linear = kdfast::mmd_kernel_kind(kernel) == kdfast::kMmdLinear;
   const bool feature = !linear && s0.dim() == 4;  // the D × D poly-2 state
   const MmdBlockWeights w = kdfast::mmd_block_weights(m, n, unbiased, teacher_term);
   for_each_sample(batch, [&](int64_t b) {

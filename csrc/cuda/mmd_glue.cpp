@@ -13,6 +13,7 @@
 #include <tuple>
 #include <vector>
 
+#include "kdfast/aten_mmd.h"
 #include "kdfast/math.h"
 #include "mmd.h"
 
@@ -26,21 +27,9 @@ at::ScalarType acc_type_of(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-int kernel_kind(c10::string_view name) {
-  if (name == "linear") return kdfast::kMmdLinear;
-  if (name == "poly") return kdfast::kMmdPoly;
-  TORCH_CHECK(name == "rbf", "kernel must be 'linear', 'poly' or 'rbf', got '", std::string(name),
-              "'");
-  return kdfast::kMmdRbf;
-}
-
-// (B, C, H, W) -> (B, C, HW): a view when one of the last two strides is 1 (cuBLAS takes it).
-at::Tensor channel_rows(const at::Tensor& features) {
-  TORCH_CHECK(features.dim() == 4, "features must be (B, C, H, W), got ", features.sizes());
+at::Tensor cuda_channel_rows(const at::Tensor& features) {
   TORCH_CHECK(features.is_cuda(), "features must be CUDA tensors");
-  at::Tensor rows = features.flatten(2);
-  if (rows.stride(2) == 1 || rows.stride(1) == 1) return rows;
-  return rows.contiguous();
+  return kdfast::channel_rows(features);
 }
 
 // a bᵀ per sample in the accumulation dtype (fp16/bf16 inputs: cuBLAS accumulates in fp32 and
@@ -154,7 +143,7 @@ Result channel_mmd_cuda(const at::Tensor& student, const at::Tensor& teacher,
   TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
               "student and teacher must have one dtype, got ", student.scalar_type(), " and ",
               teacher.scalar_type());
-  const at::Tensor xs = channel_rows(student), ys = channel_rows(teacher);
+  const at::Tensor xs = cuda_channel_rows(student), ys = cuda_channel_rows(teacher);
   TORCH_CHECK(xs.size(0) == ys.size(0) && xs.size(2) == ys.size(2),
               "student and teacher must share B, H and W, got ", student.sizes(), " and ",
               teacher.sizes());
@@ -164,7 +153,7 @@ Result channel_mmd_cuda(const at::Tensor& student, const at::Tensor& teacher,
               kdfast::kMmdMaxBandwidths, " bandwidths, got ", sigma2.size());
   TORCH_CHECK(!unbiased || (xs.size(1) >= 2 && (!teacher_term || ys.size(1) >= 2)),
               "unbiased=True needs at least 2 channels in each set it averages");
-  const int kind = kernel_kind(kernel);
+  const int kind = kdfast::mmd_kernel_kind(kernel);
   if (kind == kdfast::kMmdLinear) return linear_forward(xs, ys, unbiased, teacher_term);
   return gram_forward(xs, ys, kind, degree, coef, sigma2, sigma_mean, unbiased, teacher_term,
                       grad_student, grad_teacher);
@@ -192,13 +181,13 @@ std::tuple<at::Tensor, at::Tensor> channel_mmd_backward_cuda(
     bool grad_teacher) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::cuda::CUDAGuard guard(student.device());
-  const at::Tensor xs = channel_rows(student), ys = channel_rows(teacher);
+  const at::Tensor xs = cuda_channel_rows(student), ys = cuda_channel_rows(teacher);
   const auto acc = acc_type_of(xs);
   const int64_t m = xs.size(1), n = ys.size(1);
   const at::Tensor g = grad.to(acc);
   const kdfast::MmdBlockWeights w = kdfast::mmd_block_weights(m, n, unbiased, teacher_term);
   at::Tensor dx, dy;
-  if (kernel_kind(kernel) == kdfast::kMmdLinear) {
+  if (kdfast::mmd_kernel_kind(kernel) == kdfast::kMmdLinear) {
     if (grad_student) {
       dx = linear_grad(xs, s2, 2 * w.ss * s0 - 2 * w.st * s1, g, unbiased, w.ss, acc);
     }
