@@ -69,6 +69,24 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 # Shared backward: out = M1 @ Z1 (+ M2 @ Z2), batched, over strided raw features.
 
 
+@triton.jit
+def _accumulate_rows(acc, m_ptr, z_ptr, b, rows, row_ok, cols, col_ok, N, scale,
+                     smb, smi, smj, szb, szr, zw, szh, szw,
+                     DOT_PRECISION: tl.constexpr, BLOCK_J: tl.constexpr):
+    """acc += (M[b, rows, :] / scale) @ Z[b, :, cols] over the N rows of Z (strided)."""
+    z_sp = (cols // zw) * szh + (cols % zw) * szw
+    for j0 in range(0, N, BLOCK_J):
+        j = (j0 + tl.arange(0, BLOCK_J)).to(tl.int64)
+        j_ok = j < N
+        m = tl.load(m_ptr + b * smb + rows[:, None] * smi + j[None, :] * smj,
+                    mask=row_ok[:, None] & j_ok[None, :], other=0.0)
+        z = tl.load(z_ptr + b * szb + j[:, None] * szr + z_sp[None, :],
+                    mask=j_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot((m / scale).to(z.dtype), z, acc, input_precision=DOT_PRECISION,
+                     out_dtype=acc.dtype)
+    return acc
+
+
 @triton.autotune(configs=_GEMM_CONFIGS, key=["R", "N1", "N2", "K"])
 @triton.jit
 def _rows_gemm_kernel(m1_ptr, z1_ptr, m2_ptr, z2_ptr, scale_ptr, out_ptr, R, N1, N2, K,
@@ -84,27 +102,12 @@ def _rows_gemm_kernel(m1_ptr, z1_ptr, m2_ptr, z2_ptr, scale_ptr, out_ptr, R, N1,
     col_ok = cols < K
     scale = tl.load(scale_ptr + b)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=scale_ptr.dtype.element_ty)
-    z1_sp = (cols // z1w) * sz1h + (cols % z1w) * sz1w
-    for j0 in range(0, N1, BLOCK_J):
-        j = (j0 + tl.arange(0, BLOCK_J)).to(tl.int64)
-        j_ok = j < N1
-        m = tl.load(m1_ptr + b * sm1b + rows[:, None] * sm1i + j[None, :] * sm1j,
-                    mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-        z = tl.load(z1_ptr + b * sz1b + j[:, None] * sz1r + z1_sp[None, :],
-                    mask=j_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot((m / scale).to(z.dtype), z, acc, input_precision=DOT_PRECISION,
-                     out_dtype=acc.dtype)
+    acc = _accumulate_rows(acc, m1_ptr, z1_ptr, b, rows, row_ok, cols, col_ok, N1, scale,
+                           sm1b, sm1i, sm1j, sz1b, sz1r, z1w, sz1h, sz1w, DOT_PRECISION, BLOCK_J)
     if HAS_SECOND:
-        z2_sp = (cols // z2w) * sz2h + (cols % z2w) * sz2w
-        for j0 in range(0, N2, BLOCK_J):
-            j = (j0 + tl.arange(0, BLOCK_J)).to(tl.int64)
-            j_ok = j < N2
-            m = tl.load(m2_ptr + b * sm2b + rows[:, None] * sm2i + j[None, :] * sm2j,
-                        mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-            z = tl.load(z2_ptr + b * sz2b + j[:, None] * sz2r + z2_sp[None, :],
-                        mask=j_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = tl.dot((m / scale).to(z.dtype), z, acc, input_precision=DOT_PRECISION,
-                         out_dtype=acc.dtype)
+        acc = _accumulate_rows(acc, m2_ptr, z2_ptr, b, rows, row_ok, cols, col_ok, N2, scale,
+                               sm2b, sm2i, sm2j, sz2b, sz2r, z2w, sz2h, sz2w, DOT_PRECISION,
+                               BLOCK_J)
     out_sp = (cols // ow) * soh + (cols % ow) * sow
     tl.store(out_ptr + b * sob + rows[:, None] * sor + out_sp[None, :],
              (acc * scale).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
