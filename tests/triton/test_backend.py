@@ -38,10 +38,16 @@ def test_mixed_dtypes_are_refused_with_a_reason(device):
         backends.choose("channel_mmd", "triton", s, t)
 
 
-def test_dot_precision_follows_allow_tf32(device, monkeypatch):
+def test_dot_precision_follows_allow_tf32(device):
+    # Plain assignment, not monkeypatch: torch 2.11's cuBLASModule fails monkeypatch's undo.
     from kdfast.triton._common import dot_precision
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert dot_precision(torch.float32) == "tf32"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert dot_precision(torch.float32) == "ieee"
-    assert dot_precision(torch.float64) == "ieee"
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = True
+        assert dot_precision(torch.float32) == "tf32"
+        matmul.allow_tf32 = False
+        assert dot_precision(torch.float32) == "ieee"
+        assert dot_precision(torch.float64) == "ieee"
+    finally:
+        matmul.allow_tf32 = saved
