@@ -4,6 +4,7 @@
     loss = kdfast.NSTLoss(kernel="poly")(student_features, teacher_features)
 """
 
+import kdfast.triton  # noqa: F401  (registers the "triton" backend)
 from kdfast import functional
 from kdfast.backends import available_backends
 from kdfast.distill import Distiller, Term

@@ -34,6 +34,9 @@ TL = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 INPUT_POINTERS = {"x_ptr", "dx_ptr", "y_ptr", "s_ptr", "t_ptr", "a_ptr", "b_ptr", "sa_ptr",
                   "sb_ptr", "ta_ptr", "tb_ptr", "z1_ptr", "z2_ptr"}
 FLOATS = {"eps"}
+# Opt-in shared memory per block (bytes) by compute capability: a variant above it compiles
+# but fails at launch with "out of resources", which autotuning would hit on the GPU.
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}
 
 
 def unwrap(kernel):
@@ -92,7 +95,7 @@ def main() -> int:
                         help="every autotune configuration (default: the first and the last)")
     args = parser.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
-    failures, count, start = [], 0, time.time()
+    failures, count, start, most_shared = [], 0, time.time(), 0
     for label, kernel, dtype, constexprs in cases():
         if args.only not in label:
             continue
@@ -107,13 +110,20 @@ def main() -> int:
             src = ASTSource(fn=fn, signature=signature(fn, dtype, meta, input_out),
                             constexprs=meta)
             count += 1
+            name = f"{label} [{dtype}] {meta} {options}"
             try:
-                triton.compile(src, target=target, options=options)
+                compiled = triton.compile(src, target=target, options=options)
             except Exception as error:  # noqa: BLE001 - report every failure, then exit 1
-                failures.append(f"{label} [{dtype}] {meta} {options}: "
-                                f"{type(error).__name__}: {str(error)[:400]}")
+                failures.append(f"{name}: {type(error).__name__}: {str(error)[:400]}")
+                continue
+            shared, limit = compiled.metadata.shared, SHARED_LIMIT.get(args.arch)
+            most_shared = max(most_shared, shared)
+            if limit is not None and shared > limit:
+                failures.append(f"{name}: needs {shared} B of shared memory, sm_{args.arch} "
+                                f"has {limit} B per block")
     print(f"compiled {count - len(failures)}/{count} kernel variants for sm_{args.arch} "
-          f"with triton {triton.__version__} in {time.time() - start:.0f} s")
+          f"with triton {triton.__version__} in {time.time() - start:.0f} s (most shared memory "
+          f"of one: {most_shared} B)")
     for failure in failures:
         print("FAILED", failure)
     return 1 if failures else 0

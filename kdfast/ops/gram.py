@@ -24,7 +24,6 @@ dQ = (dA + dA^T) Q. Triton ones register against the same names.
 
 import torch
 
-import kdfast.triton  # noqa: F401  (registers the Triton implementations)
 from kdfast import backends
 from kdfast._precision import accumulation_dtype
 from kdfast.reference._numerics import LOW_PRECISION

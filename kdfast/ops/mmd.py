@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 
-import kdfast.triton  # noqa: F401  (registers the Triton implementations)
 from kdfast import backends
 from kdfast._precision import accumulation_dtype
 from kdfast.reference.nst import channel_mmd

@@ -99,6 +99,30 @@ def kernel_values(gram: torch.Tensor, sq_norm_rows: torch.Tensor, sq_norm_cols: 
     return sum(torch.exp(-sq_dist / (2 * s)) for s in bandwidths)
 
 
+def kernel_slopes(gram: torch.Tensor, sq_norm_rows: torch.Tensor, sq_norm_cols: torch.Tensor,
+                  kernel: str, degree: int, coef: float, bandwidths) -> torch.Tensor:
+    """∂k/∂g entry-wise: the derivative of :func:`kernel_values` with torch's subgradients.
+
+    linear 1; poly d(g + c)^(d−1); rbf Σ_σ² exp(−‖x̂ − ŷ‖²/(2σ²))/σ² where the distance
+    before the clamp is ≥ 0, else 0 (clamp_min passes the gradient where x ≥ min).
+    ``bandwidths``: a tuple of σ², or a (B,) or (B, S) tensor of per-sample values.
+    """
+    if kernel == "linear":
+        return torch.ones_like(gram)
+    if kernel == "poly":
+        if degree == 0:
+            return torch.zeros_like(gram)
+        return degree * (gram + coef).pow(degree - 1)
+    sq_dist = sq_norm_rows.unsqueeze(2) + sq_norm_cols.unsqueeze(1) - 2 * gram
+    distance = sq_dist.clamp_min(0)
+    if isinstance(bandwidths, torch.Tensor):
+        sigma2 = bandwidths.reshape(gram.shape[0], -1, 1, 1).to(gram.dtype)
+        slope = (torch.exp(-distance.unsqueeze(1) / (2 * sigma2)) / sigma2).sum(dim=1)
+    else:
+        slope = sum(torch.exp(-distance / (2 * s)) / s for s in bandwidths)
+    return torch.where(sq_dist >= 0, slope, 0.0)
+
+
 def block_mean(values: torch.Tensor, exclude_diagonal: bool = False) -> torch.Tensor:
     """Per-sample mean of a (B, m, n) block; without its diagonal (m = n) when asked."""
     rows, cols = values.shape[1:]

@@ -3,8 +3,10 @@
 Cores: ``"attention_map"`` (:mod:`kdfast.triton.attention`), ``"similarity"`` and ``"fsp"``
 (:mod:`kdfast.triton.gram`), ``"channel_mmd"`` (:mod:`kdfast.triton.mmd`).
 
-Importing this package never imports ``triton``: each registered function imports its kernel
-module on first use, and ``supports`` checks that Triton imports (kdfast works without it).
+Importing this package never imports ``triton``: the registered functions
+(:mod:`kdfast.triton.ops`, autograd Functions over ``torch.library`` custom operators, so the
+cores trace into ``torch.compile`` graphs) import their kernel module on first use, and
+``supports`` checks that Triton imports (kdfast works without it).
 An implementation can run
 
 * CUDA tensors when Triton imports (``backend="auto"`` picks it first for them), or
@@ -23,13 +25,13 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 import os
 from functools import cache
 
 import torch
 
 from kdfast import backends
+from kdfast.triton import ops
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -79,21 +81,12 @@ def supports_without_dot(*tensors: torch.Tensor) -> str | None:
     return _check(tensors, float64_on_cuda=True)
 
 
-def _lazy(module: str, name: str):
-    """A function that imports ``kdfast.triton.<module>`` on its first call and runs ``name``."""
-    def run(*args, **kwargs):
-        return getattr(importlib.import_module(f"kdfast.triton.{module}"), name)(*args, **kwargs)
-    run.__name__ = run.__qualname__ = f"triton_{name}"
-    run.__doc__ = f"Triton implementation: :func:`kdfast.triton.{module}.{name}`."
-    return run
-
-
 _CORES = {
-    "attention_map": ("attention", "triton_attention_map", supports_without_dot),
-    "similarity": ("gram", "triton_similarity_loss", supports),
-    "fsp": ("gram", "triton_fsp_pair_loss", supports),
-    "channel_mmd": ("mmd", "triton_channel_mmd", supports),
+    "attention_map": (ops.triton_attention_map, supports_without_dot),
+    "similarity": (ops.triton_similarity_loss, supports),
+    "fsp": (ops.triton_fsp_pair_loss, supports),
+    "channel_mmd": (ops.triton_channel_mmd, supports),
 }
 
-for _core, (_module, _name, _supports) in _CORES.items():
-    backends.register(_core, "triton", _lazy(_module, _name), _supports)
+for _core, (_function, _supports) in _CORES.items():
+    backends.register(_core, "triton", _function, _supports)

@@ -21,7 +21,6 @@ import triton
 import triton.language as tl
 
 from kdfast._precision import accumulation_dtype
-from kdfast.ops.attention import attention_map_function
 from kdfast.triton._common import NORM_EPS, configs, spatial_strides
 
 # P_MODE: 0 for p == 2 (a*a), 1 for p == 1 (|a|), 2 for any other p (exp(p log|a|)).
@@ -175,12 +174,3 @@ def attention_backward(grad_map: torch.Tensor, features: torch.Tensor, q_hat: to
         grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
         NORM_EPS, P_MODE=_p_mode(p))
     return grad
-
-
-TritonAttentionMap = attention_map_function("TritonAttentionMap", attention_forward,
-                                            attention_backward)
-
-
-def triton_attention_map(features: torch.Tensor, p: float = 2.0) -> torch.Tensor:
-    """Core ``"attention_map"`` on Triton: q̂ (B, H·W) for (B, C, H, W) features."""
-    return TritonAttentionMap.apply(features, float(p))

@@ -8,7 +8,7 @@ SP (DESIGN.md §3, "Batch Gram"), Q the features flattened to B × D per network
   its own split slot, so nothing is accumulated with atomics.
 * ``_sp_rows_kernel``, grid (B,): sums the split slots in a fixed order, row-normalises A_s
   and A_t (``F.normalize``, eps 1e-12) and reduces Σ_j (G_t − G_s)²_ij / B: the per-row loss.
-* backward: dA from the B × B matrices (tiny, autograd), then dQ = (dA + dAᵀ) Q in one
+* backward: dA from the B × B matrices (tiny, closed form), then dQ = (dA + dAᵀ) Q in one
   ``_rows_gemm_kernel`` launch per network.
 
 FSP, per sample G = X_a X_bᵀ / HW:
@@ -27,7 +27,6 @@ tiny weights are not flushed) and the accumulator scaled back; accumulation is f
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -51,18 +50,6 @@ _GEMM_CONFIGS = configs({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_J": 16},
                                                (64, 64, 64, 4, 3), (32, 256, 32, 8, 3),
                                                (128, 64, 64, 4, 4)]])
 SP_SPLITS_GPU = 8
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """``x`` if each sample is one dense block of D elements (contiguous or channels_last),
-    else a contiguous copy; row b then lives at b * D + k, k < D, in some fixed order."""
-    if x.is_contiguous():
-        return x
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return x
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return x
-    return x.contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,14 +226,21 @@ def similarity_forward(student: torch.Tensor, teacher: torch.Tensor):
     return loss, grams
 
 
-def _similarity_gram_grads(grams: torch.Tensor, grad_loss: torch.Tensor):
-    """dL/dA_s, dL/dA_t from the (2, B, B) raw Grams: B × B work, through autograd."""
-    with torch.enable_grad():
-        a = grams.detach().requires_grad_(True)
-        g = F.normalize(a, dim=2, eps=NORM_EPS)
-        loss = (g[1] - g[0]).pow(2).sum(dim=1) / a.shape[1]
-        (grad,) = torch.autograd.grad(loss, a, grad_loss.to(a.dtype))
-    return grad[0], grad[1]
+def similarity_gram_grads(grams: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """dL/dA (2, B, B) for the raw Grams A = [A_s, A_t], B × B work.
+
+    L_i = Σ_j (G_t − G_s)²_ij / B with G = A / n row-wise, n = max(‖a_i‖, eps): dL/dG_t =
+    −dL/dG_s = 2 g_i (G_t − G_s)/B, and F.normalize's backward dA = dG/n − [‖a‖ ≥ eps]
+    G (G·dG)/n per row (torch's subgradient: clamp passes the gradient where ‖a‖ ≥ eps).
+    """
+    norms = grams.norm(dim=2, keepdim=True)
+    clamped = norms.clamp_min(NORM_EPS)
+    unit = grams / clamped
+    diff = unit[1] - unit[0]
+    d_t = diff * (2.0 / grams.shape[1]) * grad_loss.to(grams.dtype).view(-1, 1)
+    d_unit = torch.stack((-d_t, d_t))
+    along = (unit * d_unit).sum(dim=2, keepdim=True)
+    return (d_unit - torch.where(norms >= NORM_EPS, unit * along, 0.0)) / clamped
 
 
 def _flat_rows_backward(grad_gram: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -259,26 +253,12 @@ def _flat_rows_backward(grad_gram: torch.Tensor, x: torch.Tensor) -> torch.Tenso
     return out
 
 
-class TritonSimilarity(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        student, teacher = _rows(student), _rows(teacher)
-        loss, grams = similarity_forward(student, teacher)
-        ctx.save_for_backward(student, teacher, grams)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
-        student, teacher, grams = ctx.saved_tensors
-        grad_s, grad_t = _similarity_gram_grads(grams, grad_loss)
-        ds = _flat_rows_backward(grad_s, student) if ctx.needs_input_grad[0] else None
-        dt = _flat_rows_backward(grad_t, teacher) if ctx.needs_input_grad[1] else None
-        return ds, dt
-
-
-def triton_similarity_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Core ``"similarity"`` on Triton: per-row SP loss (B,), mean = ‖G_t − G_s‖²_F / B²."""
-    return TritonSimilarity.apply(student, teacher)
+def similarity_backward(grad_loss, student, teacher, grams, need_student: bool,
+                        need_teacher: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dQ_s, dQ_t) for row-dense ``student``/``teacher`` (an empty tensor where not needed)."""
+    grad = similarity_gram_grads(grams, grad_loss)
+    return (_flat_rows_backward(grad[0], student) if need_student else student.new_empty(0),
+            _flat_rows_backward(grad[1], teacher) if need_teacher else teacher.new_empty(0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,31 +328,18 @@ def fsp_forward(sa, sb, ta, tb):
     return parts.sum(dim=1) / (ca * cb), diff
 
 
-class TritonFSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, sa, sb, ta, tb):
-        loss, diff = fsp_forward(sa, sb, ta, tb)
-        ctx.save_for_backward(sa, sb, ta, tb, diff)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        sa, sb, ta, tb, diff = ctx.saved_tensors
-        grad_gram = diff * (2.0 / diff[0].numel()) * grad_loss.to(diff.dtype).view(-1, 1, 1)
-        grads = []
-        for index, (x, other, sign, transpose) in enumerate(
-                [(sa, sb, 1.0, False), (sb, sa, 1.0, True), (ta, tb, -1.0, False),
-                 (tb, ta, -1.0, True)]):
-            if not ctx.needs_input_grad[index]:
-                grads.append(None)
-                continue
-            weights = grad_gram * (sign / (x.shape[2] * x.shape[3]))
-            weights = weights.transpose(1, 2) if transpose else weights
-            grads.append(rows_gemm(torch.empty_like(x), weights, other))
-        return tuple(grads)
-
-
-def triton_fsp_pair_loss(student_a: torch.Tensor, student_b: torch.Tensor,
-                         teacher_a: torch.Tensor, teacher_b: torch.Tensor) -> torch.Tensor:
-    """Core ``"fsp"`` on Triton: per-sample mean over C_a·C_b of (G_s − G_t)², (B,)."""
-    return TritonFSP.apply(student_a, student_b, teacher_a, teacher_b)
+def fsp_backward(grad_loss, sa, sb, ta, tb, diff, needs) -> tuple[torch.Tensor, ...]:
+    """(dS_a, dS_b, dT_a, dT_b): dG = 2 g (G_s − G_t)/(C_a C_b), dX_a = ±dG X_b / HW and
+    dX_b = ±dGᵀ X_a / HW, one ``rows_gemm`` each (an empty tensor where ``needs`` is False)."""
+    grad_gram = diff * (2.0 / max(diff[0].numel(), 1)) * grad_loss.to(diff.dtype).view(-1, 1, 1)
+    grads = []
+    for needed, (x, other, sign, transpose) in zip(
+            needs, [(sa, sb, 1.0, False), (sb, sa, 1.0, True), (ta, tb, -1.0, False),
+                    (tb, ta, -1.0, True)], strict=True):
+        if not needed:
+            grads.append(x.new_empty(0))
+            continue
+        weights = grad_gram * (sign / (x.shape[2] * x.shape[3]))
+        weights = weights.transpose(1, 2) if transpose else weights
+        grads.append(rows_gemm(torch.empty_like(x), weights, other))
+    return tuple(grads)

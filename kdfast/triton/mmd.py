@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from kdfast._precision import accumulation_dtype
-from kdfast.reference.nst import as_bandwidths, block_mean, check_unbiased_sizes, kernel_values
+from kdfast.reference.nst import as_bandwidths, kernel_slopes
 from kdfast.triton._common import NORM_EPS, configs, dot_precision, feature_view
 from kdfast.triton.gram import rows_gemm
 
@@ -262,42 +262,39 @@ def _within_divisor(rows: int, unbiased: bool) -> int:
     return rows * (rows - 1) if unbiased else rows * rows
 
 
-class TritonLinearMMD(torch.autograd.Function):
+def linear_mmd_forward(x, y, unbiased: bool, teacher_term: bool):
     """Linear kernel without a Gram (DESIGN.md §3): Σ_ij x̂_iᵀŷ_j = S_xᵀS_y, so
     MMD² = (‖S_x‖² [− Σρ²])/d_x − 2 S_x·S_y/(mn) + (‖S_y‖² [− Σρ²])/d_y, d = m² or m(m − 1).
-    Backward: dL/dx̂_i = g(2 S_x/d_x − 2 S_y/(mn)) is one D-vector per sample; one kernel per
-    input applies the normalisation backward (the ρ terms have no gradient: ‖x̂_i‖ ∈ {0, 1})."""
 
-    @staticmethod
-    def forward(ctx, x, y, unbiased, teacher_term):
-        (sq_x, sq_y), sums, products = unit_sums(x, y)
-        m, n = x.shape[1], y.shape[1]
-        within_x = products[:, 0] - (_unit_rho2(sq_x).sum(1) if unbiased else 0)
-        loss = within_x / _within_divisor(m, unbiased) - 2 * products[:, 2] / (m * n)
+    Returns (MMD² (B,), sq_x (B, m), sq_y (B, n), S = [S_x; S_y] (B, 2, D)).
+    """
+    (sq_x, sq_y), sums, products = unit_sums(x, y)
+    m, n = x.shape[1], y.shape[1]
+    within_x = products[:, 0] - (_unit_rho2(sq_x).sum(1) if unbiased else 0)
+    loss = within_x / _within_divisor(m, unbiased) - 2 * products[:, 2] / (m * n)
+    if teacher_term:
+        within_y = products[:, 1] - (_unit_rho2(sq_y).sum(1) if unbiased else 0)
+        loss = loss + within_y / _within_divisor(n, unbiased)
+    return loss, sq_x, sq_y, sums
+
+
+def linear_mmd_backward(grad_loss, x, y, sq_x, sq_y, sums, unbiased: bool, teacher_term: bool,
+                        need_x: bool, need_y: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """dL/dx̂_i = g(2 S_x/d_x − 2 S_y/(mn)) is one D-vector per sample; one kernel per input
+    applies the normalisation backward (the ρ terms have no gradient: ‖x̂_i‖ ∈ {0, 1})."""
+    m, n = x.shape[1], y.shape[1]
+    g = grad_loss.to(sums.dtype).view(-1, 1)
+    sum_x, sum_y = sums[:, 0], sums[:, 1]
+    dx, dy = x.new_empty(0), y.new_empty(0)
+    if need_x:
+        v = g * (2 * sum_x / _within_divisor(m, unbiased) - 2 * sum_y / (m * n))
+        dx = _linear_input_grad(x, v, sq_x)
+    if need_y:
+        v = -2 * g * sum_x / (m * n)
         if teacher_term:
-            within_y = products[:, 1] - (_unit_rho2(sq_y).sum(1) if unbiased else 0)
-            loss = loss + within_y / _within_divisor(n, unbiased)
-        ctx.options = (unbiased, teacher_term)
-        ctx.save_for_backward(x, y, sq_x, sq_y, sums)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        x, y, sq_x, sq_y, sums = ctx.saved_tensors
-        unbiased, teacher_term = ctx.options
-        m, n = x.shape[1], y.shape[1]
-        g = grad_loss.to(sums.dtype).view(-1, 1)
-        sum_x, sum_y = sums[:, 0], sums[:, 1]
-        dx = dy = None
-        if ctx.needs_input_grad[0]:
-            v = g * (2 * sum_x / _within_divisor(m, unbiased) - 2 * sum_y / (m * n))
-            dx = _linear_input_grad(x, v, sq_x)
-        if ctx.needs_input_grad[1]:
-            v = -2 * g * sum_x / (m * n)
-            if teacher_term:
-                v = v + 2 * g * sum_y / _within_divisor(n, unbiased)
-            dy = _linear_input_grad(y, v, sq_y)
-        return dx, dy, None, None
+            v = v + 2 * g * sum_y / _within_divisor(n, unbiased)
+        dy = _linear_input_grad(y, v, sq_y)
+    return dx, dy
 
 
 def _linear_input_grad(x: torch.Tensor, v: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
@@ -366,20 +363,23 @@ def mmd_forward(x, y, kernel, degree, coef, sigma2, unbiased, teacher_term,
 
 
 def _gram_weights(grams, sq_x, sq_y, grad_loss, kernel, degree, coef, sigmas, unbiased):
-    """W = ∂(g · MMD²)/∂g for each saved block (B·C² work, the reference's formulas)."""
-    bandwidths = sigmas[:, 0] if sigmas.shape[1] == 1 and kernel == "rbf" else \
-        tuple(sigmas[0].tolist())
+    """W = ∂(g · MMD²)/∂g for each block in ``grams`` (B·C² work, closed form): the block's
+    sign and mean weight times φ'(g) (:func:`kernel_slopes`), the diagonal zero where the
+    unbiased estimator leaves it out."""
     rho_x, rho_y = _unit_rho2(sq_x), _unit_rho2(sq_y)
     rho = {"ss": (rho_x, rho_x), "st": (rho_x, rho_y), "tt": (rho_y, rho_y)}
-    sign = {"ss": 1.0, "st": -2.0, "tt": 1.0}
-    with torch.enable_grad():
-        leaves = {k: v.detach().requires_grad_(True) for k, v in grams.items()}
-        loss = sum(sign[k] * block_mean(kernel_values(g, *rho[k], kernel, degree, coef,
-                                                      bandwidths), unbiased and k != "st")
-                   for k, g in leaves.items())
-        weights = torch.autograd.grad(loss, list(leaves.values()),
-                                      grad_loss.to(loss.dtype))
-    return dict(zip(leaves, weights, strict=True))
+    bandwidths = sigmas if kernel == "rbf" else ()
+    g = grad_loss.to(sq_x.dtype).view(-1, 1, 1)
+    weights = {}
+    for name, gram in grams.items():
+        rows, cols = gram.shape[1:]
+        exclude = unbiased and name != "st"
+        scale = (-2.0 if name == "st" else 1.0) / (rows * (rows - 1) if exclude else rows * cols)
+        weights[name] = kernel_slopes(gram, *rho[name], kernel, degree, coef,
+                                      bandwidths) * (g * scale)
+        if exclude:
+            weights[name].diagonal(dim1=1, dim2=2).zero_()
+    return weights
 
 
 def _input_weights(sym, cross, g_self, g_cross, norm_self, norm_other, live):
@@ -392,53 +392,42 @@ def _input_weights(sym, cross, g_self, g_cross, norm_self, norm_other, live):
     return m_self, m_other
 
 
-class TritonChannelMMD(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, y, kernel, degree, coef, sigma2, unbiased, teacher_term):
-        # dX needs the ss and st blocks, dY the st and tt blocks (B·C² each, nothing more).
-        grad_x, grad_y = ctx.needs_input_grad[:2]
-        save = {name for name, needed in [("ss", grad_x), ("st", grad_x or grad_y),
-                                          ("tt", grad_y and teacher_term)] if needed}
-        loss, grams, (sq_x, sq_y), sigmas = mmd_forward(x, y, kernel, degree, coef, sigma2,
-                                                        unbiased, teacher_term, save)
-        ctx.options = (kernel, degree, coef, unbiased)
-        ctx.grams = list(grams)
-        ctx.save_for_backward(x, y, sq_x, sq_y, sigmas, *grams.values())
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        x, y, sq_x, sq_y, sigmas, *saved = ctx.saved_tensors
-        kernel, degree, coef, unbiased = ctx.options
-        grams = dict(zip(ctx.grams, saved, strict=True))
-        w = _gram_weights(grams, sq_x, sq_y, grad_loss, kernel, degree, coef, sigmas, unbiased)
-        norm_x, norm_y = sq_x.sqrt(), sq_y.sqrt()
-        live_x, live_y = norm_x > NORM_EPS, norm_y > NORM_EPS
-        norm_x, norm_y = norm_x.clamp_min(NORM_EPS), norm_y.clamp_min(NORM_EPS)
-        dx = dy = None
-        if ctx.needs_input_grad[0]:
-            sym = w["ss"] + w["ss"].transpose(1, 2)
-            m_xx, m_xy = _input_weights(sym, w["st"], grams["ss"], grams["st"], norm_x,
-                                        norm_y, live_x)
-            dx = rows_gemm(torch.empty_like(x), m_xx, x, m_xy, y)
-        if ctx.needs_input_grad[1]:
-            sym = (w["tt"] + w["tt"].transpose(1, 2) if "tt" in w
-                   else torch.zeros_like(w["st"][:, :1, :1]).expand(-1, y.shape[1], y.shape[1]))
-            g_tt = grams.get("tt", sym)
-            m_yy, m_yx = _input_weights(sym, w["st"].transpose(1, 2), g_tt,
-                                        grams["st"].transpose(1, 2), norm_y, norm_x, live_y)
-            dy = rows_gemm(torch.empty_like(y), m_yy, y, m_yx, x)
-        return dx, dy, None, None, None, None, None, None
+def channel_mmd_forward(x, y, kernel: str, degree: int, coef: float, sigma2, unbiased: bool,
+                        teacher_term: bool, need_x: bool, need_y: bool):
+    """(MMD² (B,), sq_x, sq_y, σ² table, G_ss, G_st, G_tt): the normalised Gram blocks the
+    backward needs — dX needs ss and st, dY st and tt (B·C² each) — others empty."""
+    save = {name for name, needed in [("ss", need_x), ("st", need_x or need_y),
+                                      ("tt", need_y and teacher_term)] if needed}
+    loss, grams, (sq_x, sq_y), sigmas = mmd_forward(x, y, kernel, degree, coef, sigma2,
+                                                    unbiased, teacher_term, save)
+    return (loss, sq_x, sq_y, sigmas,
+            *(grams[name] if name in grams else sq_x.new_empty(0) for name in ("ss", "st", "tt")))
 
 
-def triton_channel_mmd(student: torch.Tensor, teacher: torch.Tensor, *, kernel: str = "poly",
-                       degree: int = 2, coef: float = 0.0, sigma2=(1.0,),
-                       unbiased: bool = False, teacher_term: bool = True) -> torch.Tensor:
-    """Core ``"channel_mmd"`` on Triton: per-sample MMD² (B,), same options as the reference
-    :func:`kdfast.reference.nst.channel_mmd`."""
-    check_unbiased_sizes(student.shape[1], teacher.shape[1], unbiased, teacher_term)
-    if kernel == "linear":
-        return TritonLinearMMD.apply(student, teacher, bool(unbiased), bool(teacher_term))
-    sigma2 = as_bandwidths(sigma2)
-    return TritonChannelMMD.apply(student, teacher, kernel, int(degree), float(coef), sigma2,
-                                  bool(unbiased), bool(teacher_term))
+def channel_mmd_backward(grad_loss, x, y, sq_x, sq_y, sigmas, g_ss, g_st, g_tt, kernel: str,
+                         degree: int, coef: float, unbiased: bool, teacher_term: bool,
+                         need_x: bool, need_y: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dX, dY) from the blocks :func:`channel_mmd_forward` saved (empty where not needed)."""
+    grams = {"st": g_st}
+    if need_x:
+        grams["ss"] = g_ss
+    if need_y and teacher_term:
+        grams["tt"] = g_tt
+    w = _gram_weights(grams, sq_x, sq_y, grad_loss, kernel, degree, coef, sigmas, unbiased)
+    norm_x, norm_y = sq_x.sqrt(), sq_y.sqrt()
+    live_x, live_y = norm_x > NORM_EPS, norm_y > NORM_EPS
+    norm_x, norm_y = norm_x.clamp_min(NORM_EPS), norm_y.clamp_min(NORM_EPS)
+    dx, dy = x.new_empty(0), y.new_empty(0)
+    if need_x:
+        sym = w["ss"] + w["ss"].transpose(1, 2)
+        m_xx, m_xy = _input_weights(sym, w["st"], grams["ss"], grams["st"], norm_x, norm_y,
+                                    live_x)
+        dx = rows_gemm(torch.empty_like(x), m_xx, x, m_xy, y)
+    if need_y:
+        sym = (w["tt"] + w["tt"].transpose(1, 2) if "tt" in w
+               else torch.zeros_like(w["st"][:, :1, :1]).expand(-1, y.shape[1], y.shape[1]))
+        g_tt = grams.get("tt", sym)
+        m_yy, m_yx = _input_weights(sym, w["st"].transpose(1, 2), g_tt,
+                                    grams["st"].transpose(1, 2), norm_y, norm_x, live_y)
+        dy = rows_gemm(torch.empty_like(y), m_yy, y, m_yx, x)
+    return dx, dy

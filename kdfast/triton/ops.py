@@ -1,0 +1,292 @@
+"""The Triton launchers as ``torch.library`` custom operators, and the autograd Functions
+that the ``"triton"`` backend registers.
+
+Each fused core is two operators in the ``kdfast_triton`` namespace, a forward that returns
+the result and what the backward needs, and a backward that returns the input gradients
+(an empty tensor for an input that needs none). Dynamo and AOTAutograd treat them as opaque
+calls with the shapes given by their fake implementations, so a Triton core traces into a
+``torch.compile`` graph (``fullgraph=True`` included) like the native operators do, and the
+kernels run unchanged inside the compiled code.
+
+This module imports only torch: an operator's body imports its kernel module (and Triton) on
+its first call, so registering the backend never imports Triton.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+
+from kdfast._precision import accumulation_dtype
+from kdfast.ops.attention import (
+    _fake_attention_map,
+    _fake_attention_map_backward,
+    attention_map_function,
+)
+from kdfast.reference.nst import as_bandwidths, check_unbiased_sizes
+
+_NS = "kdfast_triton"
+
+
+def _kernels(module: str):
+    """``kdfast.triton.<module>``, imported (with Triton) on first use."""
+    return importlib.import_module(f"kdfast.triton.{module}")
+
+
+def _new(like: Tensor, *shape: int) -> Tensor:
+    """An empty tensor of ``shape`` in ``like``'s compute (accumulation) dtype."""
+    return like.new_empty(shape, dtype=accumulation_dtype(like))
+
+
+def _grad_or_empty(x: Tensor, needed: bool) -> Tensor:
+    return torch.empty_like(x) if needed else x.new_empty(0)
+
+
+# --- attention map ---------------------------------------------------------------------------
+
+@torch.library.custom_op(f"{_NS}::attention_map", mutates_args=())
+def _attention_map(features: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    return _kernels("attention").attention_forward(features, p)
+
+
+@torch.library.custom_op(f"{_NS}::attention_map_backward", mutates_args=())
+def _attention_map_backward(grad_map: Tensor, features: Tensor, q_hat: Tensor, norm: Tensor,
+                            p: float) -> Tensor:
+    return _kernels("attention").attention_backward(grad_map, features, q_hat, norm, p)
+
+
+_attention_map.register_fake(_fake_attention_map)
+_attention_map_backward.register_fake(_fake_attention_map_backward)
+
+TritonAttentionMap = attention_map_function("TritonAttentionMap", _attention_map,
+                                            _attention_map_backward)
+
+
+def triton_attention_map(features: Tensor, p: float = 2.0) -> Tensor:
+    """Core ``"attention_map"`` on Triton: q̂ (B, H·W) for (B, C, H, W) features."""
+    return TritonAttentionMap.apply(features, float(p))
+
+
+# --- SP --------------------------------------------------------------------------------------
+
+def dense_rows(x: Tensor) -> Tensor:
+    """``x`` if each sample is one dense block of D elements (contiguous or channels_last),
+    else a contiguous copy; row b then lives at b * D + k, k < D, in some fixed order."""
+    if x.is_contiguous():
+        return x
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return x
+    return x.contiguous()
+
+
+@torch.library.custom_op(f"{_NS}::similarity", mutates_args=())
+def _similarity(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+    return _kernels("gram").similarity_forward(student, teacher)
+
+
+@_similarity.register_fake
+def _(student, teacher):
+    batch = student.shape[0]
+    return _new(student, batch), _new(student, 2, batch, batch)
+
+
+@torch.library.custom_op(f"{_NS}::similarity_backward", mutates_args=())
+def _similarity_backward(grad_loss: Tensor, student: Tensor, teacher: Tensor, grams: Tensor,
+                         need_student: bool, need_teacher: bool) -> tuple[Tensor, Tensor]:
+    return _kernels("gram").similarity_backward(grad_loss, student, teacher, grams,
+                                                need_student, need_teacher)
+
+
+@_similarity_backward.register_fake
+def _(grad_loss, student, teacher, grams, need_student, need_teacher):
+    return _grad_or_empty(student, need_student), _grad_or_empty(teacher, need_teacher)
+
+
+class TritonSimilarity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student: Tensor, teacher: Tensor) -> Tensor:
+        student, teacher = dense_rows(student), dense_rows(teacher)
+        loss, grams = _similarity(student, teacher)
+        ctx.save_for_backward(student, teacher, grams)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        student, teacher, grams = ctx.saved_tensors
+        need_s, need_t = ctx.needs_input_grad
+        ds, dt = _similarity_backward(grad_loss, student, teacher, grams, need_s, need_t)
+        return (ds if need_s else None), (dt if need_t else None)
+
+
+def triton_similarity_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Core ``"similarity"`` on Triton: per-row SP loss (B,), mean = ‖G_t − G_s‖²_F / B²."""
+    return TritonSimilarity.apply(student, teacher)
+
+
+# --- FSP -------------------------------------------------------------------------------------
+
+@torch.library.custom_op(f"{_NS}::fsp", mutates_args=())
+def _fsp(student_a: Tensor, student_b: Tensor, teacher_a: Tensor,
+         teacher_b: Tensor) -> tuple[Tensor, Tensor]:
+    return _kernels("gram").fsp_forward(student_a, student_b, teacher_a, teacher_b)
+
+
+@_fsp.register_fake
+def _(student_a, student_b, teacher_a, teacher_b):
+    batch = student_a.shape[0]
+    return _new(student_a, batch), _new(student_a, batch, student_a.shape[1], student_b.shape[1])
+
+
+@torch.library.custom_op(f"{_NS}::fsp_backward", mutates_args=())
+def _fsp_backward(grad_loss: Tensor, student_a: Tensor, student_b: Tensor, teacher_a: Tensor,
+                  teacher_b: Tensor, diff: Tensor,
+                  needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _kernels("gram").fsp_backward(grad_loss, student_a, student_b, teacher_a, teacher_b,
+                                         diff, needs)
+
+
+@_fsp_backward.register_fake
+def _(grad_loss, student_a, student_b, teacher_a, teacher_b, diff, needs):
+    return tuple(_grad_or_empty(x, needed) for x, needed
+                 in zip((student_a, student_b, teacher_a, teacher_b), needs, strict=True))
+
+
+class TritonFSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_a, student_b, teacher_a, teacher_b):
+        loss, diff = _fsp(student_a, student_b, teacher_a, teacher_b)
+        ctx.save_for_backward(student_a, student_b, teacher_a, teacher_b, diff)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        needs = list(ctx.needs_input_grad)
+        grads = _fsp_backward(grad_loss, *ctx.saved_tensors, needs)
+        return tuple(g if needed else None for g, needed in zip(grads, needs, strict=True))
+
+
+def triton_fsp_pair_loss(student_a: Tensor, student_b: Tensor, teacher_a: Tensor,
+                         teacher_b: Tensor) -> Tensor:
+    """Core ``"fsp"`` on Triton: per-sample mean over C_a·C_b of (G_s − G_t)², (B,)."""
+    return TritonFSP.apply(student_a, student_b, teacher_a, teacher_b)
+
+
+# --- channel MMD -----------------------------------------------------------------------------
+
+@torch.library.custom_op(f"{_NS}::linear_mmd", mutates_args=())
+def _linear_mmd(x: Tensor, y: Tensor, unbiased: bool,
+                teacher_term: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _kernels("mmd").linear_mmd_forward(x, y, unbiased, teacher_term)
+
+
+@_linear_mmd.register_fake
+def _(x, y, unbiased, teacher_term):
+    batch, hw = x.shape[0], x.shape[2] * x.shape[3]
+    return _new(x, batch), _new(x, batch, x.shape[1]), _new(x, batch, y.shape[1]), \
+        _new(x, batch, 2, hw)
+
+
+@torch.library.custom_op(f"{_NS}::linear_mmd_backward", mutates_args=())
+def _linear_mmd_backward(grad_loss: Tensor, x: Tensor, y: Tensor, sq_x: Tensor, sq_y: Tensor,
+                         sums: Tensor, unbiased: bool, teacher_term: bool, need_x: bool,
+                         need_y: bool) -> tuple[Tensor, Tensor]:
+    return _kernels("mmd").linear_mmd_backward(grad_loss, x, y, sq_x, sq_y, sums, unbiased,
+                                               teacher_term, need_x, need_y)
+
+
+@_linear_mmd_backward.register_fake
+def _(grad_loss, x, y, sq_x, sq_y, sums, unbiased, teacher_term, need_x, need_y):
+    return _grad_or_empty(x, need_x), _grad_or_empty(y, need_y)
+
+
+class TritonLinearMMD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, unbiased, teacher_term):
+        loss, *saved = _linear_mmd(x, y, unbiased, teacher_term)
+        ctx.options = (unbiased, teacher_term)
+        ctx.save_for_backward(x, y, *saved)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        need_x, need_y = ctx.needs_input_grad[:2]
+        dx, dy = _linear_mmd_backward(grad_loss, *ctx.saved_tensors, *ctx.options, need_x,
+                                      need_y)
+        return (dx if need_x else None), (dy if need_y else None), None, None
+
+
+@torch.library.custom_op(f"{_NS}::channel_mmd", mutates_args=())
+def _channel_mmd(x: Tensor, y: Tensor, kernel: str, degree: int, coef: float,
+                 bandwidths: list[float], sigma_mean: bool, unbiased: bool, teacher_term: bool,
+                 need_x: bool, need_y: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                      Tensor, Tensor]:
+    sigma2 = "mean" if sigma_mean else tuple(bandwidths)
+    return _kernels("mmd").channel_mmd_forward(x, y, kernel, degree, coef, sigma2, unbiased,
+                                               teacher_term, need_x, need_y)
+
+
+@_channel_mmd.register_fake
+def _(x, y, kernel, degree, coef, bandwidths, sigma_mean, unbiased, teacher_term, need_x,
+      need_y):
+    batch, m, n = x.shape[0], x.shape[1], y.shape[1]
+    num_sigma = len(bandwidths) if kernel == "rbf" and not sigma_mean else 1
+
+    def block(saved: bool, rows: int, cols: int) -> Tensor:
+        return _new(x, batch, rows, cols) if saved else _new(x, 0)
+    return (_new(x, batch), _new(x, batch, m), _new(x, batch, n), _new(x, batch, num_sigma),
+            block(need_x, m, m), block(need_x or need_y, m, n),
+            block(need_y and teacher_term, n, n))
+
+
+@torch.library.custom_op(f"{_NS}::channel_mmd_backward", mutates_args=())
+def _channel_mmd_backward(grad_loss: Tensor, x: Tensor, y: Tensor, sq_x: Tensor, sq_y: Tensor,
+                          sigmas: Tensor, g_ss: Tensor, g_st: Tensor, g_tt: Tensor, kernel: str,
+                          degree: int, coef: float, unbiased: bool, teacher_term: bool,
+                          need_x: bool, need_y: bool) -> tuple[Tensor, Tensor]:
+    return _kernels("mmd").channel_mmd_backward(grad_loss, x, y, sq_x, sq_y, sigmas, g_ss, g_st,
+                                                g_tt, kernel, degree, coef, unbiased,
+                                                teacher_term, need_x, need_y)
+
+
+@_channel_mmd_backward.register_fake
+def _(grad_loss, x, y, sq_x, sq_y, sigmas, g_ss, g_st, g_tt, kernel, degree, coef, unbiased,
+      teacher_term, need_x, need_y):
+    return _grad_or_empty(x, need_x), _grad_or_empty(y, need_y)
+
+
+class TritonChannelMMD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, kernel, degree, coef, sigma2, unbiased, teacher_term):
+        need_x, need_y = ctx.needs_input_grad[:2]
+        sigma_mean = sigma2 == "mean"
+        bandwidths = [] if sigma_mean else list(sigma2)
+        loss, *saved = _channel_mmd(x, y, kernel, degree, coef, bandwidths, sigma_mean,
+                                    unbiased, teacher_term, need_x, need_y)
+        ctx.options = (kernel, degree, coef, unbiased, teacher_term)
+        ctx.save_for_backward(x, y, *saved)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        need_x, need_y = ctx.needs_input_grad[:2]
+        dx, dy = _channel_mmd_backward(grad_loss, *ctx.saved_tensors, *ctx.options, need_x,
+                                       need_y)
+        return (dx if need_x else None), (dy if need_y else None), *([None] * 6)
+
+
+def triton_channel_mmd(student: Tensor, teacher: Tensor, *, kernel: str = "poly",
+                       degree: int = 2, coef: float = 0.0, sigma2=(1.0,),
+                       unbiased: bool = False, teacher_term: bool = True) -> Tensor:
+    """Core ``"channel_mmd"`` on Triton: per-sample MMD² (B,), same options as the reference
+    :func:`kdfast.reference.nst.channel_mmd`."""
+    check_unbiased_sizes(student.shape[1], teacher.shape[1], unbiased, teacher_term)
+    if kernel == "linear":
+        return TritonLinearMMD.apply(student, teacher, bool(unbiased), bool(teacher_term))
+    sigma2 = as_bandwidths(sigma2)
+    sigma2 = sigma2 if sigma2 == "mean" else tuple(float(s) for s in sigma2)
+    return TritonChannelMMD.apply(student, teacher, kernel, int(degree), float(coef), sigma2,
+                                  bool(unbiased), bool(teacher_term))
