@@ -10,8 +10,8 @@ Policy (the ``backend=`` argument of every loss, else the ``KDFAST_BACKEND`` env
 variable, else ``"auto"``):
 
 * ``"auto"``: CUDA tensors try ``triton``, then ``native``, then ``reference``; CPU tensors
-  try ``native``, then ``reference``. Inside ``torch.compile`` auto skips ``triton`` (its
-  launches would break the graph; the native ops trace through their fake implementations).
+  try ``native``, then ``reference``; the same inside ``torch.compile`` (the native and
+  Triton cores are ``torch.library`` operators that trace through their fake implementations).
 * ``"native"`` / ``"triton"`` / ``"reference"``: that implementation. Asked for by argument
   and not able to run, it raises ``ValueError`` saying why; asked for through the environment
   variable, it falls back to ``auto`` with a one-time warning (so a global preference never
@@ -116,13 +116,8 @@ def choose(core: str, backend: str | None, *tensors: torch.Tensor) -> Implementa
         warn_once(f"env:{core}:{name}", f"{ENV_VAR}={name} cannot run {core} ({reason}); "
                                         "falling back to the automatic choice")
     device = tensors[0].device.type if tensors else "cpu"
-    # Inside torch.compile, auto skips Triton: its launches are plain Python to Dynamo, while
-    # the native ops are torch.library operators with fake implementations (no graph break).
-    compiling = torch.compiler.is_compiling()
     for candidate in _AUTO_ORDER.get(device, ("reference",)):
         impl = impls.get(candidate)
-        if compiling and candidate == "triton":
-            continue
         if impl is not None and impl.supports(*tensors) is None:
             return impl
     return impls["reference"]

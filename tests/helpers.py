@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -44,3 +46,19 @@ def dtype_tolerance(fn, inputs64, dtype, atol: float = 1e-3) -> float:
     exact = fn(*inputs64)
     low = fn(*(x.detach().to(dtype) for x in inputs64))
     return 2.0 * rel_err(low, exact) + atol
+
+
+@contextlib.contextmanager
+def tf32_matmul(enabled: bool):
+    """Sets ``torch.backends.cuda.matmul.allow_tf32`` and restores it by assignment.
+
+    Not pytest's monkeypatch: from pytest 9.2 its undo deletes the attribute, which lives
+    behind the module object's ``__getattr__`` and cannot be deleted.
+    """
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = saved

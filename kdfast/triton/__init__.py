@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import os
-from functools import cache
 
 import torch
 
@@ -36,13 +35,19 @@ from kdfast.triton import ops
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-@cache
+_IMPORT_ERROR: list[str | None] = []  # filled on the first check (a plain list, not
+# functools.cache: Dynamo traces through cache wrappers with a warning)
+
+
 def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError as error:  # pragma: no cover - depends on the machine
-        return f"Triton is not importable ({error})"
-    return None
+    if not _IMPORT_ERROR:
+        try:
+            import triton  # noqa: F401
+        except ImportError as error:  # pragma: no cover - depends on the machine
+            _IMPORT_ERROR.append(f"Triton is not importable ({error})")
+        else:
+            _IMPORT_ERROR.append(None)
+    return _IMPORT_ERROR[0]
 
 
 def _check(tensors, float64_on_cuda: bool) -> str | None:

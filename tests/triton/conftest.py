@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from tests.helpers import tf32_matmul
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -45,11 +47,12 @@ class Precise:
 
 
 @pytest.fixture
-def precise(device, monkeypatch) -> Precise:
+def precise(device):
     if device == "cpu":
-        return Precise(device, torch.float64, 1e-12)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    return Precise(device, torch.float32, 2e-5)
+        yield Precise(device, torch.float64, 1e-12)
+        return
+    with tf32_matmul(False):
+        yield Precise(device, torch.float32, 2e-5)
 
 
 @pytest.fixture(params=[(torch.float32, 1e-5), (torch.float16, 5e-3), (torch.bfloat16, 4e-2)],

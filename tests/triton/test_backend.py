@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kdfast import backends
-from tests.helpers import randn
+from tests.helpers import randn, tf32_matmul
 
 pytestmark = pytest.mark.triton_interpret
 CORES = ("attention_map", "similarity", "fsp", "channel_mmd")
@@ -39,15 +39,9 @@ def test_mixed_dtypes_are_refused_with_a_reason(device):
 
 
 def test_dot_precision_follows_allow_tf32(device):
-    # Plain assignment, not monkeypatch: torch 2.11's cuBLASModule fails monkeypatch's undo.
     from kdfast.triton._common import dot_precision
-    matmul = torch.backends.cuda.matmul
-    saved = matmul.allow_tf32
-    try:
-        matmul.allow_tf32 = True
+    with tf32_matmul(True):
         assert dot_precision(torch.float32) == "tf32"
-        matmul.allow_tf32 = False
+    with tf32_matmul(False):
         assert dot_precision(torch.float32) == "ieee"
         assert dot_precision(torch.float64) == "ieee"
-    finally:
-        matmul.allow_tf32 = saved
