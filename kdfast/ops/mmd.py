@@ -16,7 +16,7 @@ import torch
 
 from kdfast import backends
 from kdfast._precision import accumulation_dtype
-from kdfast.reference.nst import channel_mmd
+from kdfast.reference.nst import channel_mmd, uses_feature_grams
 
 CORE = "channel_mmd"
 
@@ -64,9 +64,14 @@ def native_channel_mmd(student: torch.Tensor, teacher: torch.Tensor, *, kernel: 
 
 
 def native_channel_mmd_checked(student, teacher, *, sigma2=(1.0,), **options):
-    """The registered native fn: more bandwidths than the kernels take go to the reference."""
-    if not isinstance(sigma2, str) and not isinstance(sigma2, (int, float)) \
-            and len(sigma2) > MAX_BANDWIDTHS:
+    """The registered native fn: more bandwidths than the kernels take go to the reference,
+    and so does CUDA poly-2 on maps smaller than the channel count (its D × D Grams, as the
+    Triton backend does; the CPU kernels have a D × D path of their own)."""
+    too_many = not isinstance(sigma2, (str, int, float)) and len(sigma2) > MAX_BANDWIDTHS
+    feature_grams = student.device.type == "cuda" and uses_feature_grams(
+        student, teacher, options.get("kernel", "poly"), options.get("degree", 2),
+        options.get("teacher_term", True))
+    if too_many or feature_grams:
         return channel_mmd(student, teacher, sigma2=sigma2, **options)
     return native_channel_mmd(student, teacher, sigma2=sigma2, **options)
 

@@ -180,6 +180,15 @@ def _poly2_feature_gram_mmd(x_hat: torch.Tensor, y_hat: torch.Tensor, coef: floa
     return loss + within(feat_y, sum_y, y_hat) if teacher_term else loss
 
 
+def uses_feature_grams(student: torch.Tensor, teacher: torch.Tensor, kernel: str, degree: int,
+                       teacher_term: bool) -> bool:
+    """Whether poly d=2 goes through D × D Grams: when D = H·W < rows = C_s (+ C_t), where
+    they cost about rows·D² flops and D² memory per sample against rows²·D and rows² for the
+    C × C ones (csrc/cpu/mmd.cpp's ``use_feature_gram`` uses the same rule)."""
+    rows = student.shape[1] + (teacher.shape[1] if teacher_term else 0)
+    return kernel == "poly" and degree == 2 and student.shape[2] * student.shape[3] < rows
+
+
 def channel_mmd(student: torch.Tensor, teacher: torch.Tensor, *, kernel: str = "poly",
                 degree: int = 2, coef: float = 0.0,
                 sigma2: Sequence[float] | str = (1.0,), unbiased: bool = False,
@@ -193,9 +202,7 @@ def channel_mmd(student: torch.Tensor, teacher: torch.Tensor, *, kernel: str = "
     x_hat, y_hat = unit_channels(student), unit_channels(teacher)
     if kernel == "linear":
         return _linear_mmd(x_hat, y_hat, unbiased, teacher_term)
-    # D x D Grams cost about rows * D^2 flops and memory against rows^2 * D for C x C ones.
-    rows = x_hat.shape[1] + (y_hat.shape[1] if teacher_term else 0)
-    if kernel == "poly" and degree == 2 and x_hat.shape[2] < rows:
+    if uses_feature_grams(student, teacher, kernel, degree, teacher_term):
         return _poly2_feature_gram_mmd(x_hat, y_hat, coef, unbiased, teacher_term)
 
     bandwidths = as_bandwidths(sigma2)

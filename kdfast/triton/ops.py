@@ -25,7 +25,12 @@ from kdfast.ops.attention import (
     _fake_attention_map_backward,
     attention_map_function,
 )
-from kdfast.reference.nst import as_bandwidths, check_unbiased_sizes
+from kdfast.reference.nst import (
+    as_bandwidths,
+    channel_mmd,
+    check_unbiased_sizes,
+    uses_feature_grams,
+)
 
 _NS = "kdfast_triton"
 
@@ -284,6 +289,13 @@ def triton_channel_mmd(student: Tensor, teacher: Tensor, *, kernel: str = "poly"
     """Core ``"channel_mmd"`` on Triton: per-sample MMD² (B,), same options as the reference
     :func:`kdfast.reference.nst.channel_mmd`."""
     check_unbiased_sizes(student.shape[1], teacher.shape[1], unbiased, teacher_term)
+    if uses_feature_grams(student, teacher, kernel, degree, teacher_term):
+        # Poly-2 on maps smaller than the channel count: the reference's D × D Grams (two
+        # cuBLAS bmm per sample set) need (C_s + C_t)/D times fewer flops than any C × C
+        # kernel and keep no B·C² blocks (e.g. 52× at 7×7 with C = 512 + 2048). Chosen by
+        # that count; not measured on a GPU yet.
+        return channel_mmd(student, teacher, kernel=kernel, degree=degree, coef=coef,
+                           unbiased=unbiased, teacher_term=teacher_term)
     if kernel == "linear":
         return TritonLinearMMD.apply(student, teacher, bool(unbiased), bool(teacher_term))
     sigma2 = as_bandwidths(sigma2)

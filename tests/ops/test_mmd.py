@@ -240,3 +240,11 @@ def test_poly2_feature_gram_path_compiles():
     (want,) = torch.autograd.grad(channel_mmd(student, teacher, kernel="poly").sum(), student)
     assert_rel_close(out, channel_mmd(student, teacher, kernel="poly"), 1e-12)
     assert_rel_close(grad, want, 1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA, reason="needs CUDA and the native CUDA kernels")
+def test_registered_cuda_poly2_on_small_maps_takes_the_feature_grams():
+    s, t = randn(2, 7, 3, 2).cuda(), randn(2, 4, 3, 2).cuda()  # D = 6 < 11 rows
+    registered = kdfast.backends.implementations("channel_mmd")["native"].fn
+    assert torch.equal(registered(s, t, kernel="poly"), channel_mmd(s, t, kernel="poly"))

@@ -33,6 +33,21 @@ def test_matches_reference_precise(precise, options):
     check_parity(mmd, nst_reference.channel_mmd, [s, t], precise.tol, **options)
 
 
+@pytest.mark.parametrize("options", [{}, {"coef": 0.5, "unbiased": True},
+                                     {"teacher_term": False}])
+def test_poly2_gram_kernel_where_maps_exceed_channels(precise, options):
+    s, t = precise.randn(2, 5, 4, 4), precise.randn(2, 9, 4, 4)  # D = 16 >= rows: C × C path
+    assert not nst_reference.uses_feature_grams(s, t, "poly", 2, options.get("teacher_term", 1))
+    check_parity(mmd, nst_reference.channel_mmd, [s, t], precise.tol, kernel="poly", **options)
+
+
+def test_poly2_on_maps_smaller_than_the_channels_takes_the_feature_grams(precise):
+    s, t = precise.randn(2, 7, 3, 2), precise.randn(2, 4, 3, 2)  # D = 6 < 11 rows
+    assert nst_reference.uses_feature_grams(s, t, "poly", 2, True)
+    out = mmd(s, t, kernel="poly", coef=0.3)
+    assert torch.equal(out, nst_reference.channel_mmd(s, t, kernel="poly", coef=0.3))
+
+
 @pytest.mark.parametrize("kernel", ["linear", "poly", "rbf"])
 def test_batch_one_layouts_and_teacher_without_grad(precise, kernel):
     s = precise.randn(1, 6, 5, 3).to(memory_format=torch.channels_last)
