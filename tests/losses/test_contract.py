@@ -87,6 +87,26 @@ class Case:
         return self.function(*self.arguments(*tensors), **options)
 
 
+def positive(name: str) -> tuple:
+    """The bad values of an option that must be a number > 0."""
+    return (({name: 0.0}, ValueError, f"{name} must be > 0"),
+            ({name: -1.0}, ValueError, f"{name} must be > 0"),
+            ({name: float("nan")}, ValueError, f"{name} must be > 0"),
+            ({name: "1"}, TypeError, f"{name} must be a number"))
+
+
+def non_negative(name: str) -> tuple:
+    """The bad values of an option that must be a number >= 0."""
+    return (({name: -1.0}, ValueError, f"{name} must be >= 0"),
+            ({name: float("nan")}, ValueError, f"{name} must be >= 0"),
+            ({name: "1"}, TypeError, f"{name} must be a number"))
+
+
+def flag(name: str) -> tuple:
+    """The bad value of an option that must be True or False."""
+    return (({name: "yes"}, TypeError, f"{name} must be True or False"),)
+
+
 def two(shape_s, shape_t, seed=0):
     return lambda: [randn(*shape_s, seed=seed), randn(*shape_t, seed=seed + 1)]
 
@@ -97,8 +117,7 @@ CASES = [
     Case("at", at_loss, two((2, 3, 4, 6), (2, 5, 4, 6)), ("student", "teacher"),
          (FEATURES, FEATURES), spatial=((0, 1),),
          bad_options=(({"p": 0.5}, ValueError, "p must be >= 1"),
-                      ({"mode": "fancy"}, ValueError, "mode must be one of"),
-                      ({"pool": "yes"}, TypeError, "pool must be True or False")),
+                      ({"mode": "fancy"}, ValueError, "mode must be one of"), *flag("pool")),
          module=kdfast.ATLoss, module_options={"p": 3.0, "mode": "paper"},
          core="attention_map"),
     Case("nst", nst_loss, two((2, 3, 4, 6), (2, 5, 4, 6)), ("student", "teacher"),
@@ -108,7 +127,7 @@ CASES = [
              ({"degree": 0}, ValueError, "degree must be an int >= 1"),
              ({"degree": 2.0}, TypeError, "degree must be an int"),
              ({"degree": True}, TypeError, "degree must be an int"),
-             ({"coef": -0.1}, ValueError, "coef must be >= 0"),
+             *non_negative("coef"),
              ({"sigma2": 0.0}, ValueError, "sigma2 must be > 0"),
              ({"sigma2": -1}, ValueError, "sigma2 must be > 0"),
              ({"sigma2": []}, ValueError, "sigma2 must not be an empty list"),
@@ -117,9 +136,8 @@ CASES = [
              ({"sigma2": "median"}, ValueError, "sigma2 must be one of 'mean'"),
              ({"sigma2": None}, TypeError, "sigma2 must be a positive float"),
              ({"sigma2": float("nan")}, ValueError, "sigma2 must be > 0"),
-             ({"unbiased": "yes"}, TypeError, "unbiased must be True or False"),
              ({"teacher_term": 1}, TypeError, "teacher_term must be True or False"),
-             ({"pool": "yes"}, TypeError, "pool must be True or False")),
+             *flag("unbiased"), *flag("pool")),
          module=kdfast.NSTLoss,
          module_options={"kernel": "rbf", "sigma2": [1.0, 4.0], "unbiased": True,
                          "reduction": "sum"},
@@ -128,23 +146,18 @@ CASES = [
          (FEATURES, FEATURES), spatial=((0, 1),),
          mismatch=fragments("student_preact has 3 channels but teacher_preact has 4",
                             "pass connector="),
-         bad_options=(({"margin": 0.0}, ValueError, "margin must be > 0"),
-                      ({"margin": -1.0}, ValueError, "margin must be > 0"),
-                      ({"margin": "1"}, TypeError, "margin must be a number"),
-                      ({"pool": "yes"}, TypeError, "pool must be True or False")),
+         bad_options=(*positive("margin"), *flag("pool")),
          module=kdfast.ABLoss, module_options={"margin": 2.0, "reduction": "sum"},
          core="ab", reference_only=True),
     Case("sp", sp_loss, two((3, 3, 4, 6), (3, 5, 2, 3)), ("student", "teacher"),
          (ANY_RANK, ANY_RANK),
-         bad_options=(({"gather": "yes"}, TypeError, "gather must be True or False"),),
+         bad_options=flag("gather"),
          module=kdfast.SPLoss, module_options={"reduction": "sum"}, core="similarity"),
     Case("rkd", rkd_loss, two((4, 3, 2, 3), (4, 7)), ("student", "teacher"),
          (EMBEDDINGS, EMBEDDINGS),
          bad_options=(
-             ({"distance_weight": -1.0}, ValueError, "distance_weight must be >= 0"),
-             ({"angle_weight": float("nan")}, ValueError, "angle_weight must be >= 0"),
+             *non_negative("distance_weight"), *non_negative("angle_weight"),
              ({"distance_weight": 0.0, "angle_weight": 0}, ValueError, "both 0"),
-             ({"angle_weight": "50"}, TypeError, "angle_weight must be a number"),
              ({"gather": 1}, TypeError, "gather must be True or False")),
          module=kdfast.RKDLoss, module_options={"distance_weight": 1.0, "angle_weight": 2.0},
          core="rkd", reference_only=True),
@@ -164,29 +177,25 @@ CASES = [
          mismatch=fragments("pair 0: student_pairs[0] has channels (C_a, C_b) = (3, 5) but "
                             "teacher_pairs[0] has (3, 6)", "1x1 conv"),
          mismatch_index=3,
-         bad_options=(({"pool": "yes"}, TypeError, "pool must be True or False"),),
+         bad_options=flag("pool"),
          module=kdfast.FSPLoss, module_options={"reduction": "none"}, core="fsp"),
     Case("kd", kd_loss, two((3, 5), (3, 5)), LOGIT_PAIR, (LOGITS, LOGITS),
          mismatch=fragments("student_logits and teacher_logits must have the same shape, got "
                             "(3, 5) and (3, 6)", "both must score the same classes"),
-         bad_options=(({"temperature": 0.0}, ValueError, "temperature must be > 0"),
-                      ({"temperature": -1.0}, ValueError, "temperature must be > 0"),
-                      ({"temperature": "4"}, TypeError, "temperature must be a number"),
+         bad_options=(*positive("temperature"),
                       ({"reduction": "batchmean"}, ValueError, "reduction must be one of")),
          module=kdfast.KDLoss, module_options={"temperature": 2.0, "reduction": "sum"},
          core="kd", reference_only=True),
     Case("dml", dml_loss, two((3, 5), (3, 5)), ("logits", "peer_logits[0]"), (LOGITS, LOGITS),
          arguments=lambda z, peer: (z, [peer]),
          mismatch=fragments("logits and peer_logits[0] must have the same shape"),
-         bad_options=(({"temperature": 0}, ValueError, "temperature must be > 0"),
-                      ({"temperature": "1"}, TypeError, "temperature must be a number")),
+         bad_options=positive("temperature"),
          module=kdfast.DMLLoss, module_options={"temperature": 3.0, "reduction": "none"},
          core="kd", reference_only=True),
     Case("ban", ban_generation_loss, two((3, 5), (3, 5)), ("student_logits", "previous_logits"),
          (LOGITS, LOGITS),
          mismatch=fragments("student_logits and previous_logits must have the same shape"),
-         bad_options=(({"temperature": 0.0}, ValueError, "temperature must be > 0"),
-                      ({"label_weight": -1.0}, ValueError, "label_weight must be >= 0")),
+         bad_options=(*positive("temperature"), *non_negative("label_weight")),
          core="kd", reference_only=True),
     Case("discriminator", discriminator_loss, two((3, 4), (3, 4)), LOGIT_PAIR, (LOGITS, LOGITS),
          arguments=lambda s, t: (DISCRIMINATOR, s, t, labels_for(s)),
@@ -197,7 +206,7 @@ CASES = [
          arguments=lambda s, t: (DISCRIMINATOR, s, t, labels_for(s)),
          mismatch=fragments("student_logits and teacher_logits must have the same shape"),
          bad_options=(({"kind": "wgan"}, ValueError, "kind must be one of"),
-                      ({"l1_weight": -0.1}, ValueError, "l1_weight must be >= 0"))),
+                      *non_negative("l1_weight"))),
     Case("gradient_at", gradient_at_loss, network_outputs, (*LOGIT_PAIR, "inputs"),
          (LOGITS, LOGITS, ANY_RANK),
          arguments=lambda s, t, x: (s, t, x, labels_for(s)),
@@ -294,24 +303,25 @@ def test_channel_mismatch_raises_or_is_allowed(case):
         raises_with(case, wider, ValueError, case.mismatch)
 
 
-@each_pair("spatial")
-def test_pool_false_rejects_other_spatial_sizes(case, pair):
-    i, j = pair
-    tensors = case.make()
-    small = tensors[j][..., :2, :3]
-    raises_with(case, replaced(tensors, j, small), ValueError,
-                fragments(f"{case.names[i]} spatial size (4, 6) differs from {case.names[j]}'s "
-                          "(2, 3) and pool=False; pass pool=True"), pool=False)
+# The second map of a pooled pair cut to (H, W), the options, and the message (a, b: names).
+SPATIAL_FAULTS = {
+    "pool_false": ((2, 3), {"pool": False},
+                   ("{a} spatial size (4, 6) differs from {b}'s (2, 3) and pool=False; "
+                    "pass pool=True",)),
+    "unpoolable": ((3, 5), {},
+                   ("{a} spatial size (4, 6) and {b}'s (3, 5) cannot be matched by average "
+                    "pooling", "resize one of them")),
+}
 
 
 @each_pair("spatial")
-def test_rejects_sizes_pooling_cannot_match(case, pair):
-    i, j = pair
+@pytest.mark.parametrize("fault", sorted(SPATIAL_FAULTS))
+def test_rejects_spatial_sizes_it_cannot_match(case, pair, fault):
+    (i, j), ((h, w), options, message) = pair, SPATIAL_FAULTS[fault]
     tensors = case.make()
-    odd = tensors[j][..., :3, :5]
-    raises_with(case, replaced(tensors, j, odd), ValueError,
-                fragments(f"{case.names[i]} spatial size (4, 6) and {case.names[j]}'s (3, 5) "
-                          "cannot be matched by average pooling", "resize one of them"))
+    names = {"a": case.names[i], "b": case.names[j]}
+    raises_with(case, replaced(tensors, j, tensors[j][..., :h, :w]), ValueError,
+                fragments(*(part.format(**names) for part in message)), **options)
 
 
 # --- values: layouts and reductions ----------------------------------------------------------
