@@ -6,10 +6,10 @@ from torch import nn
 import kdfast
 from kdfast.functional import ab_loss
 from kdfast.reference.ab import ab_loss as reference_ab
-from tests.helpers import assert_rel_close, grads, randn
+from tests.helpers import REDUCTIONS, assert_rel_close, grads, randn
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_reductions_match_reference(reduction):
     s, t = randn(3, 4, 5, 6, seed=0), randn(3, 4, 5, 6, seed=1)
     per_sample = reference_ab(s, t, 0.5)

@@ -3,14 +3,14 @@ import torch
 
 import kdfast
 from kdfast.functional import at_loss
-from tests.helpers import assert_rel_close, randn
+from tests.helpers import REDUCTIONS, assert_rel_close, randn
 
 BACKENDS = ["reference"] + (["native"] if kdfast.available_backends()["native"] else [])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["code", "paper"])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_at_loss_backends_agree(backend, mode, reduction):
     s = randn(3, 5, 8, 6, seed=0, requires_grad=True)
     t = randn(3, 7, 4, 3, seed=1)  # student map is pooled 2x to the teacher's

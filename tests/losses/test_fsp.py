@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from kdfast import backends
 from kdfast.functional import fsp_loss
 from kdfast.reference.fsp import fsp_pair_loss
-from tests.helpers import assert_rel_close, grads, randn
+from tests.helpers import REDUCTIONS, assert_rel_close, grads, randn, reduced
 
 
 def features(batch, channels_and_sizes, seed, requires_grad=False):
@@ -17,18 +17,18 @@ def consecutive(feats):
     return list(zip(feats, feats[1:], strict=False))
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_pairs_are_pooled_and_summed(reduction):
     s = features(3, [(2, 8, 8), (3, 4, 4), (5, 2, 2)], seed=0, requires_grad=True)
     t = features(3, [(2, 4, 4), (3, 4, 4), (5, 4, 4)], seed=10)  # teacher sizes differ
     # student pairs: s[0] (8x8) pooled to s[1]'s 4x4, then s[1] (4x4) pooled to s[2]'s 2x2
     per_sample = (fsp_pair_loss(F.avg_pool2d(s[0], 2), s[1], t[0], t[1])
                   + fsp_pair_loss(F.avg_pool2d(s[1], 2), s[2], t[1], t[2]))
-    expected = {"mean": per_sample.mean(), "sum": per_sample.sum(), "none": per_sample}
+    expected = reduced(per_sample, reduction)
     out = fsp_loss(consecutive(s), consecutive(t), reduction=reduction)
-    assert_rel_close(out, expected[reduction], 1e-12)
+    assert_rel_close(out, expected, 1e-12)
     g = grads(out.sum(), s, grad_output=1.3)
-    g_ref = grads(expected[reduction].sum(), s, grad_output=1.3)
+    g_ref = grads(expected.sum(), s, grad_output=1.3)
     for a, b in zip(g, g_ref, strict=True):
         assert_rel_close(a, b, 1e-12)
 

@@ -7,7 +7,7 @@ from torch import nn
 import kdfast
 from kdfast.functional import gradient_at_loss
 from kdfast.reference.gradient_attention import gradient_at_loss as reference
-from tests.helpers import randn
+from tests.helpers import REDUCTIONS, randn, reduced
 
 
 def nets(seed=0, dim=4, classes=3):
@@ -17,7 +17,7 @@ def nets(seed=0, dim=4, classes=3):
     return student, teacher.requires_grad_(False)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_matches_reference_value_and_parameter_gradients(reduction):
     student, teacher = nets()
     y = torch.tensor([0, 2, 1, 1, 0])
@@ -26,9 +26,9 @@ def test_matches_reference_value_and_parameter_gradients(reduction):
     g_out = torch.autograd.grad(out.sum() * 1.3, list(student.parameters()))
     x2 = x.detach().clone().requires_grad_()
     per_sample = reference(student(x2), teacher(x2), x2, y)
-    expected = {"mean": per_sample.mean(), "sum": per_sample.sum(), "none": per_sample}
-    torch.testing.assert_close(out, expected[reduction])
-    g_ref = torch.autograd.grad(expected[reduction].sum() * 1.3, list(student.parameters()))
+    expected = reduced(per_sample, reduction)
+    torch.testing.assert_close(out, expected)
+    g_ref = torch.autograd.grad(expected.sum() * 1.3, list(student.parameters()))
     for a, b in zip(g_out, g_ref, strict=True):
         torch.testing.assert_close(a, b)
         assert a.abs().sum() > 0

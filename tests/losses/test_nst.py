@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from kdfast import backends
 from kdfast.functional import nst_loss
 from kdfast.reference.nst import channel_mmd
-from tests.helpers import assert_rel_close, randn
+from tests.helpers import REDUCTIONS, assert_rel_close, randn
 
 
 def runnable_backends(*tensors):
@@ -50,7 +50,7 @@ OPTIONS = [
 
 
 @pytest.mark.parametrize("options", OPTIONS)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_backends_agree_with_reference(options, reduction):
     # Odd sizes, C_s != C_t, a pooled (2x) non-contiguous student, grad_output != 1.
     s = randn(3, 7, 6, 10, seed=2).transpose(2, 3).requires_grad_(True)

@@ -4,10 +4,10 @@ import torch
 from kdfast import backends
 from kdfast.functional import sp_loss
 from kdfast.reference.sp import similarity_loss, similarity_matrix
-from tests.helpers import assert_rel_close, grads, randn
+from tests.helpers import REDUCTIONS, assert_rel_close, grads, randn
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_reductions(reduction):
     s, t = randn(4, 3, 5, 5, seed=0), randn(4, 6, 2, 3, seed=1)
     rows = similarity_loss(s, t)
