@@ -43,6 +43,15 @@ def randn(*shape, dtype=torch.float64, seed: int | None = None, requires_grad=Fa
     return x.requires_grad_(requires_grad)
 
 
+def toy_problem(seed: int = 0, n: int = 32, dim: int = 4, classes: int = 3):
+    """A learnable classification batch: float64 inputs (n, dim) and the labels (n,) of a
+    random linear classifier on them."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    y = (x @ torch.randn(dim, classes, generator=g, dtype=torch.float64)).argmax(1)
+    return x, y
+
+
 def grads(loss: torch.Tensor, inputs, grad_output: float = 1.0):
     """Gradients of ``loss * grad_output`` w.r.t. ``inputs`` (None for unused ones)."""
     return torch.autograd.grad(loss, inputs, grad_outputs=torch.full_like(loss, grad_output),

@@ -7,7 +7,7 @@ from torch import nn
 
 import kdfast
 from kdfast.functional import ban_generation_loss, kd_loss
-from tests.helpers import REDUCTIONS, randn, reduced
+from tests.helpers import REDUCTIONS, randn, reduced, toy_problem
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -86,13 +86,6 @@ def test_ensemble_bad_inputs():
         mismatched(torch.zeros(1, 1))
 
 
-def _toy(seed=0, n=48, dim=5, classes=3):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, dim, generator=g, dtype=torch.float64)
-    y = (x @ torch.randn(dim, classes, generator=g, dtype=torch.float64)).argmax(1)
-    return x, y
-
-
 def _train(ban, x, y, steps=15, lr=1.0):
     opt = torch.optim.SGD(ban.student.parameters(), lr=lr)
     losses = []
@@ -107,7 +100,7 @@ def _train(ban, x, y, steps=15, lr=1.0):
 
 def test_born_again_generations_on_a_tiny_problem():
     torch.manual_seed(0)
-    x, y = _toy()
+    x, y = toy_problem(n=48, dim=5)
     ban = kdfast.BornAgain(lambda: nn.Linear(5, 3).double(), temperature=2.0, label_weight=0.5)
     assert ban.teacher is None
     gen0 = ban.new_generation()

@@ -8,7 +8,7 @@ from torch import nn
 import kdfast
 from kdfast.functional import dml_loss, kd_loss
 from kdfast.reference.kd import dml_loss as dml_reference
-from tests.helpers import REDUCTIONS, assert_rel_close, randn, reduced
+from tests.helpers import REDUCTIONS, assert_rel_close, randn, reduced, toy_problem
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -46,13 +46,6 @@ def test_bad_peers():
         dml_loss(z, [z, randn(2, 5)])
 
 
-def _toy_problem(seed=0, n=32, dim=4, classes=3):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, dim, generator=g, dtype=torch.float64)
-    y = (x @ torch.randn(dim, classes, generator=g, dtype=torch.float64)).argmax(1)
-    return x, y
-
-
 def _peers(k, seed=0, dim=4, classes=3):
     torch.manual_seed(seed)
     return [nn.Linear(dim, classes).double() for _ in range(k)]
@@ -60,7 +53,7 @@ def _peers(k, seed=0, dim=4, classes=3):
 
 @pytest.mark.parametrize("mode", ["synchronous", "sequential"])
 def test_mutual_learning_lowers_every_peers_loss(mode):
-    x, y = _toy_problem()
+    x, y = toy_problem()
     models = _peers(3)
     opts = [torch.optim.SGD(m.parameters(), lr=1.0) for m in models]
     trainer = kdfast.MutualLearning(models, opts, mode=mode)
@@ -72,7 +65,7 @@ def test_mutual_learning_lowers_every_peers_loss(mode):
 
 
 def test_synchronous_gradients_are_each_peers_own():
-    x, y = _toy_problem(seed=1)
+    x, y = toy_problem(seed=1)
     models = _peers(3, seed=1)
     # lr=0: parameters stay put and .grad keeps what each peer was given.
     trainer = kdfast.MutualLearning(models, [torch.optim.SGD(m.parameters(), lr=0.0)
@@ -91,7 +84,7 @@ def test_synchronous_gradients_are_each_peers_own():
 
 
 def test_sequential_peers_see_the_updated_outputs():
-    x, y = _toy_problem(seed=2)
+    x, y = toy_problem(seed=2)
     models = _peers(2, seed=2)
     manual, synchronous = copy.deepcopy(models), copy.deepcopy(models)
     trainer = kdfast.MutualLearning(models, [torch.optim.SGD(m.parameters(), lr=0.3)
