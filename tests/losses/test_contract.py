@@ -108,6 +108,7 @@ def flag(name: str) -> tuple:
 
 
 def two(shape_s, shape_t, seed=0):
+    """``make`` for a loss of two tensors: fresh float64 inputs of these shapes."""
     return lambda: [randn(*shape_s, seed=seed), randn(*shape_t, seed=seed + 1)]
 
 
