@@ -28,10 +28,30 @@ def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str
                            f"(relative error {rel_err(out, ref):.3e}, tol {tol:.1e})")
 
 
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def reduced(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
+    """What ``reduction=`` should turn these per-sample losses into, written out here rather
+    than taken from kdfast (which is what the tests check)."""
+    if reduction == "none":
+        return per_sample
+    return per_sample.mean() if reduction == "mean" else per_sample.sum()
+
+
 def randn(*shape, dtype=torch.float64, seed: int | None = None, requires_grad=False):
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     x = torch.randn(*shape, dtype=dtype, generator=generator)
     return x.requires_grad_(requires_grad)
+
+
+def toy_problem(seed: int = 0, n: int = 32, dim: int = 4, classes: int = 3):
+    """A learnable classification batch: float64 inputs (n, dim) and the labels (n,) of a
+    random linear classifier on them."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    y = (x @ torch.randn(dim, classes, generator=g, dtype=torch.float64)).argmax(1)
+    return x, y
 
 
 def grads(loss: torch.Tensor, inputs, grad_output: float = 1.0):

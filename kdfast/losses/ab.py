@@ -20,6 +20,7 @@ NAMES = ("student_preact", "teacher_preact")
 
 def check_ab_options(margin: float = 1.0, pool: bool = True, reduction: str = "mean") -> None:
     _checks.check_positive("margin", margin)
+    _checks.check_flag("pool", pool)
     _checks.check_choice("reduction", reduction, _checks.REDUCTIONS)
 
 

@@ -16,6 +16,7 @@ def check_at_options(p: float = 2.0, mode: str = "code", pool: bool = True,
                      reduction: str = "mean") -> None:
     _checks.check_positive("p", p, 1.0, inclusive=True)
     _checks.check_choice("mode", mode, AT_MODES)
+    _checks.check_flag("pool", pool)
     _checks.check_choice("reduction", reduction, _checks.REDUCTIONS)
 
 

@@ -16,6 +16,7 @@ Pairs = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
 def check_fsp_options(pool: bool = True, reduction: str = "mean") -> None:
+    _checks.check_flag("pool", pool)
     _checks.check_choice("reduction", reduction, _checks.REDUCTIONS)
 
 

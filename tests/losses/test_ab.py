@@ -4,13 +4,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdfast
-from kdfast import backends
 from kdfast.functional import ab_loss
 from kdfast.reference.ab import ab_loss as reference_ab
-from tests.helpers import assert_rel_close, grads, randn
+from tests.helpers import REDUCTIONS, assert_rel_close, grads, randn
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_reductions_match_reference(reduction):
     s, t = randn(3, 4, 5, 6, seed=0), randn(3, 4, 5, 6, seed=1)
     per_sample = reference_ab(s, t, 0.5)
@@ -28,13 +27,6 @@ def test_pools_the_larger_map_and_passes_gradient():
     (g,) = grads(out, [s], grad_output=0.3)
     (g_ref,) = grads(expected, [s], grad_output=0.3)
     assert_rel_close(g, g_ref, 1e-12)
-
-
-def test_layouts_give_the_same_loss():
-    s, t = randn(2, 3, 4, 5, seed=4), randn(2, 3, 4, 5, seed=5)
-    ref = ab_loss(s, t)
-    torch.testing.assert_close(ab_loss(s.to(memory_format=torch.channels_last), t), ref)
-    torch.testing.assert_close(ab_loss(s, t.transpose(2, 3).contiguous().transpose(2, 3)), ref)
 
 
 def test_connector_is_applied_before_the_channel_check():
@@ -57,51 +49,9 @@ def test_module_builds_a_connector_only_when_channels_differ():
     assert "margin=2.0" in repr(loss)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"margin": 0.0}, "margin must be > 0"),
-    ({"margin": -1.0}, "margin must be > 0"),
-    ({"reduction": "avg"}, "reduction must be one of"),
-    ({"student_channels": 3}, "both student_channels and teacher_channels"),
-])
-def test_module_rejects_bad_options(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        kdfast.ABLoss(**kwargs)
-
-
-def test_backend_policy(monkeypatch):
-    s = randn(2, 3, 4, 4)
-    with pytest.raises(ValueError, match="backend='triton' cannot run ab"):
-        ab_loss(s, s, backend="triton")
-    monkeypatch.setenv(backends.ENV_VAR, "native")
-    backends._WARNED.discard("env:ab:native")
-    with pytest.warns(RuntimeWarning, match="falling back"):
-        torch.testing.assert_close(ab_loss(s, s), reference_ab(s, s, 1.0).mean())
-
-
-def test_bad_inputs():
-    s = randn(2, 3, 4, 4)
-    with pytest.raises(ValueError, match="student_preact must be 4-D"):
-        ab_loss(s[0], s)
-    with pytest.raises(ValueError, match="same batch size"):
-        ab_loss(s, randn(3, 3, 4, 4))
-    with pytest.raises(TypeError, match="teacher_preact must be a floating-point"):
-        ab_loss(s, torch.ones(2, 3, 4, 4, dtype=torch.int32))
-    with pytest.raises(ValueError, match="empty"):
-        ab_loss(s, randn(2, 3, 0, 4))
-    with pytest.raises(ValueError, match="move both to one device"):
-        ab_loss(s, torch.empty(2, 3, 4, 4, device="meta"))
-    with pytest.raises(ValueError, match="has 3 channels but teacher_preact has 5.*connector="):
-        ab_loss(s, randn(2, 5, 4, 4))
-    with pytest.raises(ValueError, match="pool=False"):
-        ab_loss(s, randn(2, 3, 2, 2), pool=False)
-    with pytest.raises(ValueError, match="cannot be matched"):
-        ab_loss(s, randn(2, 3, 3, 3))
-    with pytest.raises(ValueError, match="margin must be > 0"):
-        ab_loss(s, s, margin=0)
-    with pytest.raises(TypeError, match="margin must be a number"):
-        ab_loss(s, s, margin="1")
-    with pytest.raises(ValueError, match="reduction must be one of"):
-        ab_loss(s, s, reduction="batchmean")
+def test_module_needs_both_channel_counts_or_neither():
+    with pytest.raises(ValueError, match="both student_channels and teacher_channels"):
+        kdfast.ABLoss(student_channels=3)
 
 
 def test_gradcheck():

@@ -5,7 +5,7 @@ from torch import nn
 import kdfast
 from kdfast.functional import adversarial_student_loss, discriminator_loss
 from kdfast.reference import adversarial as reference
-from tests.helpers import randn
+from tests.helpers import REDUCTIONS, randn, reduced
 
 
 def _disc(num_classes=4, seed=0, **kwargs):
@@ -31,18 +31,17 @@ def test_discriminator_is_conditioned_on_the_label():
 
 
 @pytest.mark.parametrize("kind", ["lsgan", "bce"])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_functions_match_reference(kind, reduction):
     disc = _disc(4, hidden=6)
     s, t = randn(5, 4, seed=2, requires_grad=True), randn(5, 4, seed=3)
     y = torch.tensor([0, 3, 1, 1, 2])
-    reduce = {"mean": torch.mean, "sum": torch.sum, "none": lambda v: v}[reduction]
     torch.testing.assert_close(
         discriminator_loss(disc, s, t, y, kind=kind, reduction=reduction),
-        reduce(reference.discriminator_loss(disc, s, t, y, kind)))
+        reduced(reference.discriminator_loss(disc, s, t, y, kind), reduction))
     torch.testing.assert_close(
         adversarial_student_loss(disc, s, t, y, kind=kind, l1_weight=0.3, reduction=reduction),
-        reduce(reference.adversarial_student_loss(disc, s, t, y, kind, 0.3)))
+        reduced(reference.adversarial_student_loss(disc, s, t, y, kind, 0.3), reduction))
 
 
 def test_default_l1_weight_is_one():
@@ -154,25 +153,9 @@ def test_bad_labels():
         disc(s, torch.tensor([0, 1, 9]))
 
 
-def test_bad_inputs_and_options():
+def test_bad_discriminators():
     disc = _disc(4)
     s, y = randn(3, 4), torch.tensor([0, 1, 2])
-    with pytest.raises(ValueError, match="student_logits must be 2-D"):
-        discriminator_loss(disc, s[0], s, y)
-    with pytest.raises(ValueError, match="same batch size"):
-        adversarial_student_loss(disc, s, randn(2, 4), y)
-    with pytest.raises(ValueError, match="same shape"):
-        adversarial_student_loss(disc, s, randn(3, 5), y)
-    with pytest.raises(TypeError, match="floating-point"):
-        discriminator_loss(disc, s, torch.ones(3, 4, dtype=torch.int64), y)
-    with pytest.raises(ValueError, match="empty"):
-        discriminator_loss(disc, randn(0, 4), randn(0, 4), y[:0])
-    with pytest.raises(ValueError, match="teacher_logits is on meta"):
-        discriminator_loss(disc, s, torch.empty(3, 4, device="meta", dtype=s.dtype), y)
-    with pytest.raises(ValueError, match="kind must be one of"):
-        discriminator_loss(disc, s, s, y, kind="wgan")
-    with pytest.raises(ValueError, match="l1_weight must be >= 0"):
-        adversarial_student_loss(disc, s, s, y, l1_weight=-0.1)
     with pytest.raises(ValueError, match="logits have 5 classes"):
         disc(randn(3, 5), y)
     with pytest.raises(ValueError, match="one score per sample"):

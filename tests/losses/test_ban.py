@@ -7,10 +7,10 @@ from torch import nn
 
 import kdfast
 from kdfast.functional import ban_generation_loss, kd_loss
-from tests.helpers import randn
+from tests.helpers import REDUCTIONS, randn, reduced, toy_problem
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_generation_loss_is_kd_plus_weighted_cross_entropy(reduction):
     z = randn(4, 5, seed=0, requires_grad=True)
     prev, y = randn(4, 5, seed=1), torch.tensor([0, 4, 2, 2])
@@ -18,8 +18,7 @@ def test_generation_loss_is_kd_plus_weighted_cross_entropy(reduction):
                               reduction=reduction)
     per_sample = (kd_loss(z, prev, temperature=2.0, reduction="none")
                   + 0.3 * F.cross_entropy(z, y, reduction="none"))
-    expected = {"mean": per_sample.mean(), "sum": per_sample.sum(), "none": per_sample}
-    torch.testing.assert_close(out, expected[reduction])
+    torch.testing.assert_close(out, reduced(per_sample, reduction))
 
 
 def test_default_is_kd_at_t1_without_labels_and_previous_is_detached():
@@ -38,30 +37,16 @@ def test_generation_loss_gradcheck():
         lambda a: ban_generation_loss(a, prev, y, temperature=2.0, label_weight=0.5), (z,))
 
 
-def test_generation_loss_bad_inputs():
+def test_generation_loss_bad_targets():
     z = randn(2, 3)
     with pytest.raises(ValueError, match="needs targets"):
         ban_generation_loss(z, z, label_weight=1.0)
-    with pytest.raises(ValueError, match="label_weight must be >= 0"):
-        ban_generation_loss(z, z, label_weight=-1.0)
     with pytest.raises(ValueError, match=r"targets must be class indices in \[0, 2\]"):
         ban_generation_loss(z, z, torch.tensor([0, 3]), label_weight=1.0)
     with pytest.raises(TypeError, match="targets must hold integer class indices"):
         ban_generation_loss(z, z, torch.tensor([0.0, 1.0]), label_weight=1.0)
     with pytest.raises(ValueError, match=r"targets must have shape \(2,\)"):
         ban_generation_loss(z, z, torch.tensor([[0], [1]]), label_weight=1.0)
-    with pytest.raises(ValueError, match="previous_logits must be 2-D"):
-        ban_generation_loss(z, z[0])
-    with pytest.raises(ValueError, match="same batch size"):
-        ban_generation_loss(z, randn(3, 3))
-    with pytest.raises(TypeError, match="floating-point"):
-        ban_generation_loss(z, torch.ones(2, 3, dtype=torch.int64))
-    with pytest.raises(ValueError, match="empty"):
-        ban_generation_loss(randn(0, 3), randn(0, 3))
-    with pytest.raises(ValueError, match="previous_logits is on meta"):
-        ban_generation_loss(z, torch.empty(2, 3, device="meta", dtype=torch.float64))
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        ban_generation_loss(z, z, temperature=0.0)
 
 
 class Fixed(nn.Module):
@@ -101,13 +86,6 @@ def test_ensemble_bad_inputs():
         mismatched(torch.zeros(1, 1))
 
 
-def _toy(seed=0, n=48, dim=5, classes=3):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, dim, generator=g, dtype=torch.float64)
-    y = (x @ torch.randn(dim, classes, generator=g, dtype=torch.float64)).argmax(1)
-    return x, y
-
-
 def _train(ban, x, y, steps=15, lr=1.0):
     opt = torch.optim.SGD(ban.student.parameters(), lr=lr)
     losses = []
@@ -122,7 +100,7 @@ def _train(ban, x, y, steps=15, lr=1.0):
 
 def test_born_again_generations_on_a_tiny_problem():
     torch.manual_seed(0)
-    x, y = _toy()
+    x, y = toy_problem(n=48, dim=5)
     ban = kdfast.BornAgain(lambda: nn.Linear(5, 3).double(), temperature=2.0, label_weight=0.5)
     assert ban.teacher is None
     gen0 = ban.new_generation()

@@ -8,18 +8,17 @@ from torch import nn
 import kdfast
 from kdfast.functional import dml_loss, kd_loss
 from kdfast.reference.kd import dml_loss as dml_reference
-from tests.helpers import assert_rel_close, randn
+from tests.helpers import REDUCTIONS, assert_rel_close, randn, reduced, toy_problem
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_matches_reference_for_one_and_many_peers(reduction):
     z = randn(3, 5, seed=0, requires_grad=True)
     peers = [randn(3, 5, seed=1), randn(3, 5, seed=2), randn(3, 5, seed=3)]
     for given, as_list in ((peers[0], peers[:1]), (peers, peers), (tuple(peers), peers)):
         out = dml_loss(z, given, temperature=2.0, reduction=reduction)
         per_sample = dml_reference(z, as_list, 2.0)
-        expected = {"mean": per_sample.mean(), "sum": per_sample.sum(), "none": per_sample}
-        assert_rel_close(out, expected[reduction], 1e-14)
+        assert_rel_close(out, reduced(per_sample, reduction), 1e-14)
 
 
 def test_one_peer_at_default_temperature_is_kd_at_t1():
@@ -37,15 +36,7 @@ def test_peers_are_detached():
     torch.testing.assert_close(g_z, expected)
 
 
-def test_module_matches_function():
-    z, peers = randn(2, 3, seed=9), [randn(2, 3, seed=10), randn(2, 3, seed=11)]
-    module = kdfast.DMLLoss(temperature=3.0, reduction="none")
-    torch.testing.assert_close(module(z, peers), dml_loss(z, peers, temperature=3.0,
-                                                          reduction="none"))
-    assert "temperature=3.0" in repr(module)
-
-
-def test_bad_inputs_and_options():
+def test_bad_peers():
     z = randn(2, 4)
     with pytest.raises(ValueError, match="peer_logits is an empty list"):
         dml_loss(z, [])
@@ -53,27 +44,6 @@ def test_bad_inputs_and_options():
         dml_loss(z, {"a": z})
     with pytest.raises(ValueError, match=r"logits and peer_logits\[1\] must have the same shape"):
         dml_loss(z, [z, randn(2, 5)])
-    with pytest.raises(ValueError, match="logits must be 2-D"):
-        dml_loss(z[0], z)
-    with pytest.raises(ValueError, match="same batch size"):
-        dml_loss(z, randn(3, 4))
-    with pytest.raises(TypeError, match="floating-point"):
-        dml_loss(z, torch.ones(2, 4, dtype=torch.int32))
-    with pytest.raises(ValueError, match="empty"):
-        dml_loss(randn(2, 0), randn(2, 0))
-    with pytest.raises(ValueError, match=r"peer_logits\[0\] is on meta"):
-        dml_loss(z, [torch.empty(2, 4, device="meta", dtype=torch.float64)])
-    with pytest.raises(ValueError, match="temperature must be > 0"):
-        kdfast.DMLLoss(temperature=0)
-    with pytest.raises(ValueError, match="backend='native' cannot run kd"):
-        dml_loss(z, z, backend="native")
-
-
-def _toy_problem(seed=0, n=32, dim=4, classes=3):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, dim, generator=g, dtype=torch.float64)
-    y = (x @ torch.randn(dim, classes, generator=g, dtype=torch.float64)).argmax(1)
-    return x, y
 
 
 def _peers(k, seed=0, dim=4, classes=3):
@@ -83,7 +53,7 @@ def _peers(k, seed=0, dim=4, classes=3):
 
 @pytest.mark.parametrize("mode", ["synchronous", "sequential"])
 def test_mutual_learning_lowers_every_peers_loss(mode):
-    x, y = _toy_problem()
+    x, y = toy_problem()
     models = _peers(3)
     opts = [torch.optim.SGD(m.parameters(), lr=1.0) for m in models]
     trainer = kdfast.MutualLearning(models, opts, mode=mode)
@@ -95,7 +65,7 @@ def test_mutual_learning_lowers_every_peers_loss(mode):
 
 
 def test_synchronous_gradients_are_each_peers_own():
-    x, y = _toy_problem(seed=1)
+    x, y = toy_problem(seed=1)
     models = _peers(3, seed=1)
     # lr=0: parameters stay put and .grad keeps what each peer was given.
     trainer = kdfast.MutualLearning(models, [torch.optim.SGD(m.parameters(), lr=0.0)
@@ -114,7 +84,7 @@ def test_synchronous_gradients_are_each_peers_own():
 
 
 def test_sequential_peers_see_the_updated_outputs():
-    x, y = _toy_problem(seed=2)
+    x, y = toy_problem(seed=2)
     models = _peers(2, seed=2)
     manual, synchronous = copy.deepcopy(models), copy.deepcopy(models)
     trainer = kdfast.MutualLearning(models, [torch.optim.SGD(m.parameters(), lr=0.3)

@@ -2,11 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kdfast
 from kdfast import backends
 from kdfast.functional import fsp_loss
 from kdfast.reference.fsp import fsp_pair_loss
-from tests.helpers import assert_rel_close, grads, randn
+from tests.helpers import REDUCTIONS, assert_rel_close, grads, randn, reduced
 
 
 def features(batch, channels_and_sizes, seed, requires_grad=False):
@@ -18,18 +17,18 @@ def consecutive(feats):
     return list(zip(feats, feats[1:], strict=False))
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_pairs_are_pooled_and_summed(reduction):
     s = features(3, [(2, 8, 8), (3, 4, 4), (5, 2, 2)], seed=0, requires_grad=True)
     t = features(3, [(2, 4, 4), (3, 4, 4), (5, 4, 4)], seed=10)  # teacher sizes differ
     # student pairs: s[0] (8x8) pooled to s[1]'s 4x4, then s[1] (4x4) pooled to s[2]'s 2x2
     per_sample = (fsp_pair_loss(F.avg_pool2d(s[0], 2), s[1], t[0], t[1])
                   + fsp_pair_loss(F.avg_pool2d(s[1], 2), s[2], t[1], t[2]))
-    expected = {"mean": per_sample.mean(), "sum": per_sample.sum(), "none": per_sample}
+    expected = reduced(per_sample, reduction)
     out = fsp_loss(consecutive(s), consecutive(t), reduction=reduction)
-    assert_rel_close(out, expected[reduction], 1e-12)
+    assert_rel_close(out, expected, 1e-12)
     g = grads(out.sum(), s, grad_output=1.3)
-    g_ref = grads(expected[reduction].sum(), s, grad_output=1.3)
+    g_ref = grads(expected.sum(), s, grad_output=1.3)
     for a, b in zip(g, g_ref, strict=True):
         assert_rel_close(a, b, 1e-12)
 
@@ -41,30 +40,12 @@ def test_default_is_mean_over_b_ca_cb_per_pair():
     torch.testing.assert_close(fsp_loss([(sa, sb)], [(ta, tb)]), (g_s - g_t).pow(2).mean())
 
 
-def test_layouts_give_the_same_loss():
-    sa, sb, ta, tb = features(2, [(3, 4, 6), (2, 4, 6), (3, 4, 6), (2, 4, 6)], seed=30)
-    ref = fsp_loss([(sa, sb)], [(ta, tb)])
-    cl = sa.to(memory_format=torch.channels_last)
-    nc = tb.transpose(2, 3).contiguous().transpose(2, 3)
-    torch.testing.assert_close(fsp_loss([(cl, sb)], [(ta, nc)]), ref)
-
-
-def test_module_matches_function():
-    sa, sb, ta, tb = features(2, [(3, 4, 4), (2, 2, 2), (3, 4, 4), (2, 2, 2)], seed=40)
-    module = kdfast.FSPLoss(reduction="none", backend="reference")
-    torch.testing.assert_close(module([(sa, sb)], [(ta, tb)]),
-                               fsp_loss([(sa, sb)], [(ta, tb)], reduction="none"))
-    assert "reduction='none'" in repr(module)
-    with pytest.raises(ValueError, match="reduction must be one of"):
-        kdfast.FSPLoss(reduction="avg")
-
-
 def test_dispatches_through_the_fsp_core():
     x = randn(2, 3, 4, 4)
     assert backends.choose("fsp", "reference", x, x, x, x).fn.__wrapped__ is fsp_pair_loss
 
 
-def test_bad_inputs():
+def test_bad_pairs():
     a, b = randn(2, 3, 4, 4), randn(2, 5, 2, 2)
     ok = [(a, b)]
     with pytest.raises(TypeError, match="student_pairs must be a list"):
@@ -75,32 +56,10 @@ def test_bad_inputs():
         fsp_loss([(a, b, a)], ok)
     with pytest.raises(ValueError, match="1 pairs but teacher_pairs has 2"):
         fsp_loss(ok, ok + ok)
-    with pytest.raises(ValueError, match=r"teacher_pairs\[0\]\[1\] must be 4-D"):
-        fsp_loss(ok, [(a, b[0])])
-    with pytest.raises(ValueError, match="same batch size"):
-        fsp_loss(ok, [(randn(3, 3, 4, 4), randn(3, 5, 2, 2))])
-    with pytest.raises(ValueError, match=r"student_pairs\[0\]\[0\] and student_pairs\[0\]\[1\] "
-                                         "must have the same batch size"):
-        fsp_loss([(a, randn(3, 5, 2, 2))], ok)
     other = [(randn(3, 3, 4, 4), randn(3, 5, 2, 2))]
     with pytest.raises(ValueError, match=r"student_pairs\[0\]\[0\] and student_pairs\[1\]\[0\] "
                                          "must have the same batch size"):
         fsp_loss(ok + other, ok + other)
-    with pytest.raises(TypeError, match="floating-point"):
-        fsp_loss(ok, [(a, torch.ones(2, 5, 2, 2, dtype=torch.int64))])
-    with pytest.raises(ValueError, match="empty"):
-        fsp_loss(ok, [(a, randn(2, 5, 0, 2))])
-    with pytest.raises(ValueError, match="move both to one device"):
-        fsp_loss(ok, [(torch.empty(2, 3, 4, 4, device="meta"), b.to("meta"))])
-    with pytest.raises(ValueError, match=r"pair 0: .*\(3, 5\) but teacher_pairs\[0\] has "
-                                         r"\(3, 4\).*1x1 conv"):
-        fsp_loss(ok, [(a, randn(2, 4, 2, 2))])
-    with pytest.raises(ValueError, match=r"student_pairs\[0\]\[0\] spatial .* pool=False"):
-        fsp_loss(ok, ok, pool=False)
-    with pytest.raises(ValueError, match="cannot be matched"):
-        fsp_loss([(a, randn(2, 5, 3, 3))], ok)
-    with pytest.raises(ValueError, match="reduction must be one of"):
-        fsp_loss(ok, ok, reduction="avg")
 
 
 def test_gradcheck():

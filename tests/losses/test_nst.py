@@ -2,11 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kdfast
 from kdfast import backends
 from kdfast.functional import nst_loss
 from kdfast.reference.nst import channel_mmd
-from tests.helpers import assert_rel_close, randn
+from tests.helpers import REDUCTIONS, assert_rel_close, randn
 
 
 def runnable_backends(*tensors):
@@ -51,7 +50,7 @@ OPTIONS = [
 
 
 @pytest.mark.parametrize("options", OPTIONS)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_backends_agree_with_reference(options, reduction):
     # Odd sizes, C_s != C_t, a pooled (2x) non-contiguous student, grad_output != 1.
     s = randn(3, 7, 6, 10, seed=2).transpose(2, 3).requires_grad_(True)
@@ -100,16 +99,6 @@ def test_teacher_term_changes_value_not_student_gradient(kernel):
                                torch.autograd.grad(dropped, s)[0])
 
 
-def test_module_matches_function_and_repr():
-    s, t = randn(2, 3, 4, 4, seed=10), randn(2, 4, 4, 4, seed=11)
-    module = kdfast.NSTLoss(kernel="rbf", sigma2=[1.0, 4.0], unbiased=True, reduction="sum",
-                            backend="reference")
-    torch.testing.assert_close(module(s, t), nst_loss(s, t, kernel="rbf", sigma2=[1.0, 4.0],
-                                                      unbiased=True, reduction="sum"))
-    assert "kernel='rbf'" in repr(module) and "unbiased=True" in repr(module)
-    assert kdfast.functional.nst_loss is nst_loss
-
-
 def test_compiled_matches_eager():
     s, t = randn(2, 3, 4, 4, seed=12), randn(2, 5, 4, 4, seed=13)
     compiled = torch.compile(lambda a, b: nst_loss(a, b, kernel="rbf", sigma2="mean",
@@ -118,58 +107,9 @@ def test_compiled_matches_eager():
     torch.testing.assert_close(compiled(s, t), nst_loss(s, t, kernel="rbf", sigma2="mean"))
 
 
-BAD_OPTIONS = [
-    ({"kernel": "gauss"}, ValueError, "kernel must be one of"),
-    ({"degree": 0}, ValueError, "degree must be an int >= 1"),
-    ({"degree": 2.0}, TypeError, "degree must be an int"),
-    ({"degree": True}, TypeError, "degree must be an int"),
-    ({"coef": -0.1}, ValueError, "coef must be >= 0"),
-    ({"sigma2": 0.0}, ValueError, "sigma2 must be > 0"),
-    ({"sigma2": -1}, ValueError, "sigma2 must be > 0"),
-    ({"sigma2": []}, ValueError, "sigma2 must not be an empty list"),
-    ({"sigma2": [1.0, -2.0]}, ValueError, r"sigma2\[1\] must be > 0"),
-    ({"sigma2": [1.0, "a"]}, TypeError, r"sigma2\[1\] must be a number"),
-    ({"sigma2": "median"}, ValueError, "sigma2 must be one of 'mean'"),
-    ({"sigma2": None}, TypeError, "sigma2 must be a positive float"),
-    ({"sigma2": float("nan")}, ValueError, "sigma2 must be > 0"),
-    ({"unbiased": "yes"}, TypeError, "unbiased must be True or False"),
-    ({"teacher_term": 1}, TypeError, "teacher_term must be True or False"),
-    ({"reduction": "avg"}, ValueError, "reduction must be one of"),
-]
-
-
-@pytest.mark.parametrize("kwargs,error,match", BAD_OPTIONS)
-def test_bad_options(kwargs, error, match):
+def test_unbiased_needs_two_channels_per_set():
     s = randn(2, 3, 4, 4)
-    with pytest.raises(error, match=match):
-        nst_loss(s, s, **kwargs)
-    with pytest.raises(error, match=match):
-        kdfast.NSTLoss(**kwargs)
-
-
-def test_bad_inputs():
-    s = randn(2, 3, 4, 4)
-    with pytest.raises(ValueError, match="student must be 4-D"):
-        nst_loss(s[0], s)
-    with pytest.raises(ValueError, match="teacher must be 4-D"):
-        nst_loss(s, s.flatten(2))
-    with pytest.raises(ValueError, match="same batch size"):
-        nst_loss(s, randn(3, 3, 4, 4))
-    with pytest.raises(TypeError, match="floating-point"):
-        nst_loss(s, torch.ones(2, 3, 4, 4, dtype=torch.int64))
-    with pytest.raises(ValueError, match="empty"):
-        nst_loss(s, randn(2, 0, 4, 4))
-    with pytest.raises(ValueError, match="move both to one device"):
-        nst_loss(s, torch.empty(2, 3, 4, 4, dtype=torch.float64, device="meta"))
-    with pytest.raises(ValueError, match="pool=False"):
-        nst_loss(s, randn(2, 3, 2, 2), pool=False)
-    with pytest.raises(ValueError, match="cannot be matched"):
-        nst_loss(s, randn(2, 3, 3, 3))
     with pytest.raises(ValueError, match="at least 2 student channels"):
         nst_loss(randn(2, 1, 4, 4), s, unbiased=True)
     with pytest.raises(ValueError, match="at least 2 teacher channels"):
         nst_loss(s, randn(2, 1, 4, 4), unbiased=True)
-    with pytest.raises(ValueError, match="backend must be one of"):
-        nst_loss(s, s, backend="cuda")
-    with pytest.raises(TypeError, match="must be a torch.Tensor"):
-        nst_loss(s.numpy(), s)
