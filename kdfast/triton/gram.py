@@ -175,20 +175,26 @@ def _sp_gram_kernel(s_ptr, t_ptr, part_ptr, B, D_s, D_t, SPLITS: tl.constexpr,
 
 
 @triton.jit
+def _summed_gram_rows(part_ptr, i, j, ok, B, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    """Row i, columns j of A_s and A_t: their SPLITS partial slots summed in a fixed order."""
+    a_s = tl.zeros([BLOCK], dtype=part_ptr.dtype.element_ty)
+    a_t = tl.zeros([BLOCK], dtype=part_ptr.dtype.element_ty)
+    for split in range(SPLITS):
+        a_s += tl.load(part_ptr + split * B * B + i * B + j, mask=ok, other=0.0)
+        a_t += tl.load(part_ptr + (SPLITS + split) * B * B + i * B + j, mask=ok, other=0.0)
+    return a_s, a_t
+
+
+@triton.jit
 def _sp_rows_kernel(part_ptr, gram_ptr, loss_ptr, B, eps, SPLITS: tl.constexpr,
                     BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64)
-    net_stride = SPLITS * B * B
     sq_s = tl.zeros([BLOCK], dtype=loss_ptr.dtype.element_ty)
     sq_t = tl.zeros([BLOCK], dtype=loss_ptr.dtype.element_ty)
     for j0 in range(0, B, BLOCK):
         j = j0 + tl.arange(0, BLOCK)
         ok = j < B
-        a_s = tl.zeros([BLOCK], dtype=loss_ptr.dtype.element_ty)
-        a_t = tl.zeros([BLOCK], dtype=loss_ptr.dtype.element_ty)
-        for split in range(SPLITS):
-            a_s += tl.load(part_ptr + split * B * B + i * B + j, mask=ok, other=0.0)
-            a_t += tl.load(part_ptr + net_stride + split * B * B + i * B + j, mask=ok, other=0.0)
+        a_s, a_t = _summed_gram_rows(part_ptr, i, j, ok, B, SPLITS, BLOCK)
         tl.store(gram_ptr + i * B + j, a_s, mask=ok)
         tl.store(gram_ptr + B * B + i * B + j, a_t, mask=ok)
         sq_s += a_s * a_s
@@ -199,11 +205,7 @@ def _sp_rows_kernel(part_ptr, gram_ptr, loss_ptr, B, eps, SPLITS: tl.constexpr,
     for j0 in range(0, B, BLOCK):  # re-sums the slots (read-only) instead of re-reading stores
         j = j0 + tl.arange(0, BLOCK)
         ok = j < B
-        a_s = tl.zeros([BLOCK], dtype=loss_ptr.dtype.element_ty)
-        a_t = tl.zeros([BLOCK], dtype=loss_ptr.dtype.element_ty)
-        for split in range(SPLITS):
-            a_s += tl.load(part_ptr + split * B * B + i * B + j, mask=ok, other=0.0)
-            a_t += tl.load(part_ptr + net_stride + split * B * B + i * B + j, mask=ok, other=0.0)
+        a_s, a_t = _summed_gram_rows(part_ptr, i, j, ok, B, SPLITS, BLOCK)
         diff = a_t / n_t - a_s / n_s
         total += diff * diff
     tl.store(loss_ptr + i, tl.sum(total, axis=0) / B)

@@ -183,13 +183,14 @@ def triton_fsp_pair_loss(student_a: Tensor, student_b: Tensor, teacher_a: Tensor
 # --- channel MMD -----------------------------------------------------------------------------
 
 @torch.library.custom_op(f"{_NS}::linear_mmd", mutates_args=())
-def _linear_mmd(x: Tensor, y: Tensor, unbiased: bool,
-                teacher_term: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _linear_mmd(x: Tensor, y: Tensor, unbiased: bool, teacher_term: bool, need_x: bool,
+                need_y: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # need_x, need_y: unused (the state serves both gradients); kept for _mmd_function
     return _kernels("mmd").linear_mmd_forward(x, y, unbiased, teacher_term)
 
 
 @_linear_mmd.register_fake
-def _(x, y, unbiased, teacher_term):
+def _(x, y, unbiased, teacher_term, need_x, need_y):
     batch, hw = x.shape[0], x.shape[2] * x.shape[3]
     return _new(x, batch), _new(x, batch, x.shape[1]), _new(x, batch, y.shape[1]), \
         _new(x, batch, 2, hw)
@@ -206,22 +207,6 @@ def _linear_mmd_backward(grad_loss: Tensor, x: Tensor, y: Tensor, sq_x: Tensor, 
 @_linear_mmd_backward.register_fake
 def _(grad_loss, x, y, sq_x, sq_y, sums, unbiased, teacher_term, need_x, need_y):
     return _grad_or_empty(x, need_x), _grad_or_empty(y, need_y)
-
-
-class TritonLinearMMD(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, y, unbiased, teacher_term):
-        loss, *saved = _linear_mmd(x, y, unbiased, teacher_term)
-        ctx.options = (unbiased, teacher_term)
-        ctx.save_for_backward(x, y, *saved)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        need_x, need_y = ctx.needs_input_grad[:2]
-        dx, dy = _linear_mmd_backward(grad_loss, *ctx.saved_tensors, *ctx.options, need_x,
-                                      need_y)
-        return (dx if need_x else None), (dy if need_y else None), None, None
 
 
 @torch.library.custom_op(f"{_NS}::channel_mmd", mutates_args=())
@@ -263,24 +248,37 @@ def _(grad_loss, x, y, sq_x, sq_y, sigmas, g_ss, g_st, g_tt, kernel, degree, coe
     return _grad_or_empty(x, need_x), _grad_or_empty(y, need_y)
 
 
-class TritonChannelMMD(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, y, kernel, degree, coef, sigma2, unbiased, teacher_term):
-        need_x, need_y = ctx.needs_input_grad[:2]
-        sigma_mean = sigma2 == "mean"
-        bandwidths = [] if sigma_mean else list(sigma2)
-        loss, *saved = _channel_mmd(x, y, kernel, degree, coef, bandwidths, sigma_mean,
-                                    unbiased, teacher_term, need_x, need_y)
-        ctx.options = (kernel, degree, coef, unbiased, teacher_term)
-        ctx.save_for_backward(x, y, *saved)
-        return loss
+def _mmd_function(name: str, forward_op, backward_op, backward_options) -> type:
+    """An autograd Function over (x, y, *options) from a core's two operators:
+    ``forward_op(x, y, *options, need_x, need_y) -> (loss, *state)`` and
+    ``backward_op(grad, x, y, *state, *backward_options(*options), need_x, need_y)``."""
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        need_x, need_y = ctx.needs_input_grad[:2]
-        dx, dy = _channel_mmd_backward(grad_loss, *ctx.saved_tensors, *ctx.options, need_x,
-                                       need_y)
-        return (dx if need_x else None), (dy if need_y else None), *([None] * 6)
+    class MMD(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, y, *options):
+            need_x, need_y = ctx.needs_input_grad[:2]
+            loss, *state = forward_op(x, y, *options, need_x, need_y)
+            ctx.options = backward_options(*options)
+            ctx.save_for_backward(x, y, *state)
+            return loss
+
+        @staticmethod
+        def backward(ctx, grad_loss):
+            need_x, need_y = ctx.needs_input_grad[:2]
+            dx, dy = backward_op(grad_loss, *ctx.saved_tensors, *ctx.options, need_x, need_y)
+            unused = [None] * (len(ctx.needs_input_grad) - 2)
+            return (dx if need_x else None), (dy if need_y else None), *unused
+
+    MMD.__name__ = MMD.__qualname__ = name
+    return MMD
+
+
+TritonLinearMMD = _mmd_function("TritonLinearMMD", _linear_mmd, _linear_mmd_backward,
+                                lambda unbiased, teacher_term: (unbiased, teacher_term))
+TritonChannelMMD = _mmd_function(
+    "TritonChannelMMD", _channel_mmd, _channel_mmd_backward,
+    lambda kernel, degree, coef, bandwidths, sigma_mean, unbiased, teacher_term: (
+        kernel, degree, coef, unbiased, teacher_term))
 
 
 def triton_channel_mmd(student: Tensor, teacher: Tensor, *, kernel: str = "poly",
@@ -299,6 +297,7 @@ def triton_channel_mmd(student: Tensor, teacher: Tensor, *, kernel: str = "poly"
     if kernel == "linear":
         return TritonLinearMMD.apply(student, teacher, bool(unbiased), bool(teacher_term))
     sigma2 = as_bandwidths(sigma2)
-    sigma2 = sigma2 if sigma2 == "mean" else tuple(float(s) for s in sigma2)
-    return TritonChannelMMD.apply(student, teacher, kernel, int(degree), float(coef), sigma2,
-                                  bool(unbiased), bool(teacher_term))
+    sigma_mean = sigma2 == "mean"
+    bandwidths = [] if sigma_mean else [float(s) for s in sigma2]
+    return TritonChannelMMD.apply(student, teacher, kernel, int(degree), float(coef),
+                                  bandwidths, sigma_mean, bool(unbiased), bool(teacher_term))

@@ -67,7 +67,7 @@ def op_cases(precise):
     loss, grams = ops._similarity(x, y)
     fsp_args = (x, x.flip(1), y[:, :3], y[:, 1:])
     _, diff = ops._fsp(*fsp_args)
-    linear = ops._linear_mmd(x, y, True, True)
+    linear = ops._linear_mmd(x, y, True, True, True, True)
     mmd_args = (x, y, "rbf", 2, 0.0, [0.5, 2.0], False, True, True, True, True)
     mmd = ops._channel_mmd(*mmd_args)
     return [
@@ -77,7 +77,7 @@ def op_cases(precise):
         (ops._similarity_backward, (grad, x, y, grams, True, False)),
         (ops._fsp, fsp_args),
         (ops._fsp_backward, (grad, *fsp_args, diff, [True, False, True, True])),
-        (ops._linear_mmd, (x, y, True, True)),
+        (ops._linear_mmd, (x, y, True, True, False, True)),
         (ops._linear_mmd_backward, (grad, x, y, *linear[1:], True, True, True, True)),
         (ops._channel_mmd, mmd_args),
         (ops._channel_mmd, (x, y, "poly", 2, 1.0, [], False, False, False, False, True)),
