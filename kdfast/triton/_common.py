@@ -34,19 +34,22 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def configs(fixed: dict, tuned: list[dict]) -> list[triton.Config]:
-    """``fixed`` alone under the interpreter (or KDFAST_TRITON_NO_AUTOTUNE=1), else the
-    autotuning candidates ``tuned``.
-
-    Each dict holds the block sizes and optionally ``num_warps`` / ``num_stages``.
-    """
-    chosen = [fixed] if NO_AUTOTUNE else tuned
+def as_configs(dicts: list[dict]) -> list[triton.Config]:
+    """``triton.Config`` objects from dicts of block sizes and optional ``num_warps`` /
+    ``num_stages``."""
     out = []
-    for config in chosen:
+    for config in dicts:
         meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
         out.append(triton.Config(meta, num_warps=config.get("num_warps", 4),
                                  num_stages=config.get("num_stages", 2)))
     return out
+
+
+def configs(fixed: dict, tuned: list[dict]) -> list[triton.Config]:
+    """``fixed`` alone under the interpreter (or KDFAST_TRITON_NO_AUTOTUNE=1), else the
+    autotuning candidates ``tuned`` (tests/triton/test_configs.py runs each of them under the
+    interpreter too)."""
+    return as_configs([fixed] if NO_AUTOTUNE else tuned)
 
 
 def spatial_strides(x: torch.Tensor) -> tuple[int, int, int]:

@@ -31,10 +31,10 @@ def _p_mode(p: float) -> int:
     return _P_SQUARE if p == 2.0 else _P_ABS if p == 1.0 else _P_GENERAL
 
 
-_CONFIGS = configs({"BLOCK_C": 8, "BLOCK_HW": 32},
-                   [{"BLOCK_C": c, "BLOCK_HW": hw, "num_warps": w}
-                    for c, hw, w in [(8, 256, 4), (16, 256, 4), (8, 512, 4), (16, 512, 8),
-                                     (32, 128, 4), (4, 1024, 8)]])
+_TUNED = [{"BLOCK_C": c, "BLOCK_HW": hw, "num_warps": w}
+          for c, hw, w in [(8, 256, 4), (16, 256, 4), (8, 512, 4), (16, 512, 8),
+                           (32, 128, 4), (4, 1024, 8)]]
+_CONFIGS = configs({"BLOCK_C": 8, "BLOCK_HW": 32}, _TUNED)
 
 
 @triton.jit

@@ -33,23 +33,24 @@ import triton.language as tl
 from kdfast._precision import accumulation_dtype
 from kdfast.triton._common import NORM_EPS, configs, dot_precision, feature_view
 
-_GRAM_CONFIGS = configs({"BLOCK_M": 16, "BLOCK_K": 16},
-                        [{"BLOCK_M": m, "BLOCK_K": k, "num_warps": w, "num_stages": s}
-                         for m, k, w, s in [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3),
-                                            (32, 128, 4, 4), (128, 32, 4, 4)]])
-_FSP_CONFIGS = configs({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16},
-                       [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w,
-                         "num_stages": s}
-                        for m, n, k, w, s in [(64, 64, 64, 4, 3), (128, 64, 32, 4, 3),
-                                              (64, 128, 32, 4, 3), (32, 32, 128, 4, 4),
-                                              (128, 128, 32, 8, 3)]])
-_GEMM_CONFIGS = configs({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_J": 16},
-                        [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_J": j, "num_warps": w,
-                          "num_stages": s}
-                         for m, n, j, w, s in [(64, 128, 32, 4, 3), (128, 128, 32, 8, 3),
-                                               (64, 64, 64, 4, 3), (32, 256, 32, 8, 3),
-                                               (128, 64, 64, 4, 4)]])
+_GRAM_TUNED = [{"BLOCK_M": m, "BLOCK_K": k, "num_warps": w, "num_stages": s}
+               for m, k, w, s in [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3),
+                                  (32, 128, 4, 4), (128, 32, 4, 4)]]
+_GRAM_CONFIGS = configs({"BLOCK_M": 16, "BLOCK_K": 16}, _GRAM_TUNED)
+_FSP_TUNED = [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w,
+               "num_stages": s}
+              for m, n, k, w, s in [(64, 64, 64, 4, 3), (128, 64, 32, 4, 3),
+                                    (64, 128, 32, 4, 3), (32, 32, 128, 4, 4),
+                                    (128, 128, 32, 8, 3)]]
+_FSP_CONFIGS = configs({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, _FSP_TUNED)
+_GEMM_TUNED = [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_J": j, "num_warps": w,
+                "num_stages": s}
+               for m, n, j, w, s in [(64, 128, 32, 4, 3), (128, 128, 32, 8, 3),
+                                     (64, 64, 64, 4, 3), (32, 256, 32, 8, 3),
+                                     (128, 64, 64, 4, 4)]]
+_GEMM_CONFIGS = configs({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_J": 16}, _GEMM_TUNED)
 SP_SPLITS_GPU = 8
+SP_SPLITS_CPU = 1  # the interpreter; tests raise it to run the split-K path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +216,7 @@ def similarity_forward(student: torch.Tensor, teacher: torch.Tensor):
     """(per-row loss (B,), raw Grams A (2, B, B): [A_s, A_t]) in the compute dtype."""
     batch = student.shape[0]
     dtype = accumulation_dtype(student.dtype)
-    splits = 1 if student.device.type == "cpu" else SP_SPLITS_GPU
+    splits = SP_SPLITS_CPU if student.device.type == "cpu" else SP_SPLITS_GPU
     parts = torch.empty(2, splits, batch, batch, dtype=dtype, device=student.device)
     d_s, d_t = student.numel() // batch, teacher.numel() // batch
     grid = lambda meta: (triton.cdiv(batch, meta["BLOCK_M"]) ** 2, splits, 2)  # noqa: E731

@@ -47,10 +47,10 @@ from kdfast.triton._common import NORM_EPS, configs, dot_precision, feature_view
 from kdfast.triton.gram import rows_gemm
 
 _KERNELS = {"linear": 0, "poly": 1, "rbf": 2}
-_MMD_CONFIGS = configs({"BLOCK_M": 16, "BLOCK_K": 16},
-                       [{"BLOCK_M": m, "BLOCK_K": k, "num_warps": w, "num_stages": s}
-                        for m, k, w, s in [(64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 8, 3),
-                                           (32, 64, 4, 4), (128, 64, 8, 3)]])
+_MMD_TUNED = [{"BLOCK_M": m, "BLOCK_K": k, "num_warps": w, "num_stages": s}
+              for m, k, w, s in [(64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 8, 3),
+                                 (32, 64, 4, 4), (128, 64, 8, 3)]]
+_MMD_CONFIGS = configs({"BLOCK_M": 16, "BLOCK_K": 16}, _MMD_TUNED)
 _ROW_BLOCK, _HW_BLOCK = 16, 64
 
 
