@@ -3,7 +3,9 @@
 Triton's wheel ships ptxas, so ``triton.compile`` can lower each kernel (TTIR -> TTGIR -> LLVM
 IR -> PTX -> cubin) for an NVIDIA architecture on any machine. This catches what the CPU
 interpreter cannot: type errors of the compiler, unsupported ops, block shapes tl.dot refuses,
-register/shared-memory limits that make ptxas fail. It does not run anything: the numbers come
+register/shared-memory limits that make ptxas fail, shared memory above the target's per-block
+limit (a launch would fail), and it reports how each tl.dot was lowered (wgmma, mma.sync or
+FMA, read off the PTX). It does not run anything: the numbers come
 from the interpreter tests and, on a lent GPU, from ``scripts/gpu_check.sh``.
 
     python scripts/triton_aot_check.py [--arch 90] [--all-configs]
@@ -31,8 +33,8 @@ from kdfast.triton import attention, gram, mmd  # noqa: E402
 
 TL = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 # Pointers that carry the input's dtype; every other pointer holds float32 results/weights.
-INPUT_POINTERS = {"x_ptr", "dx_ptr", "y_ptr", "s_ptr", "t_ptr", "a_ptr", "b_ptr", "sa_ptr",
-                  "sb_ptr", "ta_ptr", "tb_ptr", "z1_ptr", "z2_ptr"}
+INPUT_POINTERS = {"x_ptr", "dx_ptr", "da_ptr", "y_ptr", "s_ptr", "t_ptr", "a_ptr", "b_ptr",
+                  "sa_ptr", "sb_ptr", "ta_ptr", "tb_ptr", "z1_ptr", "z2_ptr"}
 FLOATS = {"eps"}
 # Opt-in shared memory per block (bytes) by compute capability: a variant above it compiles
 # but fails at launch with "out of resources", which autotuning would hit on the GPU.
@@ -59,6 +61,15 @@ def signature(fn, dtype: str, constexprs: dict, input_out: bool) -> dict:
     return sig
 
 
+def matrix_instruction(compiled) -> str:
+    """How tl.dot was lowered, read off the PTX: Hopper's asynchronous warpgroup MMA
+    (``wgmma``), the warp-level tensor-core ``mma.sync``, or neither (FMA: float32 IEEE)."""
+    ptx = compiled.asm.get("ptx", "")
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    return "mma.sync" if "mma.sync" in ptx else "fma"
+
+
 def cases():
     """(label, kernel, dtype, constexprs, out_ptr holds the input dtype) to compile."""
     precisions = {"float32": ["ieee", "tf32"], "float16": ["tf32"], "bfloat16": ["tf32"]}
@@ -80,6 +91,11 @@ def cases():
                        dtype, {"KERNEL": kernel, "DEGREE": 2, "NUM_SIGMA": 2,
                                "SYMMETRIC": symmetric, "EXCLUDE_DIAG": symmetric,
                                "SAVE_GRAM": True, "STORE_NORMS": not symmetric, **dot})
+            for kernel, has_self in itertools.product((0, 1, 2), (True, False)):
+                yield (f"mmd_recompute_backward kernel {kernel} self={has_self}",
+                       mmd._mmd_recompute_backward_kernel, dtype,
+                       {"KERNEL": kernel, "DEGREE": 2, "NUM_SIGMA": 2, "HAS_SELF": has_self,
+                        "EXCLUDE_DIAG": has_self, "BLOCK_D": 128, **dot})
         yield "row_sq", mmd._row_sq_kernel, dtype, {"BLOCK_R": 16, "BLOCK_HW": 64}
         yield "unit_sum", mmd._unit_sum_kernel, dtype, {"BLOCK_R": 16, "BLOCK_HW": 64}
         yield ("linear_backward", mmd._linear_backward_kernel, dtype,
@@ -96,6 +112,7 @@ def main() -> int:
     args = parser.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
     failures, count, start, most_shared = [], 0, time.time(), 0
+    matrix_units: dict[str, set[str]] = {}
     for label, kernel, dtype, constexprs in cases():
         if args.only not in label:
             continue
@@ -116,6 +133,9 @@ def main() -> int:
             except Exception as error:  # noqa: BLE001 - report every failure, then exit 1
                 failures.append(f"{name}: {type(error).__name__}: {str(error)[:400]}")
                 continue
+            if "DOT_PRECISION" in meta:
+                key = f"{label} [{dtype}, {meta['DOT_PRECISION']}]"
+                matrix_units.setdefault(key, set()).add(matrix_instruction(compiled))
             shared, limit = compiled.metadata.shared, SHARED_LIMIT.get(args.arch)
             most_shared = max(most_shared, shared)
             if limit is not None and shared > limit:
@@ -124,6 +144,9 @@ def main() -> int:
     print(f"compiled {count - len(failures)}/{count} kernel variants for sm_{args.arch} "
           f"with triton {triton.__version__} in {time.time() - start:.0f} s (most shared memory "
           f"of one: {most_shared} B)")
+    print("tl.dot lowering per kernel variant (over its configurations):")
+    for key, kinds in sorted(matrix_units.items()):
+        print(f"  {key}: {', '.join(sorted(kinds))}")
     for failure in failures:
         print("FAILED", failure)
     return 1 if failures else 0

@@ -26,13 +26,23 @@ Per sample, X (m = C_s rows) and Y (n = C_t rows) of D = H·W raw features (DESI
   M_xy = diag(1/n) W_st diag(1/n_y): one GEMM-shaped ``_rows_gemm_kernel`` launch over the raw
   features per input (the normalisation backward lives in M), likewise dY.
 
-Backward choice: saved Gram blocks, not a flash-style recompute. Recomputing g tiles inside
-the backward GEMM would avoid the B·C² buffers (and suits tiny maps such as 7×7, where a row
-tile of dX fits in registers), but it was not measured — no GPU was available — so the simpler
-form stands until ``scripts/gpu_check.sh`` has numbers to compare.
+Backward choice, by map size (``kdfast.triton.ops.MMD_RECOMPUTE_MAX_HW``, 128 positions):
 
-Not done yet: the D × D poly-2 path of DESIGN.md §3 for maps smaller than the channel count
-(poly runs through the Gram kernel, exact but with more flops than needed there).
+* small maps (7×7, 8×8, 11×11 ...), where C² ≫ C·HW: ``_mmd_recompute_backward_kernel``,
+  flash-style. One program per tile of rows holds the whole map of its rows in registers,
+  recomputes every tile of g from the raw features (two tl.dot per tile: g, then W·X̂) and
+  never reads or writes a Gram block: the forward keeps only the row norms and σ². It costs
+  about twice the backward GEMM flops and saves the B·C² blocks and the B·C² weight
+  temporaries built from them (at B = 64, C = 512 + 2048, 7×7: 335 MB kept, over 1 GB of
+  temporaries).
+* larger maps: the saved normalised Gram blocks and the weights from them (above), where
+  the blocks are small next to the features.
+
+The threshold is a count, not a measurement: no GPU has run these kernels yet, and
+``scripts/gpu_check.sh`` benchmarks both sides of it.
+
+Poly d = 2 on maps smaller than the channel count does not reach these kernels: it takes the
+reference's D × D Grams (:func:`kdfast.triton.ops.triton_channel_mmd`).
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ import triton.language as tl
 
 from kdfast._precision import accumulation_dtype
 from kdfast.reference.nst import as_bandwidths, kernel_slopes
+from kdfast.triton import ops
 from kdfast.triton._common import NORM_EPS, configs, dot_precision, feature_view
 from kdfast.triton.gram import rows_gemm
 
@@ -52,6 +63,10 @@ _MMD_TUNED = [{"BLOCK_M": m, "BLOCK_K": k, "num_warps": w, "num_stages": s}
                                  (32, 64, 4, 4), (128, 64, 8, 3)]]
 _MMD_CONFIGS = configs({"BLOCK_M": 16, "BLOCK_K": 16}, _MMD_TUNED)
 _ROW_BLOCK, _HW_BLOCK = 16, 64
+_RECOMPUTE_TUNED = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
+                    for m, n, w, s in [(32, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2),
+                                       (64, 64, 8, 2)]]
+_RECOMPUTE_CONFIGS = configs({"BLOCK_M": 16, "BLOCK_N": 16}, _RECOMPUTE_TUNED)
 
 
 @triton.autotune(configs=_MMD_CONFIGS, key=["RA", "RB", "HW"])
@@ -131,6 +146,106 @@ def _mmd_block_kernel(a_ptr, b_ptr, part_ptr, gram_ptr, sq_a_ptr, sq_b_ptr, sigm
     if STORE_NORMS:  # the cross block: the first tile column / row own the norms
         tl.store(sq_a_ptr + b * RA + ra, sq_a, mask=(ra < tl.where(tj == 0, RA, 0)))
         tl.store(sq_b_ptr + b * RB + rb, sq_b, mask=(rb < tl.where(ti == 0, RB, 0)))
+
+
+@triton.jit
+def _kernel_slope(g, rho_a, rho_b, sigma_ptr, coef, KERNEL: tl.constexpr, DEGREE: tl.constexpr,
+                  NUM_SIGMA: tl.constexpr):
+    """φ'(g) of one tile (kernel_slopes in kdfast/reference/nst.py): 1; d(g + c)^(d−1);
+    Σ_σ² exp(−dist/(2σ²))/σ² where dist = ρ_a² + ρ_b² − 2g ≥ 0, else 0."""
+    if KERNEL == 0:
+        slope = tl.full(g.shape, 1.0, dtype=g.dtype)
+    elif KERNEL == 1:
+        slope = tl.full(g.shape, DEGREE, dtype=g.dtype)
+        for _ in tl.static_range(DEGREE - 1):
+            slope = slope * (g + coef)
+    else:
+        dist = rho_a[:, None] + rho_b[None, :] - 2.0 * g
+        active = dist >= 0.0
+        dist = tl.maximum(dist, 0.0)
+        slope = tl.zeros(g.shape, dtype=g.dtype)
+        for s in tl.static_range(NUM_SIGMA):
+            sigma2 = tl.load(sigma_ptr + s)
+            slope += tl.exp(-dist / (2.0 * sigma2)) / sigma2
+        slope = tl.where(active, slope, 0.0)
+    return slope
+
+
+@triton.jit
+def _recompute_block(acc, c, xa, inv_a, rho_a, ra, o_ptr, sq_o_ptr, RO, d, d_ok, soC, oW, soH,
+                     soW, sigma_ptr, coef, factor, eps, KERNEL: tl.constexpr,
+                     DEGREE: tl.constexpr, NUM_SIGMA: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One block's share of a row tile's gradient: over the other rows o_j, recompute
+    g = x̂_a·ô_j, the weights w = factor·φ'(g), and add c += Σ_j w g, acc += Σ_j w ô_j."""
+    spatial = (d // oW) * soH + (d % oW) * soW
+    for j0 in range(0, RO, BLOCK_N):
+        rj = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        j_ok = rj < RO
+        xo = tl.load(o_ptr + rj[:, None] * soC + spatial[None, :],
+                     mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+        sq_o = tl.load(sq_o_ptr + rj, mask=j_ok, other=0.0)
+        inv_o = 1.0 / tl.maximum(tl.sqrt(sq_o), eps)
+        raw = tl.dot(xa, tl.trans(xo), input_precision=DOT_PRECISION, out_dtype=acc.dtype)
+        g = raw * inv_a[:, None] * inv_o[None, :]
+        slope = _kernel_slope(g, rho_a, sq_o * inv_o * inv_o, sigma_ptr, coef, KERNEL, DEGREE,
+                              NUM_SIGMA)
+        valid = (ra[:, None] >= 0) & j_ok[None, :]
+        if EXCLUDE_DIAG:
+            valid = valid & (ra[:, None] != rj[None, :])
+        w = tl.where(valid, slope * factor, 0.0)
+        c += tl.sum(w * g, axis=1)
+        unit_o = (xo.to(acc.dtype) * inv_o[:, None]).to(xo.dtype)
+        acc = tl.dot(w.to(xo.dtype), unit_o, acc, input_precision=DOT_PRECISION,
+                     out_dtype=acc.dtype)
+    return acc, c
+
+
+@triton.autotune(configs=_RECOMPUTE_CONFIGS, key=["RA", "RB", "HW"])
+@triton.jit
+def _mmd_recompute_backward_kernel(a_ptr, b_ptr, da_ptr, sq_a_ptr, sq_b_ptr, sigma_ptr, coef_ptr,
+                                   grad_ptr, factor_ptr, RA, RB, HW, saB, saC, aW, saH, saW,
+                                   sbB, sbC, bW, sbH, sbW, daB, daC, daH, daW, eps,
+                                   KERNEL: tl.constexpr, DEGREE: tl.constexpr,
+                                   NUM_SIGMA: tl.constexpr, HAS_SELF: tl.constexpr,
+                                   EXCLUDE_DIAG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                   BLOCK_D: tl.constexpr):
+    """dA for one tile of A's rows, the whole map (HW ≤ BLOCK_D) in registers, with no Gram
+    block read from memory: every tile of g is recomputed from the raw features.
+    dA_i = s/n_i · (Σ_j W_aa,ij â_j + Σ_j W_ab,ij b̂_j − c_i â_i), c_i = Σ_j W_ij g_ij (0 for
+    all-zero rows), W = φ'(g)·(the block's weight), s = g_loss·ref with the weights scaled
+    by 1/ref (O(1) before the cast to float16/bfloat16); W_aa + W_aaᵀ = 2 W_aa."""
+    b = tl.program_id(0).to(tl.int64)
+    ra = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    a_ok = ra < RA
+    d = tl.arange(0, BLOCK_D).to(tl.int64)
+    d_ok = d < HW
+    xa = tl.load(a_ptr + b * saB + ra[:, None] * saC + ((d // aW) * saH + (d % aW) * saW)[None, :],
+                 mask=a_ok[:, None] & d_ok[None, :], other=0.0)
+    sq_a = tl.load(sq_a_ptr + b * RA + ra, mask=a_ok, other=0.0)
+    norm_a = tl.sqrt(sq_a)
+    inv_a = 1.0 / tl.maximum(norm_a, eps)
+    rho_a = sq_a * inv_a * inv_a
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=sq_a_ptr.dtype.element_ty)
+    c = tl.zeros([BLOCK_M], dtype=sq_a_ptr.dtype.element_ty)
+    coef = tl.load(coef_ptr)
+    sigmas = sigma_ptr + b * NUM_SIGMA
+    if HAS_SELF:
+        acc, c = _recompute_block(acc, c, xa, inv_a, rho_a, ra, a_ptr + b * saB,
+                                  sq_a_ptr + b * RA, RA, d, d_ok, saC, aW, saH, saW, sigmas,
+                                  coef, tl.load(factor_ptr), eps, KERNEL, DEGREE, NUM_SIGMA,
+                                  EXCLUDE_DIAG, DOT_PRECISION, BLOCK_N)
+    acc, c = _recompute_block(acc, c, xa, inv_a, rho_a, ra, b_ptr + b * sbB, sq_b_ptr + b * RB,
+                              RB, d, d_ok, sbC, bW, sbH, sbW, sigmas, coef,
+                              tl.load(factor_ptr + 1), eps, KERNEL, DEGREE, NUM_SIGMA, False,
+                              DOT_PRECISION, BLOCK_N)
+    c = tl.where(norm_a > eps, c, 0.0)
+    unit_a = xa.to(acc.dtype) * inv_a[:, None]
+    scale = tl.load(grad_ptr + b) * tl.load(factor_ptr + 2) * inv_a
+    grad = (acc - c[:, None] * unit_a) * scale[:, None]
+    tl.store(da_ptr + b * daB + ra[:, None] * daC + ((d // aW) * daH + (d % aW) * daW)[None, :],
+             grad.to(da_ptr.dtype.element_ty), mask=a_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -395,19 +510,27 @@ def _input_weights(sym, cross, g_self, g_cross, norm_self, norm_other, live):
 def channel_mmd_forward(x, y, kernel: str, degree: int, coef: float, sigma2, unbiased: bool,
                         teacher_term: bool, need_x: bool, need_y: bool):
     """(MMD² (B,), sq_x, sq_y, σ² table, G_ss, G_st, G_tt): the normalised Gram blocks the
-    backward needs — dX needs ss and st, dY st and tt (B·C² each) — others empty."""
-    save = {name for name, needed in [("ss", need_x), ("st", need_x or need_y),
-                                      ("tt", need_y and teacher_term)] if needed}
+    backward needs — dX needs ss and st, dY st and tt (B·C² each) — unless it recomputes them
+    (small maps); the others are (B, 0, 0): an output whose rank changed with the options
+    would trip Inductor's fallback for custom operators."""
+    save = set() if ops.recomputes_grams(x) else {
+        name for name, needed in [("ss", need_x), ("st", need_x or need_y),
+                                  ("tt", need_y and teacher_term)] if needed}
     loss, grams, (sq_x, sq_y), sigmas = mmd_forward(x, y, kernel, degree, coef, sigma2,
                                                     unbiased, teacher_term, save)
     return (loss, sq_x, sq_y, sigmas,
-            *(grams[name] if name in grams else sq_x.new_empty(0) for name in ("ss", "st", "tt")))
+            *(grams[name] if name in grams else sq_x.new_empty(x.shape[0], 0, 0)
+              for name in ("ss", "st", "tt")))
 
 
 def channel_mmd_backward(grad_loss, x, y, sq_x, sq_y, sigmas, g_ss, g_st, g_tt, kernel: str,
                          degree: int, coef: float, unbiased: bool, teacher_term: bool,
                          need_x: bool, need_y: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dX, dY) from the blocks :func:`channel_mmd_forward` saved (empty where not needed)."""
+    """(dX, dY) from the blocks :func:`channel_mmd_forward` saved (empty where not needed),
+    or, on small maps, from tiles recomputed by ``_mmd_recompute_backward_kernel``."""
+    if ops.recomputes_grams(x):
+        return _recomputed_input_grads(grad_loss, x, y, sq_x, sq_y, sigmas, kernel, degree,
+                                       coef, unbiased, teacher_term, need_x, need_y)
     grams = {"st": g_st}
     if need_x:
         grams["ss"] = g_ss
@@ -431,3 +554,41 @@ def channel_mmd_backward(grad_loss, x, y, sq_x, sq_y, sigmas, g_ss, g_st, g_tt, 
                                     grams["st"].transpose(1, 2), norm_y, norm_x, live_y)
         dy = rows_gemm(torch.empty_like(y), m_yy, y, m_yx, x)
     return dx, dy
+
+
+def _recomputed_input_grads(grad_loss, x, y, sq_x, sq_y, sigmas, kernel, degree, coef,
+                            unbiased, teacher_term, need_x, need_y):
+    m, n = x.shape[1], y.shape[1]
+    cross = -2.0 / (m * n)
+    dx, dy = x.new_empty(0), y.new_empty(0)
+    if need_x:
+        dx = _recomputed_input_grad(x, y, sq_x, sq_y, sigmas, grad_loss, kernel, degree, coef,
+                                    1.0 / _within_divisor(m, unbiased), cross, unbiased)
+    if need_y:
+        self_weight = 1.0 / _within_divisor(n, unbiased) if teacher_term else None
+        dy = _recomputed_input_grad(y, x, sq_y, sq_x, sigmas, grad_loss, kernel, degree, coef,
+                                    self_weight, cross, unbiased)
+    return dx, dy
+
+
+def _recomputed_input_grad(a, b, sq_a, sq_b, sigmas, grad_loss, kernel, degree, coef,
+                           self_weight, cross_weight, unbiased) -> torch.Tensor:
+    """dA for the rows A with self block weight ``self_weight`` (None: no self block) and
+    cross block weight ``cross_weight``; factors passed as tensors (a Python float argument
+    would reach the kernel as float32)."""
+    batch, rows = a.shape[:2]
+    hw = a.shape[2] * a.shape[3]
+    dtype = sq_a.dtype
+    ref = max(abs(self_weight or 0.0), abs(cross_weight))
+    factors = torch.tensor([2.0 * (self_weight or 0.0) / ref, cross_weight / ref, ref],
+                           dtype=dtype, device=a.device)
+    grad = torch.empty_like(a)
+    grid = lambda meta: (batch, triton.cdiv(rows, meta["BLOCK_M"]))  # noqa: E731
+    _mmd_recompute_backward_kernel[grid](
+        a, b, grad, sq_a, sq_b, sigmas, torch.tensor([coef], dtype=dtype, device=a.device),
+        grad_loss.to(dtype).contiguous(), factors, rows, b.shape[1], hw, *feature_view(a),
+        *feature_view(b), grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
+        NORM_EPS, KERNEL=_KERNELS[kernel], DEGREE=int(degree), NUM_SIGMA=sigmas.shape[1],
+        HAS_SELF=self_weight is not None, EXCLUDE_DIAG=unbiased,
+        DOT_PRECISION=dot_precision(a.dtype), BLOCK_D=max(16, triton.next_power_of_2(hw)))
+    return grad

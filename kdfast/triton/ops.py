@@ -209,6 +209,20 @@ def _(grad_loss, x, y, sq_x, sq_y, sums, unbiased, teacher_term, need_x, need_y)
     return _grad_or_empty(x, need_x), _grad_or_empty(y, need_y)
 
 
+# The MMD backward recomputes its Gram tiles from the raw features when the map has at most
+# this many positions (a row tile of the gradient, BLOCK_M × H·W, then fits in registers);
+# larger maps keep the normalised Gram blocks from the forward. Chosen by counting, not yet by
+# measurement (no GPU so far): with C = 512 + 2048 at 7×7 the kept blocks are B·1.3M floats
+# (335 MB at B = 64), and the weights computed from them several times that, while the
+# recompute costs about 2·(C_s + C_t)·C_s·HW extra flops per sample (8 GFLOP at B = 64).
+MMD_RECOMPUTE_MAX_HW = 128
+
+
+def recomputes_grams(features: Tensor) -> bool:
+    """Whether the Triton MMD backward recomputes the Gram tiles for these (B, C, H, W)."""
+    return features.shape[2] * features.shape[3] <= MMD_RECOMPUTE_MAX_HW
+
+
 @torch.library.custom_op(f"{_NS}::channel_mmd", mutates_args=())
 def _channel_mmd(x: Tensor, y: Tensor, kernel: str, degree: int, coef: float,
                  bandwidths: list[float], sigma_mean: bool, unbiased: bool, teacher_term: bool,
@@ -226,7 +240,8 @@ def _(x, y, kernel, degree, coef, bandwidths, sigma_mean, unbiased, teacher_term
     num_sigma = len(bandwidths) if kernel == "rbf" and not sigma_mean else 1
 
     def block(saved: bool, rows: int, cols: int) -> Tensor:
-        return _new(x, batch, rows, cols) if saved else _new(x, 0)
+        kept = saved and not recomputes_grams(x)
+        return _new(x, batch, rows, cols) if kept else _new(x, batch, 0, 0)
     return (_new(x, batch), _new(x, batch, m), _new(x, batch, n), _new(x, batch, num_sigma),
             block(need_x, m, m), block(need_x or need_y, m, n),
             block(need_y and teacher_term, n, n))

@@ -22,33 +22,40 @@ def _kernels():
     """(name, autotuned kernel, its tuned dicts, a parity check that runs it)."""
     from kdfast.triton import attention, gram, mmd, ops
 
-    def at(rand):
+    def at(rand, monkeypatch):
         check_parity(ops.triton_attention_map, attention_map,
                      [rand(2, 37, 9, 13).to(memory_format=torch.channels_last)], 1e-12, p=3.0)
 
-    def sp(rand):
+    def sp(rand, monkeypatch):
         check_parity(ops.triton_similarity_loss, similarity_loss,
                      [rand(70, 3, 5, 3), rand(70, 2, 7, 1)], 1e-12)
 
-    def fsp(rand):
+    def fsp(rand, monkeypatch):
         sa, sb, ta, tb = rand(2, 37, 5, 9), rand(2, 70, 5, 9), rand(2, 37, 3, 4), rand(2, 70, 3, 4)
         check_parity(ops.triton_fsp_pair_loss, fsp_pair_loss, [sa, sb, ta, tb], 1e-12)
 
-    def nst(rand):  # rbf: the MMD block kernel forward, rows_gemm in the backward
+    def nst(rand, monkeypatch, recompute=True):  # rbf, both backward paths
+        monkeypatch.setattr(ops, "MMD_RECOMPUTE_MAX_HW", 1 << 30 if recompute else 0)
         check_parity(ops.triton_channel_mmd, channel_mmd, [rand(2, 37, 5, 9), rand(2, 70, 5, 9)],
                      1e-12, kernel="rbf", sigma2=(0.5, 3.0), unbiased=True)
+
+    def nst_saved(rand, monkeypatch):  # the MMD backward through rows_gemm
+        nst(rand, monkeypatch, recompute=False)
 
     return [("attention forward", attention._at_forward_kernel, attention._TUNED, at),
             ("attention backward", attention._at_backward_kernel, attention._TUNED, at),
             ("sp gram", gram._sp_gram_kernel, gram._GRAM_TUNED, sp),
             ("fsp", gram._fsp_kernel, gram._FSP_TUNED, fsp),
-            ("rows gemm", gram._rows_gemm_kernel, gram._GEMM_TUNED, nst),
-            ("mmd block", mmd._mmd_block_kernel, mmd._MMD_TUNED, nst)]
+            ("rows gemm", gram._rows_gemm_kernel, gram._GEMM_TUNED, nst_saved),
+            ("mmd block", mmd._mmd_block_kernel, mmd._MMD_TUNED, nst),
+            ("mmd recompute backward", mmd._mmd_recompute_backward_kernel, mmd._RECOMPUTE_TUNED,
+             nst)]
 
 
 CASES = [(name, index) for name, count in [
     ("attention forward", 6), ("attention backward", 6), ("sp gram", 5), ("fsp", 5),
-    ("rows gemm", 5), ("mmd block", 5)] for index in range(count)]
+    ("rows gemm", 5), ("mmd block", 5), ("mmd recompute backward", 4)]
+    for index in range(count)]
 
 
 def test_the_case_table_covers_every_tuned_configuration(device):
@@ -65,4 +72,4 @@ def test_tuned_configuration_matches_reference(device, monkeypatch, name, index)
     kernel, tuned, check = next((k, t, c) for n, k, t, c in _kernels() if n == name)
     monkeypatch.setattr(kernel, "configs", as_configs([tuned[index]]))
     monkeypatch.setattr(gram, "SP_SPLITS_CPU", 3)
-    check(lambda *shape: torch.randn(*shape, dtype=torch.float64))
+    check(lambda *shape: torch.randn(*shape, dtype=torch.float64), monkeypatch)

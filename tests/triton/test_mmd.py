@@ -11,6 +11,15 @@ pytestmark = pytest.mark.triton_interpret
 nst_reference = pytest.importorskip("kdfast.reference.nst", reason="NST reference not merged")
 
 
+@pytest.fixture(autouse=True, params=["recompute", "saved"])
+def mmd_backward(request, monkeypatch):
+    """Every test runs both backward paths: Gram tiles recomputed (small maps) or the
+    forward's normalised Gram blocks kept."""
+    from kdfast.triton import ops
+    monkeypatch.setattr(ops, "MMD_RECOMPUTE_MAX_HW", 1 << 30 if request.param == "recompute" else 0)
+    return request.param
+
+
 def mmd(s, t, **options):
     return backends.choose("channel_mmd", "triton", s, t).fn(s, t, **options)
 
