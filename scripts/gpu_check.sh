@@ -101,9 +101,9 @@ bench_step() {  # step-name core shapes...: one kdfast.bench run within what is 
   if [ "$left" -lt 10 ]; then log "$name: skipped, benchmark time used up"; return; fi
   local args=(--cores "$core" --dtype bfloat16 --device cuda --modes full
               --providers "$PROVIDERS" --repeats 10 --time-limit 20
-              --out benchmarks/results --name "$device-issue5-$core")
+              --out benchmarks/results --name "$device-issue5-${name#bench-}")
   for shape in "$@"; do args+=(--shape "$shape"); done
-  run_step "$name" "$left" $PY -m kdfast.bench "${args[@]}"
+  run_step "$name" "$left" env ${BENCH_ENV:-} $PY -m kdfast.bench "${args[@]}"
 }
 if has bench; then
   if $PY -c "import kdfast.bench" 2>/dev/null; then
@@ -111,6 +111,9 @@ if has bench; then
     bench_start=$(date +%s)
     bench_step bench-at at 128x64/256x56x56
     bench_step bench-nst-rbf nst-rbf 64x512/2048x7x7 64x128/512x28x28 16x256/512x256x256
+    # the other side of the MMD backward choice (kept Gram blocks instead of recomputing)
+    PROVIDERS=triton BENCH_ENV=KDFAST_TRITON_MMD_RECOMPUTE_MAX_HW=0 \
+      bench_step bench-nst-rbf-kept-grams nst-rbf 64x512/2048x7x7
     bench_step bench-nst-poly nst-poly 64x128/512x28x28
     bench_step bench-sp sp 256x512/2048x7x7
   else

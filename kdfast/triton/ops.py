@@ -15,6 +15,7 @@ its first call, so registering the backend never imports Triton.
 from __future__ import annotations
 
 import importlib
+import os
 
 import torch
 from torch import Tensor
@@ -215,7 +216,9 @@ def _(grad_loss, x, y, sq_x, sq_y, sums, unbiased, teacher_term, need_x, need_y)
 # measurement (no GPU so far): with C = 512 + 2048 at 7×7 the kept blocks are B·1.3M floats
 # (335 MB at B = 64), and the weights computed from them several times that, while the
 # recompute costs about 2·(C_s + C_t)·C_s·HW extra flops per sample (8 GFLOP at B = 64).
-MMD_RECOMPUTE_MAX_HW = 128
+# KDFAST_TRITON_MMD_RECOMPUTE_MAX_HW overrides it (0: always keep the blocks), which is how
+# scripts/gpu_check.sh times both paths.
+MMD_RECOMPUTE_MAX_HW = int(os.environ.get("KDFAST_TRITON_MMD_RECOMPUTE_MAX_HW", "128"))
 
 
 def recomputes_grams(features: Tensor) -> bool:
