@@ -205,7 +205,7 @@ def _recompute_block(acc, c, xa, inv_a, rho_a, ra, o_ptr, sq_o_ptr, RO, d, d_ok,
 @triton.jit
 def _mmd_recompute_backward_kernel(a_ptr, b_ptr, da_ptr, sq_a_ptr, sq_b_ptr, sigma_ptr, coef_ptr,
                                    grad_ptr, factor_ptr, RA, RB, HW, saB, saC, aW, saH, saW,
-                                   sbB, sbC, bW, sbH, sbW, daB, daC, daH, daW, eps,
+                                   sbB, sbC, bW, sbH, sbW, daB, daC, daH, daW,
                                    KERNEL: tl.constexpr, DEGREE: tl.constexpr,
                                    NUM_SIGMA: tl.constexpr, HAS_SELF: tl.constexpr,
                                    EXCLUDE_DIAG: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -223,6 +223,7 @@ def _mmd_recompute_backward_kernel(a_ptr, b_ptr, da_ptr, sq_a_ptr, sq_b_ptr, sig
     d_ok = d < HW
     xa = tl.load(a_ptr + b * saB + ra[:, None] * saC + ((d // aW) * saH + (d % aW) * saW)[None, :],
                  mask=a_ok[:, None] & d_ok[None, :], other=0.0)
+    eps = tl.load(factor_ptr + 3)  # in the compute dtype (a float argument would be float32)
     sq_a = tl.load(sq_a_ptr + b * RA + ra, mask=a_ok, other=0.0)
     norm_a = tl.sqrt(sq_a)
     inv_a = 1.0 / tl.maximum(norm_a, eps)
@@ -574,21 +575,21 @@ def _recomputed_input_grads(grad_loss, x, y, sq_x, sq_y, sigmas, kernel, degree,
 def _recomputed_input_grad(a, b, sq_a, sq_b, sigmas, grad_loss, kernel, degree, coef,
                            self_weight, cross_weight, unbiased) -> torch.Tensor:
     """dA for the rows A with self block weight ``self_weight`` (None: no self block) and
-    cross block weight ``cross_weight``; factors passed as tensors (a Python float argument
-    would reach the kernel as float32)."""
+    cross block weight ``cross_weight``; the factors and eps passed in a tensor (a Python
+    float argument would reach the kernel as float32)."""
     batch, rows = a.shape[:2]
     hw = a.shape[2] * a.shape[3]
     dtype = sq_a.dtype
     ref = max(abs(self_weight or 0.0), abs(cross_weight))
-    factors = torch.tensor([2.0 * (self_weight or 0.0) / ref, cross_weight / ref, ref],
-                           dtype=dtype, device=a.device)
+    factors = torch.tensor([2.0 * (self_weight or 0.0) / ref, cross_weight / ref, ref,
+                            NORM_EPS], dtype=dtype, device=a.device)
     grad = torch.empty_like(a)
     grid = lambda meta: (batch, triton.cdiv(rows, meta["BLOCK_M"]))  # noqa: E731
     _mmd_recompute_backward_kernel[grid](
         a, b, grad, sq_a, sq_b, sigmas, torch.tensor([coef], dtype=dtype, device=a.device),
         grad_loss.to(dtype).contiguous(), factors, rows, b.shape[1], hw, *feature_view(a),
         *feature_view(b), grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
-        NORM_EPS, KERNEL=_KERNELS[kernel], DEGREE=int(degree), NUM_SIGMA=sigmas.shape[1],
+        KERNEL=_KERNELS[kernel], DEGREE=int(degree), NUM_SIGMA=sigmas.shape[1],
         HAS_SELF=self_weight is not None, EXCLUDE_DIAG=unbiased,
         DOT_PRECISION=dot_precision(a.dtype), BLOCK_D=max(16, triton.next_power_of_2(hw)))
     return grad
