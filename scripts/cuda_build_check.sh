@@ -14,7 +14,9 @@ trap 'rm -rf "$WORK"' EXIT
 git -C "$SRC" archive HEAD | tar -x -C "$WORK"
 cd "$WORK"
 "$PY" -c "import torch; assert torch.version.cuda, 'this torch has no CUDA'; print('torch', torch.__version__)"
-CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")} \
-  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} "$PY" setup.py -q build_ext --inplace
+# The toolkit: CUDA_HOME, else /usr/local/cuda (nvcc on PATH may be a wrapper script elsewhere)
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+[ -f "$CUDA_HOME/include/cuda_runtime.h" ] || { echo "no CUDA toolkit at $CUDA_HOME"; exit 1; }
+TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} "$PY" setup.py -q build_ext --inplace
 "$PY" -c "import kdfast._C as C; assert C.built_with_cuda(); print('kdfast._C built with CUDA')"
 "$PY" -m pytest -q -p no:cacheprovider -m "not triton_interpret" tests
