@@ -29,6 +29,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -46,16 +47,26 @@ using kdfast::MmdKernelParams;
 
 constexpr int64_t kPanel = 64;  // rows per panel of the symmetric Grams
 
-// Runs body(b) for every sample: in parallel over samples when there are enough of them,
-// else one after another (the ATen GEMMs inside then use the threads).
-void for_each_sample(int64_t batch, const std::function<void(int64_t)>& body) {
+// Runs body(first, last) over ranges of samples: in parallel over samples when there are
+// enough of them, else once over all (the ATen GEMMs inside then use the threads). A task can
+// allocate its scratch once per range. Worker threads get the caller's no-autograd guard too
+// (it is thread-local), so out= GEMMs on views of inputs that require grad are allowed.
+void for_sample_ranges(int64_t batch, const std::function<void(int64_t, int64_t)>& body) {
   if (batch >= at::get_num_threads() && batch > 1) {
     at::parallel_for(0, batch, 1, [&](int64_t first, int64_t last) {
-      for (int64_t b = first; b < last; ++b) body(b);
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      body(first, last);
     });
   } else {
-    for (int64_t b = 0; b < batch; ++b) body(b);
+    body(0, batch);
   }
+}
+
+// Runs body(b) for every sample, as for_sample_ranges.
+void for_each_sample(int64_t batch, const std::function<void(int64_t)>& body) {
+  for_sample_ranges(batch, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) body(b);
+  });
 }
 
 at::ScalarType acc_type_of(at::ScalarType type) {
@@ -443,72 +454,231 @@ Result linear_forward(const at::Tensor& xs, const at::Tensor& ys, const MmdOptio
 // unbiased within-set sums take Σ_i (q_i + c)² out. The backward of x̂_i is u_i = x̂_i A_x + v_x
 // − [unbiased] 4 w_ss (q_i + c) x̂_i with A_x = 4 w_ss F_x − 4 w_st F_y, v_x = 4c (w_ss s_x −
 // w_st s_y) (symmetrically for the teacher); state: A (B, 2, D, D), v (B, 2, D), 1/ρ_x, 1/ρ_y.
+// Per sample: one GEMM per side in the forward and one per input in the backward, everything
+// else in plain loops over a per-task (rows × D) scratch of unit rows (no per-sample ATen
+// temporaries: at small maps the GEMMs are only a few microseconds each).
 bool use_feature_gram(int kind, int64_t degree, int64_t d, int64_t m, int64_t n,
                       bool teacher_term) {
   return kind == kdfast::kMmdPoly && degree == 2 && d < m + (teacher_term ? n : 0);
 }
 
+// One sample's rows x (rows × D, any strides, dtype T) as unit rows x̂_i = x_i / ρ_i into the
+// contiguous unit (rows × D); returns the norms. Row-major rows are read once (the second read
+// of a row for the scaling hits L1).
+template <typename T>
+RowNorms<T> unit_rows_into(const at::Tensor& x, T* __restrict unit) {
+  const int64_t rows = x.size(0), d = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
+  const T* src = x.const_data_ptr<T>();
+  if (s1 != 1) {  // channels_last: gather along the memory order, then work in place
+    for (int64_t k = 0; k < d; ++k) {
+      for (int64_t i = 0; i < rows; ++i) unit[i * d + k] = src[i * s0 + k * s1];
+    }
+    src = unit;
+  }
+  const int64_t row_stride = s1 != 1 ? d : s0;
+  std::vector<T> squares(rows);
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* __restrict row = src + i * row_stride;
+    T sq = 0;
+#pragma omp simd reduction(+ : sq)
+    for (int64_t k = 0; k < d; ++k) sq += row[k] * row[k];
+    squares[i] = sq;
+  }
+  RowNorms<T> norms = norms_from_squares(squares.data(), rows, 1);
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* row = src + i * row_stride;
+    T* out = unit + i * d;
+    const T inv = norms.inv[i];
+#pragma omp simd
+    for (int64_t k = 0; k < d; ++k) out[k] = row[k] * inv;
+  }
+  return norms;
+}
+
+template <typename T>
 struct FeatureSide {
-  at::Tensor inv, f, sum;  // 1/ρ (rows), F = X̂ᵀX̂ (D × D), Σ x̂_i (D)
-  double diagonal;         // Σ_i (q_i + c)²
+  RowNorms<T> norms;
+  std::vector<T> sum;  // s = Σ x̂_i (D)
+  double diagonal;     // Σ_i (q_i + c)²
 };
 
-FeatureSide feature_side(const at::Tensor& x, double coef, at::Tensor inv) {
-  const at::Tensor r = at::linalg_vector_norm(x, 2, {1});
-  const at::Tensor rho = r.clamp_min(kdfast::kNormEps);
-  inv.copy_(rho.reciprocal());
-  const at::Tensor unit = x * inv.unsqueeze(1);  // one sample's rows, a per-task temporary
-  const at::Tensor q = (r * inv).square();
-  return {inv, at::mm(unit.t(), unit), unit.sum(0), (q + coef).square().sum().item<double>()};
+// x̂ into unit (a (rows × D) view of the scratch), F = X̂ᵀX̂ into f (D × D).
+template <typename T>
+FeatureSide<T> feature_side(const at::Tensor& x, at::Tensor unit, at::Tensor f, double coef) {
+  const int64_t rows = x.size(0), d = x.size(1);
+  T* u = unit.data_ptr<T>();
+  FeatureSide<T> side{unit_rows_into(x, u), std::vector<T>(d, T(0)), 0.0};
+  T* __restrict sum = side.sum.data();
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* __restrict row = u + i * d;
+#pragma omp simd
+    for (int64_t k = 0; k < d; ++k) sum[k] += row[k];
+    const double shifted = double(side.norms.sq[i]) + coef;
+    side.diagonal += shifted * shifted;
+  }
+  at::mm_out(f, unit.t(), unit);
+  return side;
+}
+
+// ⟨F_x, F_y⟩, ⟨F_x, F_x⟩, ⟨F_y, F_y⟩ of two (D × D) blocks, one row at a time.
+template <typename T>
+std::array<double, 3> frobenius_products(const T* fx, const T* fy, int64_t d) {
+  std::array<double, 3> total{0.0, 0.0, 0.0};
+  for (int64_t i = 0; i < d; ++i) {
+    const T* __restrict a = fx + i * d;
+    const T* __restrict b = fy + i * d;
+    T xy = 0, xx = 0, yy = 0;
+#pragma omp simd reduction(+ : xy, xx, yy)
+    for (int64_t k = 0; k < d; ++k) {
+      xy += a[k] * b[k];
+      xx += a[k] * a[k];
+      yy += b[k] * b[k];
+    }
+    total[0] += xy;
+    total[1] += xx;
+    total[2] += yy;
+  }
+  return total;
+}
+
+template <typename T>
+double dot_of(const std::vector<T>& a, const std::vector<T>& b) {
+  double total = 0;
+  for (size_t k = 0; k < a.size(); ++k) total += double(a[k]) * double(b[k]);
+  return total;
+}
+
+// One sample: F_x, F_y into a_b (2, D, D), then A_x, A_y in place; v_b (2, D); 1/ρ. Returns MMD².
+template <typename T>
+double feature_sample(const at::Tensor& x, const at::Tensor& y, at::Tensor scratch,
+                      at::Tensor a_b, T* v_b, T* inv_x, T* inv_y, const MmdOptions& o,
+                      const MmdBlockWeights& w) {
+  const int64_t m = x.size(0), n = y.size(0), d = x.size(1);
+  const double c = o.coef;
+  const FeatureSide<T> sx = feature_side<T>(x, scratch.narrow(0, 0, m), a_b.select(0, 0), c);
+  const FeatureSide<T> sy = feature_side<T>(y, scratch.narrow(0, 0, n), a_b.select(0, 1), c);
+  std::copy(sx.norms.inv.begin(), sx.norms.inv.end(), inv_x);
+  std::copy(sy.norms.inv.begin(), sy.norms.inv.end(), inv_y);
+  T* fx = a_b.data_ptr<T>();
+  T* fy = fx + d * d;
+  const auto [xy, xx, yy] = frobenius_products(fx, fy, d);
+  double ss = xx + 2 * c * dot_of(sx.sum, sx.sum) + c * c * double(m) * m, tt = 0;
+  if (o.unbiased) ss -= sx.diagonal;
+  if (o.teacher_term) {
+    tt = yy + 2 * c * dot_of(sy.sum, sy.sum) + c * c * double(n) * n;
+    if (o.unbiased) tt -= sy.diagonal;
+  }
+  const double st = xy + 2 * c * dot_of(sx.sum, sy.sum) + c * c * double(m) * n;
+  // A_x = 4 w_ss F_x − 4 w_st F_y, A_y = 4 w_tt F_y − 4 w_st F_x, in place.
+  const T a_ss = T(4 * w.ss), a_st = T(4 * w.st), a_tt = T(4 * w.tt);
+#pragma omp simd
+  for (int64_t k = 0; k < d * d; ++k) {
+    const T f_x = fx[k], f_y = fy[k];
+    fx[k] = a_ss * f_x - a_st * f_y;
+    fy[k] = a_tt * f_y - a_st * f_x;
+  }
+  const T c4 = T(4 * c);
+  for (int64_t k = 0; k < d; ++k) {
+    v_b[k] = c4 * (T(w.ss) * sx.sum[k] - T(w.st) * sy.sum[k]);
+    v_b[d + k] = c4 * (T(w.tt) * sy.sum[k] - T(w.st) * sx.sum[k]);
+  }
+  return w.ss * ss + w.tt * tt - 2 * w.st * st;
 }
 
 Result feature_gram_forward(const at::Tensor& xs, const at::Tensor& ys, const MmdOptions& o) {
   const int64_t batch = xs.size(0), m = xs.size(1), n = ys.size(1), d = xs.size(2);
   const auto acc = acc_type_of(xs.scalar_type());
   const auto opts = xs.options().dtype(acc);
-  at::Tensor a = at::zeros({batch, 2, d, d}, opts), v = at::zeros({batch, 2, d}, opts);
+  at::Tensor a = at::empty({batch, 2, d, d}, opts), v = at::empty({batch, 2, d}, opts);
   at::Tensor inv_x = at::empty({batch, m}, opts), inv_y = at::empty({batch, n}, opts);
   const MmdBlockWeights w = kdfast::mmd_block_weights(m, n, o.unbiased, o.teacher_term);
-  const double c = o.coef;
   std::vector<double> values(batch);
-  for_each_sample(batch, [&](int64_t b) {
-    const FeatureSide sx = feature_side(sample_rows(xs, b, acc), c, inv_x.select(0, b));
-    const FeatureSide sy = feature_side(sample_rows(ys, b, acc), c, inv_y.select(0, b));
-    auto block = [&](const FeatureSide& p, const FeatureSide& q, double count) {
-      return (p.f * q.f).sum().item<double>() + 2 * c * at::dot(p.sum, q.sum).item<double>() +
-             c * c * count;
-    };
-    double ss = block(sx, sx, double(m) * m), tt = 0;
-    if (o.unbiased) ss -= sx.diagonal;
-    if (o.teacher_term) tt = block(sy, sy, double(n) * n) - (o.unbiased ? sy.diagonal : 0.0);
-    values[b] = w.ss * ss + w.tt * tt - 2 * w.st * block(sx, sy, double(m) * n);
-    if (o.grad_student) {
-      a[b][0].copy_(4 * w.ss * sx.f - 4 * w.st * sy.f);
-      v[b][0].copy_(4 * c * (w.ss * sx.sum - w.st * sy.sum));
-    }
-    if (o.grad_teacher) {
-      a[b][1].copy_(4 * w.tt * sy.f - 4 * w.st * sx.f);
-      v[b][1].copy_(4 * c * (w.tt * sy.sum - w.st * sx.sum));
-    }
+  AT_DISPATCH_FLOATING_TYPES(acc, "channel_mmd_feature_gram", [&] {
+    for_sample_ranges(batch, [&](int64_t first, int64_t last) {
+      at::Tensor scratch = at::empty({std::max(m, n), d}, opts);
+      for (int64_t b = first; b < last; ++b) {
+        values[b] = feature_sample<scalar_t>(
+            sample_rows(xs, b, acc), sample_rows(ys, b, acc), scratch, a.select(0, b),
+            v.data_ptr<scalar_t>() + b * 2 * d, inv_x.data_ptr<scalar_t>() + b * m,
+            inv_y.data_ptr<scalar_t>() + b * n, o, w);
+      }
+    });
   });
   at::Tensor loss = at::tensor(values, xs.options().dtype(at::kDouble)).to(acc);
   return {loss, a, v, inv_x, inv_y};
 }
 
-// dx_i = g/ρ_i (u_i − live_i (x̂_iᵀu_i) x̂_i), u_i = x̂_i A + v − [unbiased] 4 w (q_i + c) x̂_i.
-void feature_rows_grad(at::Tensor out, const at::Tensor& x, const at::Tensor& inv,
-                       const at::Tensor& a, const at::Tensor& v, double g, bool unbiased,
-                       double w, double coef) {
-  const at::Tensor sq = x.square().sum(1);
-  const at::Tensor live = (sq.sqrt() > kdfast::kNormEps).to(x.scalar_type());
-  at::Tensor u = at::mm(x, a) * inv.unsqueeze(1) + v.unsqueeze(0);
-  if (unbiased) {
-    const at::Tensor q = sq * inv * inv;
-    u -= x * (4 * w * (q + coef) * inv).unsqueeze(1);
+// dx_i = g/ρ_i (u_i − live_i (x̂_iᵀu_i) x̂_i), u_i = x̂_i A + v − [unbiased] 4 w (q_i + c) x̂_i,
+// for one sample: X A is one GEMM on the raw rows into prod (rows × D, T, contiguous: out
+// itself when out has dtype T), the normalisation and the rest one pass over the rows.
+template <typename T>
+void feature_rows_grad(at::Tensor out, const at::Tensor& x, const T* inv, at::Tensor prod,
+                       const at::Tensor& a, const T* v, double g, bool unbiased, double w,
+                       double coef) {
+  const int64_t rows = x.size(0), d = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
+  at::mm_out(prod, x, a);
+  const T* src = x.const_data_ptr<T>();
+  T* u_all = prod.data_ptr<T>();
+  std::vector<T> gathered(s1 == 1 ? 0 : d);  // one strided (channels_last) row
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* __restrict xi = src + i * s0;
+    if (s1 != 1) {
+      for (int64_t k = 0; k < d; ++k) gathered[k] = xi[k * s1];
+      xi = gathered.data();
+    }
+    T sq = 0;
+#pragma omp simd reduction(+ : sq)
+    for (int64_t k = 0; k < d; ++k) sq += xi[k] * xi[k];
+    const T r = std::sqrt(sq), inv_i = inv[i];
+    const bool live = r > static_cast<T>(kdfast::kNormEps);
+    const T drop = unbiased ? T(4 * w * (double(sq * inv_i * inv_i) + coef)) : T(0);
+    T* __restrict u = u_all + i * d;
+    T proj = 0;  // x_iᵀ u_i
+#pragma omp simd reduction(+ : proj)
+    for (int64_t k = 0; k < d; ++k) {
+      u[k] = inv_i * (u[k] - drop * xi[k]) + v[k];
+      proj += xi[k] * u[k];
+    }
+    const T along = live ? proj * inv_i * inv_i : T(0);
+    const T scale = T(g) * inv_i;
+#pragma omp simd
+    for (int64_t k = 0; k < d; ++k) u[k] = scale * (u[k] - along * xi[k]);
   }
-  const at::Tensor proj = (x * u).sum(1) * inv;  // x̂_iᵀ u_i
-  u -= x * (live * proj * inv).unsqueeze(1);
-  out.copy_(u * (g * inv).unsqueeze(1));
+  if (!prod.is_same(out)) out.copy_(prod);
+}
+
+// The D × D backward over the batch (per task, for fp16/bf16 outputs, one scratch for U).
+void feature_backward(at::Tensor dx, at::Tensor dy, const at::Tensor& xs, const at::Tensor& ys,
+                      const at::Tensor& a, const at::Tensor& v, const at::Tensor& inv_x,
+                      const at::Tensor& inv_y, const double* g, bool unbiased,
+                      bool teacher_term, const MmdBlockWeights& w, double coef) {
+  const int64_t batch = xs.size(0), m = xs.size(1), n = ys.size(1), d = xs.size(2);
+  const auto acc = acc_type_of(xs.scalar_type());
+  const bool same_type = acc == xs.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES(acc, "channel_mmd_feature_backward", [&] {
+    for_sample_ranges(batch, [&](int64_t first, int64_t last) {
+      at::Tensor prod =
+          same_type ? at::Tensor() : at::empty({std::max(m, n), d}, xs.options().dtype(acc));
+      for (int64_t b = first; b < last; ++b) {
+        const scalar_t* vb = v.const_data_ptr<scalar_t>() + b * 2 * d;
+        if (dx.defined()) {
+          at::Tensor out = dx.select(0, b);
+          feature_rows_grad<scalar_t>(out, sample_rows(xs, b, acc),
+                                      inv_x.const_data_ptr<scalar_t>() + b * m,
+                                      same_type ? out : prod.narrow(0, 0, m),
+                                      a.select(0, b).select(0, 0), vb, g[b], unbiased, w.ss, coef);
+        }
+        if (dy.defined()) {
+          at::Tensor out = dy.select(0, b);
+          feature_rows_grad<scalar_t>(out, sample_rows(ys, b, acc),
+                                      inv_y.const_data_ptr<scalar_t>() + b * n,
+                                      same_type ? out : prod.narrow(0, 0, n),
+                                      a.select(0, b).select(0, 1), vb + d, g[b],
+                                      unbiased && teacher_term, w.tt, coef);
+        }
+      }
+    });
+  });
 }
 
 Result channel_mmd_cpu(const at::Tensor& student, const at::Tensor& teacher,
@@ -572,6 +742,14 @@ void linear_rows_grad(at::Tensor out, const at::Tensor& x, const at::Tensor& inv
   out.copy_(acc);
 }
 
+// The backward's outputs: the gradients in the inputs' shapes, or empty ones where not wanted.
+std::tuple<at::Tensor, at::Tensor> gradients_of(const at::Tensor& dx, const at::Tensor& dy,
+                                                const at::Tensor& student,
+                                                const at::Tensor& teacher) {
+  return {dx.defined() ? dx.view(student.sizes()) : at::empty({0}, student.options()),
+          dy.defined() ? dy.view(teacher.sizes()) : at::empty({0}, teacher.options())};
+}
+
 std::tuple<at::Tensor, at::Tensor> channel_mmd_backward_cpu(
     const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
     const at::Tensor& s0, const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& s3,
@@ -589,19 +767,13 @@ std::tuple<at::Tensor, at::Tensor> channel_mmd_backward_cpu(
   const bool linear = kdfast::mmd_kernel_kind(kernel) == kdfast::kMmdLinear;
   const bool feature = !linear && s0.dim() == 4;  // the D × D poly-2 state
   const MmdBlockWeights w = kdfast::mmd_block_weights(m, n, unbiased, teacher_term);
+  if (feature) {
+    feature_backward(dx, dy, xs, ys, s0, s1, s2.contiguous(), s3.contiguous(), gp, unbiased,
+                     teacher_term, w, coef);
+  }
+  if (feature) return gradients_of(dx, dy, student, teacher);
   for_each_sample(batch, [&](int64_t b) {
     const at::Tensor x = sample_rows(xs, b, acc), y = sample_rows(ys, b, acc);
-    if (feature) {
-      if (grad_student) {
-        feature_rows_grad(dx.select(0, b), x, s2.select(0, b), s0[b][0], s1[b][0], gp[b],
-                          unbiased, w.ss, coef);
-      }
-      if (grad_teacher) {
-        feature_rows_grad(dy.select(0, b), y, s3.select(0, b), s0[b][1], s1[b][1], gp[b],
-                          unbiased && teacher_term, w.tt, coef);
-      }
-      return;
-    }
     if (linear) {
       const at::Tensor sx = s0.select(0, b), sy = s1.select(0, b);
       if (grad_student) {
@@ -622,8 +794,7 @@ std::tuple<at::Tensor, at::Tensor> channel_mmd_backward_cpu(
       two_gemms(dy.select(0, b), s2.select(0, b), y, s1.select(0, b).t(), x, gp[b]);
     }
   });
-  return {dx.defined() ? dx.view(student.sizes()) : at::empty({0}, student.options()),
-          dy.defined() ? dy.view(teacher.sizes()) : at::empty({0}, teacher.options())};
+  return gradients_of(dx, dy, student, teacher);
 }
 
 }  // namespace
