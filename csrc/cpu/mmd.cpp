@@ -34,6 +34,7 @@
 #include <cstring>
 #include <functional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "kdfast/aten_mmd.h"
@@ -180,6 +181,41 @@ void rbf_accumulate(const double* __restrict dist, int64_t count, double h,
   }
 }
 
+// The whole rbf epilogue of one fp32 Gram row with one bandwidth h, in one pass (the general
+// path below takes several passes and is compiled for the baseline ISA only): ĝ = g/(ρ_i ρ_j),
+// φ = exp(−max(q_i + q_j − 2ĝ, 0)·h), φ′ = 2h·φ where the distance is not clamped; returns Σ φ
+// and, with want_grad, does what epilogue_row does with W = weight2·φ′.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+float rbf_row_one_pass(float* __restrict row, int64_t count, float inv_i, float q_i,
+                       const float* __restrict inv_col, const float* __restrict q_col, float h,
+                       float weight2, bool want_grad, float* __restrict c_col, float* c_row) {
+  float total = 0;
+  if (!want_grad) {
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < count; ++j) {
+      const float dist = q_i + q_col[j] - 2.0f * (row[j] * inv_i * inv_col[j]);
+      total += exp_nonpositive(-0.5f * (dist + std::fabs(dist)) * h);
+    }
+    return total;
+  }
+  float c_i = 0;
+#pragma omp simd reduction(+ : total, c_i)
+  for (int64_t j = 0; j < count; ++j) {
+    const float scale = inv_i * inv_col[j];
+    const float g = row[j] * scale;
+    const float dist = q_i + q_col[j] - 2.0f * g;
+    const float e = exp_nonpositive(-0.5f * (dist + std::fabs(dist)) * h);
+    total += e;
+    const float w = dist >= 0.0f ? weight2 * 2.0f * h * e : 0.0f;
+    row[j] = w * scale;
+    const float wg = w * g;
+    c_i += wg;
+    c_col[j] += wg;
+  }
+  *c_row += c_i;
+  return total;
+}
+
 // Per-sample scratch rows for the epilogue (g, φ, φ′ of one Gram row).
 template <typename T>
 struct RowScratch {
@@ -236,6 +272,12 @@ double epilogue_row(T* __restrict row, int64_t count, T inv_i, T q_i,
                     const MmdKernelParams<T>& p, T weight2, bool want_grad,
                     T* __restrict c_col, T* c_row, RowScratch<T>& scratch) {
   if (count <= 0) return 0.0;
+  if constexpr (Kind == kdfast::kMmdRbf && std::is_same_v<T, float>) {
+    if (p.num_bandwidths == 1) {
+      return rbf_row_one_pass(row, count, inv_i, q_i, inv_col, q_col, p.half_inv_sigma2[0],
+                              weight2, want_grad, c_col, c_row);
+    }
+  }
   T* __restrict g = scratch.g.data();
   T* __restrict value = scratch.value.data();
   T* __restrict slope = scratch.slope.data();
@@ -389,25 +431,32 @@ Result gram_forward(const at::Tensor& xs, const at::Tensor& ys, const MmdOptions
   const int64_t batch = xs.size(0), m = xs.size(1), n = ys.size(1);
   const auto acc = acc_type_of(xs.scalar_type());
   const auto opts = xs.options().dtype(acc);
-  at::Tensor g_ss = at::empty({batch, m, m}, opts);
+  // The Grams become the backward's matrices: kept for the batch only where a gradient needs
+  // them, else one per-task scratch (G_ss without a student gradient, G_tt for the value only).
+  at::Tensor g_ss = o.grad_student ? at::empty({batch, m, m}, opts) : at::Tensor();
   at::Tensor g_st = at::empty({batch, m, n}, opts);
-  at::Tensor g_tt;
-  if (o.teacher_term || o.grad_teacher) g_tt = at::empty({batch, n, n}, opts);
+  at::Tensor g_tt = o.grad_teacher ? at::empty({batch, n, n}, opts) : at::Tensor();
   std::vector<double> values(batch);
   const MmdBlockWeights w = kdfast::mmd_block_weights(m, n, o.unbiased, o.teacher_term);
   AT_DISPATCH_FLOATING_TYPES(acc, "channel_mmd_gram", [&] {
     const MmdKernelParams<scalar_t> p = kernel_params<scalar_t>(o);
-    for_each_sample(batch, [&](int64_t b) {
-      const at::Tensor x = sample_rows(xs, b, acc), y = sample_rows(ys, b, acc);
-      at::Tensor tt = g_tt.defined() ? g_tt.select(0, b) : at::Tensor();
-      auto run = [&](auto kind) {
-        return gram_sample<decltype(kind)::value, scalar_t>(x, y, g_ss.select(0, b),
-                                                           g_st.select(0, b), tt, o, p, w);
-      };
-      if (o.kind == kdfast::kMmdPoly) {
-        values[b] = run(std::integral_constant<int, kdfast::kMmdPoly>());
-      } else {
-        values[b] = run(std::integral_constant<int, kdfast::kMmdRbf>());
+    for_sample_ranges(batch, [&](int64_t first, int64_t last) {
+      const at::Tensor ss_scratch = g_ss.defined() ? at::Tensor() : at::empty({m, m}, opts);
+      const at::Tensor tt_scratch =
+          g_tt.defined() || !o.teacher_term ? at::Tensor() : at::empty({n, n}, opts);
+      for (int64_t b = first; b < last; ++b) {
+        const at::Tensor x = sample_rows(xs, b, acc), y = sample_rows(ys, b, acc);
+        const at::Tensor ss = g_ss.defined() ? g_ss.select(0, b) : ss_scratch;
+        const at::Tensor tt = g_tt.defined() ? g_tt.select(0, b) : tt_scratch;
+        auto run = [&](auto kind) {
+          return gram_sample<decltype(kind)::value, scalar_t>(x, y, ss, g_st.select(0, b), tt,
+                                                             o, p, w);
+        };
+        if (o.kind == kdfast::kMmdPoly) {
+          values[b] = run(std::integral_constant<int, kdfast::kMmdPoly>());
+        } else {
+          values[b] = run(std::integral_constant<int, kdfast::kMmdRbf>());
+        }
       }
     });
   });

@@ -130,6 +130,18 @@ def test_float32(options, device):
     compare(student, teacher, 1e-5 if device == "cpu" else 5e-4, atol=1e-7, **options)
 
 
+@pytest.mark.parametrize("unbiased", [False, True], ids=["biased", "unbiased"])
+@pytest.mark.parametrize("teacher_grad", [False, True], ids=["t-fixed", "t-grad"])
+def test_float32_rbf_one_pass(unbiased, teacher_grad):
+    # fp32 rbf with one bandwidth takes the one-pass epilogue; a fixed teacher its no-gradient
+    # variant for G_tt; all-zero channels clamp the distance (q = 0).
+    student, teacher = randn(3, 37, 7, 9).float(), randn(3, 29, 7, 9).float()
+    student[0, 3] = 0
+    teacher[2, 5] = 0
+    compare(student.requires_grad_(), teacher.requires_grad_(teacher_grad), 1e-5, atol=1e-7,
+            kernel="rbf", sigma2=(0.7,), unbiased=unbiased)
+
+
 def low_precision_error(student, teacher, dtype, options):
     """Error of PyTorch itself (the reference) run on inputs rounded to ``dtype``."""
     ref = channel_mmd(student, teacher, **options)
