@@ -216,6 +216,34 @@ float rbf_row_one_pass(float* __restrict row, int64_t count, float inv_i, float 
   return total;
 }
 
+// The poly epilogue of one fp32 Gram row in one pass, as rbf_row_one_pass: φ = (ĝ + c)^d,
+// φ′ = d (ĝ + c)^(d−1).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+float poly_row_one_pass(float* __restrict row, int64_t count, float inv_i,
+                        const float* __restrict inv_col, int degree, float coef, float weight2,
+                        bool want_grad, float* __restrict c_col, float* c_row) {
+  float total = 0, c_i = 0;
+  const float slope_scale = weight2 * static_cast<float>(degree);
+#pragma omp simd reduction(+ : total, c_i)
+  for (int64_t j = 0; j < count; ++j) {
+    const float scale = inv_i * inv_col[j];
+    const float g = row[j] * scale;
+    const float base = g + coef;
+    float lower = 1.0f;
+    for (int k = 1; k < degree; ++k) lower *= base;
+    total += lower * base;
+    if (want_grad) {
+      const float w = slope_scale * lower;
+      row[j] = w * scale;
+      const float wg = w * g;
+      c_i += wg;
+      c_col[j] += wg;
+    }
+  }
+  *c_row += c_i;
+  return total;
+}
+
 // Per-sample scratch rows for the epilogue (g, φ, φ′ of one Gram row).
 template <typename T>
 struct RowScratch {
@@ -277,6 +305,10 @@ double epilogue_row(T* __restrict row, int64_t count, T inv_i, T q_i,
       return rbf_row_one_pass(row, count, inv_i, q_i, inv_col, q_col, p.half_inv_sigma2[0],
                               weight2, want_grad, c_col, c_row);
     }
+  }
+  if constexpr (Kind == kdfast::kMmdPoly && std::is_same_v<T, float>) {
+    return poly_row_one_pass(row, count, inv_i, inv_col, p.degree, p.coef, weight2, want_grad,
+                             c_col, c_row);
   }
   T* __restrict g = scratch.g.data();
   T* __restrict value = scratch.value.data();

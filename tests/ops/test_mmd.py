@@ -130,16 +130,22 @@ def test_float32(options, device):
     compare(student, teacher, 1e-5 if device == "cpu" else 5e-4, atol=1e-7, **options)
 
 
+ONE_PASS = [{"kernel": "rbf", "sigma2": (0.7,)}, {"kernel": "poly", "degree": 2, "coef": 0.5},
+            {"kernel": "poly", "degree": 3, "coef": 0.0}]
+
+
+@pytest.mark.parametrize("options", ONE_PASS, ids=["rbf", "poly2", "poly3"])
 @pytest.mark.parametrize("unbiased", [False, True], ids=["biased", "unbiased"])
 @pytest.mark.parametrize("teacher_grad", [False, True], ids=["t-fixed", "t-grad"])
-def test_float32_rbf_one_pass(unbiased, teacher_grad):
-    # fp32 rbf with one bandwidth takes the one-pass epilogue; a fixed teacher its no-gradient
-    # variant for G_tt; all-zero channels clamp the distance (q = 0).
-    student, teacher = randn(3, 37, 7, 9).float(), randn(3, 29, 7, 9).float()
+def test_float32_one_pass_epilogue(options, unbiased, teacher_grad):
+    # fp32 C x C Grams (H·W = 63 > C_s + C_t) take the one-pass epilogues (rbf: one bandwidth);
+    # a fixed teacher their no-gradient variant for G_tt; all-zero channels clamp rbf's
+    # distance (q = 0).
+    student, teacher = randn(3, 31, 7, 9).float(), randn(3, 29, 7, 9).float()
     student[0, 3] = 0
     teacher[2, 5] = 0
     compare(student.requires_grad_(), teacher.requires_grad_(teacher_grad), 1e-5, atol=1e-7,
-            kernel="rbf", sigma2=(0.7,), unbiased=unbiased)
+            unbiased=unbiased, **options)
 
 
 def low_precision_error(student, teacher, dtype, options):
