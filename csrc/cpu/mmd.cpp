@@ -40,6 +40,17 @@
 #include "kdfast/aten_mmd.h"
 #include "kdfast/math.h"
 
+// Hot loops are compiled for AVX-512 and AVX2 as well as the baseline ISA and picked at load
+// time (GCC/Clang on x86-64); elsewhere they are plain functions.
+#if defined(__x86_64__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define KDFAST_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+#endif
+#ifndef KDFAST_SIMD_CLONES
+#define KDFAST_SIMD_CLONES
+#endif
+
 namespace {
 
 using kdfast::channel_rows;
@@ -161,7 +172,7 @@ inline float exp_nonpositive(float x) {
 
 // value[j] += e, slope[j] += 2h·e with e = exp(−max(dist[j], 0)·h): the rbf hot loop, cloned
 // for AVX-512 and AVX2 and picked at load time.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+KDFAST_SIMD_CLONES
 void rbf_accumulate(const float* __restrict dist, int64_t count, float h,
                     float* __restrict value, float* __restrict slope) {
   for (int64_t j = 0; j < count; ++j) {
@@ -185,7 +196,7 @@ void rbf_accumulate(const double* __restrict dist, int64_t count, double h,
 // path below takes several passes and is compiled for the baseline ISA only): ĝ = g/(ρ_i ρ_j),
 // φ = exp(−max(q_i + q_j − 2ĝ, 0)·h), φ′ = 2h·φ where the distance is not clamped; returns Σ φ
 // and, with want_grad, does what epilogue_row does with W = weight2·φ′.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+KDFAST_SIMD_CLONES
 float rbf_row_one_pass(float* __restrict row, int64_t count, float inv_i, float q_i,
                        const float* __restrict inv_col, const float* __restrict q_col, float h,
                        float weight2, bool want_grad, float* __restrict c_col, float* c_row) {
@@ -218,7 +229,7 @@ float rbf_row_one_pass(float* __restrict row, int64_t count, float inv_i, float 
 
 // The poly epilogue of one fp32 Gram row in one pass, as rbf_row_one_pass: φ = (ĝ + c)^d,
 // φ′ = d (ĝ + c)^(d−1).
-__attribute__((target_clones("avx512f", "avx2", "default")))
+KDFAST_SIMD_CLONES
 float poly_row_one_pass(float* __restrict row, int64_t count, float inv_i,
                         const float* __restrict inv_col, int degree, float coef, float weight2,
                         bool want_grad, float* __restrict c_col, float* c_row) {
@@ -547,9 +558,8 @@ bool use_feature_gram(int kind, int64_t degree, int64_t d, int64_t m, int64_t n,
 // contiguous unit (rows × D); returns the norms. Row-major rows are read once (the second read
 // of a row for the scaling hits L1).
 template <typename T>
-RowNorms<T> unit_rows_into(const at::Tensor& x, T* __restrict unit) {
-  const int64_t rows = x.size(0), d = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
-  const T* src = x.const_data_ptr<T>();
+KDFAST_SIMD_CLONES RowNorms<T> unit_rows_into(const T* src, int64_t rows, int64_t d, int64_t s0,
+                                              int64_t s1, T* __restrict unit) {
   if (s1 != 1) {  // channels_last: gather along the memory order, then work in place
     for (int64_t k = 0; k < d; ++k) {
       for (int64_t i = 0; i < rows; ++i) unit[i * d + k] = src[i * s0 + k * s1];
@@ -583,17 +593,27 @@ struct FeatureSide {
   double diagonal;     // Σ_i (q_i + c)²
 };
 
+// sum += Σ_i rows_i over contiguous (rows × d).
+template <typename T>
+KDFAST_SIMD_CLONES void add_rows(T* __restrict sum, const T* __restrict rows_data, int64_t rows,
+                                 int64_t d) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* __restrict row = rows_data + i * d;
+#pragma omp simd
+    for (int64_t k = 0; k < d; ++k) sum[k] += row[k];
+  }
+}
+
 // x̂ into unit (a (rows × D) view of the scratch), F = X̂ᵀX̂ into f (D × D).
 template <typename T>
 FeatureSide<T> feature_side(const at::Tensor& x, at::Tensor unit, at::Tensor f, double coef) {
   const int64_t rows = x.size(0), d = x.size(1);
   T* u = unit.data_ptr<T>();
-  FeatureSide<T> side{unit_rows_into(x, u), std::vector<T>(d, T(0)), 0.0};
-  T* __restrict sum = side.sum.data();
+  FeatureSide<T> side{
+      unit_rows_into(x.const_data_ptr<T>(), rows, d, x.stride(0), x.stride(1), u),
+      std::vector<T>(d, T(0)), 0.0};
+  add_rows(side.sum.data(), u, rows, d);
   for (int64_t i = 0; i < rows; ++i) {
-    const T* __restrict row = u + i * d;
-#pragma omp simd
-    for (int64_t k = 0; k < d; ++k) sum[k] += row[k];
     const double shifted = double(side.norms.sq[i]) + coef;
     side.diagonal += shifted * shifted;
   }
@@ -603,7 +623,7 @@ FeatureSide<T> feature_side(const at::Tensor& x, at::Tensor unit, at::Tensor f, 
 
 // ⟨F_x, F_y⟩, ⟨F_x, F_x⟩, ⟨F_y, F_y⟩ of two (D × D) blocks, one row at a time.
 template <typename T>
-std::array<double, 3> frobenius_products(const T* fx, const T* fy, int64_t d) {
+KDFAST_SIMD_CLONES std::array<double, 3> frobenius_products(const T* fx, const T* fy, int64_t d) {
   std::array<double, 3> total{0.0, 0.0, 0.0};
   for (int64_t i = 0; i < d; ++i) {
     const T* __restrict a = fx + i * d;
@@ -693,13 +713,10 @@ Result feature_gram_forward(const at::Tensor& xs, const at::Tensor& ys, const Mm
 // for one sample: X A is one GEMM on the raw rows into prod (rows × D, T, contiguous: out
 // itself when out has dtype T), the normalisation and the rest one pass over the rows.
 template <typename T>
-void feature_rows_grad(at::Tensor out, const at::Tensor& x, const T* inv, at::Tensor prod,
-                       const at::Tensor& a, const T* v, double g, bool unbiased, double w,
-                       double coef) {
-  const int64_t rows = x.size(0), d = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
-  at::mm_out(prod, x, a);
-  const T* src = x.const_data_ptr<T>();
-  T* u_all = prod.data_ptr<T>();
+KDFAST_SIMD_CLONES void feature_grad_rows(T* __restrict u_all, const T* src, int64_t rows,
+                                          int64_t d, int64_t s0, int64_t s1, const T* inv,
+                                          const T* v, double g, bool unbiased, double w,
+                                          double coef) {
   std::vector<T> gathered(s1 == 1 ? 0 : d);  // one strided (channels_last) row
   for (int64_t i = 0; i < rows; ++i) {
     const T* __restrict xi = src + i * s0;
@@ -725,6 +742,15 @@ void feature_rows_grad(at::Tensor out, const at::Tensor& x, const T* inv, at::Te
 #pragma omp simd
     for (int64_t k = 0; k < d; ++k) u[k] = scale * (u[k] - along * xi[k]);
   }
+}
+
+template <typename T>
+void feature_rows_grad(at::Tensor out, const at::Tensor& x, const T* inv, at::Tensor prod,
+                       const at::Tensor& a, const T* v, double g, bool unbiased, double w,
+                       double coef) {
+  at::mm_out(prod, x, a);
+  feature_grad_rows(prod.data_ptr<T>(), x.const_data_ptr<T>(), x.size(0), x.size(1),
+                    x.stride(0), x.stride(1), inv, v, g, unbiased, w, coef);
   if (!prod.is_same(out)) out.copy_(prod);
 }
 
