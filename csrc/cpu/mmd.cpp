@@ -23,6 +23,8 @@
 // Parallel over the batch (at::parallel_for, one sample per task: the GEMMs inside run
 // single-threaded); with fewer samples than threads the samples run one after another and the
 // GEMMs use the threads instead. Every sum has a fixed order: the results are deterministic.
+// Outside the GEMMs the fp32 hot loops (the rbf and poly epilogues, one pass per Gram row, and
+// the row loops of the poly-2 D × D path) are compiled for AVX-512 and AVX2 (KDFAST_SIMD_CLONES).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
