@@ -23,20 +23,35 @@
 // Parallel over the batch (at::parallel_for, one sample per task: the GEMMs inside run
 // single-threaded); with fewer samples than threads the samples run one after another and the
 // GEMMs use the threads instead. Every sum has a fixed order: the results are deterministic.
+// Outside the GEMMs the fp32 hot loops (the rbf and poly epilogues, one pass per Gram row, and
+// the row loops of the poly-2 D × D path) are compiled for AVX-512 and AVX2 (KDFAST_SIMD_CLONES).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <functional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "kdfast/aten_mmd.h"
 #include "kdfast/math.h"
+
+// Hot loops are compiled for AVX-512 and AVX2 as well as the baseline ISA and picked at load
+// time (GCC/Clang on x86-64); elsewhere they are plain functions.
+#if defined(__x86_64__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define KDFAST_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+#endif
+#ifndef KDFAST_SIMD_CLONES
+#define KDFAST_SIMD_CLONES
+#endif
 
 namespace {
 
@@ -46,16 +61,26 @@ using kdfast::MmdKernelParams;
 
 constexpr int64_t kPanel = 64;  // rows per panel of the symmetric Grams
 
-// Runs body(b) for every sample: in parallel over samples when there are enough of them,
-// else one after another (the ATen GEMMs inside then use the threads).
-void for_each_sample(int64_t batch, const std::function<void(int64_t)>& body) {
+// Runs body(first, last) over ranges of samples: in parallel over samples when there are
+// enough of them, else once over all (the ATen GEMMs inside then use the threads). A task can
+// allocate its scratch once per range. Worker threads get the caller's no-autograd guard too
+// (it is thread-local), so out= GEMMs on views of inputs that require grad are allowed.
+void for_sample_ranges(int64_t batch, const std::function<void(int64_t, int64_t)>& body) {
   if (batch >= at::get_num_threads() && batch > 1) {
     at::parallel_for(0, batch, 1, [&](int64_t first, int64_t last) {
-      for (int64_t b = first; b < last; ++b) body(b);
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      body(first, last);
     });
   } else {
-    for (int64_t b = 0; b < batch; ++b) body(b);
+    body(0, batch);
   }
+}
+
+// Runs body(b) for every sample, as for_sample_ranges.
+void for_each_sample(int64_t batch, const std::function<void(int64_t)>& body) {
+  for_sample_ranges(batch, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) body(b);
+  });
 }
 
 at::ScalarType acc_type_of(at::ScalarType type) {
@@ -149,7 +174,7 @@ inline float exp_nonpositive(float x) {
 
 // value[j] += e, slope[j] += 2h·e with e = exp(−max(dist[j], 0)·h): the rbf hot loop, cloned
 // for AVX-512 and AVX2 and picked at load time.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+KDFAST_SIMD_CLONES
 void rbf_accumulate(const float* __restrict dist, int64_t count, float h,
                     float* __restrict value, float* __restrict slope) {
   for (int64_t j = 0; j < count; ++j) {
@@ -167,6 +192,69 @@ void rbf_accumulate(const double* __restrict dist, int64_t count, double h,
     value[j] += e;
     slope[j] += 2.0 * h * e;
   }
+}
+
+// The whole rbf epilogue of one fp32 Gram row with one bandwidth h, in one pass (the general
+// path below takes several passes and is compiled for the baseline ISA only): ĝ = g/(ρ_i ρ_j),
+// φ = exp(−max(q_i + q_j − 2ĝ, 0)·h), φ′ = 2h·φ where the distance is not clamped; returns Σ φ
+// and, with want_grad, does what epilogue_row does with W = weight2·φ′.
+KDFAST_SIMD_CLONES
+float rbf_row_one_pass(float* __restrict row, int64_t count, float inv_i, float q_i,
+                       const float* __restrict inv_col, const float* __restrict q_col, float h,
+                       float weight2, bool want_grad, float* __restrict c_col, float* c_row) {
+  float total = 0;
+  if (!want_grad) {
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < count; ++j) {
+      const float dist = q_i + q_col[j] - 2.0f * (row[j] * inv_i * inv_col[j]);
+      total += exp_nonpositive(-0.5f * (dist + std::fabs(dist)) * h);
+    }
+    return total;
+  }
+  float c_i = 0;
+#pragma omp simd reduction(+ : total, c_i)
+  for (int64_t j = 0; j < count; ++j) {
+    const float scale = inv_i * inv_col[j];
+    const float g = row[j] * scale;
+    const float dist = q_i + q_col[j] - 2.0f * g;
+    const float e = exp_nonpositive(-0.5f * (dist + std::fabs(dist)) * h);
+    total += e;
+    const float w = dist >= 0.0f ? weight2 * 2.0f * h * e : 0.0f;
+    row[j] = w * scale;
+    const float wg = w * g;
+    c_i += wg;
+    c_col[j] += wg;
+  }
+  *c_row += c_i;
+  return total;
+}
+
+// The poly epilogue of one fp32 Gram row in one pass, as rbf_row_one_pass: φ = (ĝ + c)^d,
+// φ′ = d (ĝ + c)^(d−1).
+KDFAST_SIMD_CLONES
+float poly_row_one_pass(float* __restrict row, int64_t count, float inv_i,
+                        const float* __restrict inv_col, int degree, float coef, float weight2,
+                        bool want_grad, float* __restrict c_col, float* c_row) {
+  float total = 0, c_i = 0;
+  const float slope_scale = weight2 * static_cast<float>(degree);
+#pragma omp simd reduction(+ : total, c_i)
+  for (int64_t j = 0; j < count; ++j) {
+    const float scale = inv_i * inv_col[j];
+    const float g = row[j] * scale;
+    const float base = g + coef;
+    float lower = 1.0f;
+    for (int k = 1; k < degree; ++k) lower *= base;
+    total += lower * base;
+    if (want_grad) {
+      const float w = slope_scale * lower;
+      row[j] = w * scale;
+      const float wg = w * g;
+      c_i += wg;
+      c_col[j] += wg;
+    }
+  }
+  *c_row += c_i;
+  return total;
 }
 
 // Per-sample scratch rows for the epilogue (g, φ, φ′ of one Gram row).
@@ -225,6 +313,16 @@ double epilogue_row(T* __restrict row, int64_t count, T inv_i, T q_i,
                     const MmdKernelParams<T>& p, T weight2, bool want_grad,
                     T* __restrict c_col, T* c_row, RowScratch<T>& scratch) {
   if (count <= 0) return 0.0;
+  if constexpr (Kind == kdfast::kMmdRbf && std::is_same_v<T, float>) {
+    if (p.num_bandwidths == 1) {
+      return rbf_row_one_pass(row, count, inv_i, q_i, inv_col, q_col, p.half_inv_sigma2[0],
+                              weight2, want_grad, c_col, c_row);
+    }
+  }
+  if constexpr (Kind == kdfast::kMmdPoly && std::is_same_v<T, float>) {
+    return poly_row_one_pass(row, count, inv_i, inv_col, p.degree, p.coef, weight2, want_grad,
+                             c_col, c_row);
+  }
   T* __restrict g = scratch.g.data();
   T* __restrict value = scratch.value.data();
   T* __restrict slope = scratch.slope.data();
@@ -378,25 +476,32 @@ Result gram_forward(const at::Tensor& xs, const at::Tensor& ys, const MmdOptions
   const int64_t batch = xs.size(0), m = xs.size(1), n = ys.size(1);
   const auto acc = acc_type_of(xs.scalar_type());
   const auto opts = xs.options().dtype(acc);
-  at::Tensor g_ss = at::empty({batch, m, m}, opts);
+  // The Grams become the backward's matrices: kept for the batch only where a gradient needs
+  // them, else one per-task scratch (G_ss without a student gradient, G_tt for the value only).
+  at::Tensor g_ss = o.grad_student ? at::empty({batch, m, m}, opts) : at::Tensor();
   at::Tensor g_st = at::empty({batch, m, n}, opts);
-  at::Tensor g_tt;
-  if (o.teacher_term || o.grad_teacher) g_tt = at::empty({batch, n, n}, opts);
+  at::Tensor g_tt = o.grad_teacher ? at::empty({batch, n, n}, opts) : at::Tensor();
   std::vector<double> values(batch);
   const MmdBlockWeights w = kdfast::mmd_block_weights(m, n, o.unbiased, o.teacher_term);
   AT_DISPATCH_FLOATING_TYPES(acc, "channel_mmd_gram", [&] {
     const MmdKernelParams<scalar_t> p = kernel_params<scalar_t>(o);
-    for_each_sample(batch, [&](int64_t b) {
-      const at::Tensor x = sample_rows(xs, b, acc), y = sample_rows(ys, b, acc);
-      at::Tensor tt = g_tt.defined() ? g_tt.select(0, b) : at::Tensor();
-      auto run = [&](auto kind) {
-        return gram_sample<decltype(kind)::value, scalar_t>(x, y, g_ss.select(0, b),
-                                                           g_st.select(0, b), tt, o, p, w);
-      };
-      if (o.kind == kdfast::kMmdPoly) {
-        values[b] = run(std::integral_constant<int, kdfast::kMmdPoly>());
-      } else {
-        values[b] = run(std::integral_constant<int, kdfast::kMmdRbf>());
+    for_sample_ranges(batch, [&](int64_t first, int64_t last) {
+      const at::Tensor ss_scratch = g_ss.defined() ? at::Tensor() : at::empty({m, m}, opts);
+      const at::Tensor tt_scratch =
+          g_tt.defined() || !o.teacher_term ? at::Tensor() : at::empty({n, n}, opts);
+      for (int64_t b = first; b < last; ++b) {
+        const at::Tensor x = sample_rows(xs, b, acc), y = sample_rows(ys, b, acc);
+        const at::Tensor ss = g_ss.defined() ? g_ss.select(0, b) : ss_scratch;
+        const at::Tensor tt = g_tt.defined() ? g_tt.select(0, b) : tt_scratch;
+        auto run = [&](auto kind) {
+          return gram_sample<decltype(kind)::value, scalar_t>(x, y, ss, g_st.select(0, b), tt,
+                                                             o, p, w);
+        };
+        if (o.kind == kdfast::kMmdPoly) {
+          values[b] = run(std::integral_constant<int, kdfast::kMmdPoly>());
+        } else {
+          values[b] = run(std::integral_constant<int, kdfast::kMmdRbf>());
+        }
       }
     });
   });
@@ -443,72 +548,246 @@ Result linear_forward(const at::Tensor& xs, const at::Tensor& ys, const MmdOptio
 // unbiased within-set sums take Σ_i (q_i + c)² out. The backward of x̂_i is u_i = x̂_i A_x + v_x
 // − [unbiased] 4 w_ss (q_i + c) x̂_i with A_x = 4 w_ss F_x − 4 w_st F_y, v_x = 4c (w_ss s_x −
 // w_st s_y) (symmetrically for the teacher); state: A (B, 2, D, D), v (B, 2, D), 1/ρ_x, 1/ρ_y.
+// Per sample: one GEMM per side in the forward and one per input in the backward, everything
+// else in plain loops over a per-task (rows × D) scratch of unit rows (no per-sample ATen
+// temporaries: at small maps the GEMMs are only a few microseconds each).
 bool use_feature_gram(int kind, int64_t degree, int64_t d, int64_t m, int64_t n,
                       bool teacher_term) {
   return kind == kdfast::kMmdPoly && degree == 2 && d < m + (teacher_term ? n : 0);
 }
 
+// One sample's rows x (rows × D, any strides, dtype T) as unit rows x̂_i = x_i / ρ_i into the
+// contiguous unit (rows × D); returns the norms. Row-major rows are read once (the second read
+// of a row for the scaling hits L1).
+template <typename T>
+KDFAST_SIMD_CLONES RowNorms<T> unit_rows_into(const T* src, int64_t rows, int64_t d, int64_t s0,
+                                              int64_t s1, T* __restrict unit) {
+  if (s1 != 1) {  // channels_last: gather along the memory order, then work in place
+    for (int64_t k = 0; k < d; ++k) {
+      for (int64_t i = 0; i < rows; ++i) unit[i * d + k] = src[i * s0 + k * s1];
+    }
+    src = unit;
+  }
+  const int64_t row_stride = s1 != 1 ? d : s0;
+  std::vector<T> squares(rows);
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* __restrict row = src + i * row_stride;
+    T sq = 0;
+#pragma omp simd reduction(+ : sq)
+    for (int64_t k = 0; k < d; ++k) sq += row[k] * row[k];
+    squares[i] = sq;
+  }
+  RowNorms<T> norms = norms_from_squares(squares.data(), rows, 1);
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* row = src + i * row_stride;
+    T* out = unit + i * d;
+    const T inv = norms.inv[i];
+#pragma omp simd
+    for (int64_t k = 0; k < d; ++k) out[k] = row[k] * inv;
+  }
+  return norms;
+}
+
+template <typename T>
 struct FeatureSide {
-  at::Tensor inv, f, sum;  // 1/ρ (rows), F = X̂ᵀX̂ (D × D), Σ x̂_i (D)
-  double diagonal;         // Σ_i (q_i + c)²
+  RowNorms<T> norms;
+  std::vector<T> sum;  // s = Σ x̂_i (D)
+  double diagonal;     // Σ_i (q_i + c)²
 };
 
-FeatureSide feature_side(const at::Tensor& x, double coef, at::Tensor inv) {
-  const at::Tensor r = at::linalg_vector_norm(x, 2, {1});
-  const at::Tensor rho = r.clamp_min(kdfast::kNormEps);
-  inv.copy_(rho.reciprocal());
-  const at::Tensor unit = x * inv.unsqueeze(1);  // one sample's rows, a per-task temporary
-  const at::Tensor q = (r * inv).square();
-  return {inv, at::mm(unit.t(), unit), unit.sum(0), (q + coef).square().sum().item<double>()};
+// sum += Σ_i rows_i over contiguous (rows × d).
+template <typename T>
+KDFAST_SIMD_CLONES void add_rows(T* __restrict sum, const T* __restrict rows_data, int64_t rows,
+                                 int64_t d) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* __restrict row = rows_data + i * d;
+#pragma omp simd
+    for (int64_t k = 0; k < d; ++k) sum[k] += row[k];
+  }
+}
+
+// x̂ into unit (a (rows × D) view of the scratch), F = X̂ᵀX̂ into f (D × D).
+template <typename T>
+FeatureSide<T> feature_side(const at::Tensor& x, at::Tensor unit, at::Tensor f, double coef) {
+  const int64_t rows = x.size(0), d = x.size(1);
+  T* u = unit.data_ptr<T>();
+  FeatureSide<T> side{
+      unit_rows_into(x.const_data_ptr<T>(), rows, d, x.stride(0), x.stride(1), u),
+      std::vector<T>(d, T(0)), 0.0};
+  add_rows(side.sum.data(), u, rows, d);
+  for (int64_t i = 0; i < rows; ++i) {
+    const double shifted = double(side.norms.sq[i]) + coef;
+    side.diagonal += shifted * shifted;
+  }
+  at::mm_out(f, unit.t(), unit);
+  return side;
+}
+
+// ⟨F_x, F_y⟩, ⟨F_x, F_x⟩, ⟨F_y, F_y⟩ of two (D × D) blocks, one row at a time.
+template <typename T>
+KDFAST_SIMD_CLONES std::array<double, 3> frobenius_products(const T* fx, const T* fy, int64_t d) {
+  std::array<double, 3> total{0.0, 0.0, 0.0};
+  for (int64_t i = 0; i < d; ++i) {
+    const T* __restrict a = fx + i * d;
+    const T* __restrict b = fy + i * d;
+    T xy = 0, xx = 0, yy = 0;
+#pragma omp simd reduction(+ : xy, xx, yy)
+    for (int64_t k = 0; k < d; ++k) {
+      xy += a[k] * b[k];
+      xx += a[k] * a[k];
+      yy += b[k] * b[k];
+    }
+    total[0] += xy;
+    total[1] += xx;
+    total[2] += yy;
+  }
+  return total;
+}
+
+template <typename T>
+double dot_of(const std::vector<T>& a, const std::vector<T>& b) {
+  double total = 0;
+  for (size_t k = 0; k < a.size(); ++k) total += double(a[k]) * double(b[k]);
+  return total;
+}
+
+// One sample: F_x, F_y into a_b (2, D, D), then A_x, A_y in place; v_b (2, D); 1/ρ. Returns MMD².
+template <typename T>
+double feature_sample(const at::Tensor& x, const at::Tensor& y, at::Tensor scratch,
+                      at::Tensor a_b, T* v_b, T* inv_x, T* inv_y, const MmdOptions& o,
+                      const MmdBlockWeights& w) {
+  const int64_t m = x.size(0), n = y.size(0), d = x.size(1);
+  const double c = o.coef;
+  const FeatureSide<T> sx = feature_side<T>(x, scratch.narrow(0, 0, m), a_b.select(0, 0), c);
+  const FeatureSide<T> sy = feature_side<T>(y, scratch.narrow(0, 0, n), a_b.select(0, 1), c);
+  std::copy(sx.norms.inv.begin(), sx.norms.inv.end(), inv_x);
+  std::copy(sy.norms.inv.begin(), sy.norms.inv.end(), inv_y);
+  T* fx = a_b.data_ptr<T>();
+  T* fy = fx + d * d;
+  const auto [xy, xx, yy] = frobenius_products(fx, fy, d);
+  double ss = xx + 2 * c * dot_of(sx.sum, sx.sum) + c * c * double(m) * m, tt = 0;
+  if (o.unbiased) ss -= sx.diagonal;
+  if (o.teacher_term) {
+    tt = yy + 2 * c * dot_of(sy.sum, sy.sum) + c * c * double(n) * n;
+    if (o.unbiased) tt -= sy.diagonal;
+  }
+  const double st = xy + 2 * c * dot_of(sx.sum, sy.sum) + c * c * double(m) * n;
+  // A_x = 4 w_ss F_x − 4 w_st F_y, A_y = 4 w_tt F_y − 4 w_st F_x, in place.
+  const T a_ss = T(4 * w.ss), a_st = T(4 * w.st), a_tt = T(4 * w.tt);
+#pragma omp simd
+  for (int64_t k = 0; k < d * d; ++k) {
+    const T f_x = fx[k], f_y = fy[k];
+    fx[k] = a_ss * f_x - a_st * f_y;
+    fy[k] = a_tt * f_y - a_st * f_x;
+  }
+  const T c4 = T(4 * c);
+  for (int64_t k = 0; k < d; ++k) {
+    v_b[k] = c4 * (T(w.ss) * sx.sum[k] - T(w.st) * sy.sum[k]);
+    v_b[d + k] = c4 * (T(w.tt) * sy.sum[k] - T(w.st) * sx.sum[k]);
+  }
+  return w.ss * ss + w.tt * tt - 2 * w.st * st;
 }
 
 Result feature_gram_forward(const at::Tensor& xs, const at::Tensor& ys, const MmdOptions& o) {
   const int64_t batch = xs.size(0), m = xs.size(1), n = ys.size(1), d = xs.size(2);
   const auto acc = acc_type_of(xs.scalar_type());
   const auto opts = xs.options().dtype(acc);
-  at::Tensor a = at::zeros({batch, 2, d, d}, opts), v = at::zeros({batch, 2, d}, opts);
+  at::Tensor a = at::empty({batch, 2, d, d}, opts), v = at::empty({batch, 2, d}, opts);
   at::Tensor inv_x = at::empty({batch, m}, opts), inv_y = at::empty({batch, n}, opts);
   const MmdBlockWeights w = kdfast::mmd_block_weights(m, n, o.unbiased, o.teacher_term);
-  const double c = o.coef;
   std::vector<double> values(batch);
-  for_each_sample(batch, [&](int64_t b) {
-    const FeatureSide sx = feature_side(sample_rows(xs, b, acc), c, inv_x.select(0, b));
-    const FeatureSide sy = feature_side(sample_rows(ys, b, acc), c, inv_y.select(0, b));
-    auto block = [&](const FeatureSide& p, const FeatureSide& q, double count) {
-      return (p.f * q.f).sum().item<double>() + 2 * c * at::dot(p.sum, q.sum).item<double>() +
-             c * c * count;
-    };
-    double ss = block(sx, sx, double(m) * m), tt = 0;
-    if (o.unbiased) ss -= sx.diagonal;
-    if (o.teacher_term) tt = block(sy, sy, double(n) * n) - (o.unbiased ? sy.diagonal : 0.0);
-    values[b] = w.ss * ss + w.tt * tt - 2 * w.st * block(sx, sy, double(m) * n);
-    if (o.grad_student) {
-      a[b][0].copy_(4 * w.ss * sx.f - 4 * w.st * sy.f);
-      v[b][0].copy_(4 * c * (w.ss * sx.sum - w.st * sy.sum));
-    }
-    if (o.grad_teacher) {
-      a[b][1].copy_(4 * w.tt * sy.f - 4 * w.st * sx.f);
-      v[b][1].copy_(4 * c * (w.tt * sy.sum - w.st * sx.sum));
-    }
+  AT_DISPATCH_FLOATING_TYPES(acc, "channel_mmd_feature_gram", [&] {
+    for_sample_ranges(batch, [&](int64_t first, int64_t last) {
+      at::Tensor scratch = at::empty({std::max(m, n), d}, opts);
+      for (int64_t b = first; b < last; ++b) {
+        values[b] = feature_sample<scalar_t>(
+            sample_rows(xs, b, acc), sample_rows(ys, b, acc), scratch, a.select(0, b),
+            v.data_ptr<scalar_t>() + b * 2 * d, inv_x.data_ptr<scalar_t>() + b * m,
+            inv_y.data_ptr<scalar_t>() + b * n, o, w);
+      }
+    });
   });
   at::Tensor loss = at::tensor(values, xs.options().dtype(at::kDouble)).to(acc);
   return {loss, a, v, inv_x, inv_y};
 }
 
-// dx_i = g/ρ_i (u_i − live_i (x̂_iᵀu_i) x̂_i), u_i = x̂_i A + v − [unbiased] 4 w (q_i + c) x̂_i.
-void feature_rows_grad(at::Tensor out, const at::Tensor& x, const at::Tensor& inv,
-                       const at::Tensor& a, const at::Tensor& v, double g, bool unbiased,
-                       double w, double coef) {
-  const at::Tensor sq = x.square().sum(1);
-  const at::Tensor live = (sq.sqrt() > kdfast::kNormEps).to(x.scalar_type());
-  at::Tensor u = at::mm(x, a) * inv.unsqueeze(1) + v.unsqueeze(0);
-  if (unbiased) {
-    const at::Tensor q = sq * inv * inv;
-    u -= x * (4 * w * (q + coef) * inv).unsqueeze(1);
+// dx_i = g/ρ_i (u_i − live_i (x̂_iᵀu_i) x̂_i), u_i = x̂_i A + v − [unbiased] 4 w (q_i + c) x̂_i,
+// for one sample: X A is one GEMM on the raw rows into prod (rows × D, T, contiguous: out
+// itself when out has dtype T), the normalisation and the rest one pass over the rows.
+template <typename T>
+KDFAST_SIMD_CLONES void feature_grad_rows(T* __restrict u_all, const T* src, int64_t rows,
+                                          int64_t d, int64_t s0, int64_t s1, const T* inv,
+                                          const T* v, double g, bool unbiased, double w,
+                                          double coef) {
+  std::vector<T> gathered(s1 == 1 ? 0 : d);  // one strided (channels_last) row
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* __restrict xi = src + i * s0;
+    if (s1 != 1) {
+      for (int64_t k = 0; k < d; ++k) gathered[k] = xi[k * s1];
+      xi = gathered.data();
+    }
+    T sq = 0;
+#pragma omp simd reduction(+ : sq)
+    for (int64_t k = 0; k < d; ++k) sq += xi[k] * xi[k];
+    const T r = std::sqrt(sq), inv_i = inv[i];
+    const bool live = r > static_cast<T>(kdfast::kNormEps);
+    const T drop = unbiased ? T(4 * w * (double(sq * inv_i * inv_i) + coef)) : T(0);
+    T* __restrict u = u_all + i * d;
+    T proj = 0;  // x_iᵀ u_i
+#pragma omp simd reduction(+ : proj)
+    for (int64_t k = 0; k < d; ++k) {
+      u[k] = inv_i * (u[k] - drop * xi[k]) + v[k];
+      proj += xi[k] * u[k];
+    }
+    const T along = live ? proj * inv_i * inv_i : T(0);
+    const T scale = T(g) * inv_i;
+#pragma omp simd
+    for (int64_t k = 0; k < d; ++k) u[k] = scale * (u[k] - along * xi[k]);
   }
-  const at::Tensor proj = (x * u).sum(1) * inv;  // x̂_iᵀ u_i
-  u -= x * (live * proj * inv).unsqueeze(1);
-  out.copy_(u * (g * inv).unsqueeze(1));
+}
+
+template <typename T>
+void feature_rows_grad(at::Tensor out, const at::Tensor& x, const T* inv, at::Tensor prod,
+                       const at::Tensor& a, const T* v, double g, bool unbiased, double w,
+                       double coef) {
+  at::mm_out(prod, x, a);
+  feature_grad_rows(prod.data_ptr<T>(), x.const_data_ptr<T>(), x.size(0), x.size(1),
+                    x.stride(0), x.stride(1), inv, v, g, unbiased, w, coef);
+  if (!prod.is_same(out)) out.copy_(prod);
+}
+
+// The D × D backward over the batch (per task, for fp16/bf16 outputs, one scratch for U).
+void feature_backward(at::Tensor dx, at::Tensor dy, const at::Tensor& xs, const at::Tensor& ys,
+                      const at::Tensor& a, const at::Tensor& v, const at::Tensor& inv_x,
+                      const at::Tensor& inv_y, const double* g, bool unbiased,
+                      bool teacher_term, const MmdBlockWeights& w, double coef) {
+  const int64_t batch = xs.size(0), m = xs.size(1), n = ys.size(1), d = xs.size(2);
+  const auto acc = acc_type_of(xs.scalar_type());
+  const bool same_type = acc == xs.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES(acc, "channel_mmd_feature_backward", [&] {
+    for_sample_ranges(batch, [&](int64_t first, int64_t last) {
+      at::Tensor prod =
+          same_type ? at::Tensor() : at::empty({std::max(m, n), d}, xs.options().dtype(acc));
+      for (int64_t b = first; b < last; ++b) {
+        const scalar_t* vb = v.const_data_ptr<scalar_t>() + b * 2 * d;
+        if (dx.defined()) {
+          at::Tensor out = dx.select(0, b);
+          feature_rows_grad<scalar_t>(out, sample_rows(xs, b, acc),
+                                      inv_x.const_data_ptr<scalar_t>() + b * m,
+                                      same_type ? out : prod.narrow(0, 0, m),
+                                      a.select(0, b).select(0, 0), vb, g[b], unbiased, w.ss, coef);
+        }
+        if (dy.defined()) {
+          at::Tensor out = dy.select(0, b);
+          feature_rows_grad<scalar_t>(out, sample_rows(ys, b, acc),
+                                      inv_y.const_data_ptr<scalar_t>() + b * n,
+                                      same_type ? out : prod.narrow(0, 0, n),
+                                      a.select(0, b).select(0, 1), vb + d, g[b],
+                                      unbiased && teacher_term, w.tt, coef);
+        }
+      }
+    });
+  });
 }
 
 Result channel_mmd_cpu(const at::Tensor& student, const at::Tensor& teacher,
@@ -572,6 +851,14 @@ void linear_rows_grad(at::Tensor out, const at::Tensor& x, const at::Tensor& inv
   out.copy_(acc);
 }
 
+// The backward's outputs: the gradients in the inputs' shapes, or empty ones where not wanted.
+std::tuple<at::Tensor, at::Tensor> gradients_of(const at::Tensor& dx, const at::Tensor& dy,
+                                                const at::Tensor& student,
+                                                const at::Tensor& teacher) {
+  return {dx.defined() ? dx.view(student.sizes()) : at::empty({0}, student.options()),
+          dy.defined() ? dy.view(teacher.sizes()) : at::empty({0}, teacher.options())};
+}
+
 std::tuple<at::Tensor, at::Tensor> channel_mmd_backward_cpu(
     const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
     const at::Tensor& s0, const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& s3,
@@ -589,19 +876,13 @@ std::tuple<at::Tensor, at::Tensor> channel_mmd_backward_cpu(
   const bool linear = kdfast::mmd_kernel_kind(kernel) == kdfast::kMmdLinear;
   const bool feature = !linear && s0.dim() == 4;  // the D × D poly-2 state
   const MmdBlockWeights w = kdfast::mmd_block_weights(m, n, unbiased, teacher_term);
+  if (feature) {
+    feature_backward(dx, dy, xs, ys, s0, s1, s2.contiguous(), s3.contiguous(), gp, unbiased,
+                     teacher_term, w, coef);
+  }
+  if (feature) return gradients_of(dx, dy, student, teacher);
   for_each_sample(batch, [&](int64_t b) {
     const at::Tensor x = sample_rows(xs, b, acc), y = sample_rows(ys, b, acc);
-    if (feature) {
-      if (grad_student) {
-        feature_rows_grad(dx.select(0, b), x, s2.select(0, b), s0[b][0], s1[b][0], gp[b],
-                          unbiased, w.ss, coef);
-      }
-      if (grad_teacher) {
-        feature_rows_grad(dy.select(0, b), y, s3.select(0, b), s0[b][1], s1[b][1], gp[b],
-                          unbiased && teacher_term, w.tt, coef);
-      }
-      return;
-    }
     if (linear) {
       const at::Tensor sx = s0.select(0, b), sy = s1.select(0, b);
       if (grad_student) {
@@ -622,8 +903,7 @@ std::tuple<at::Tensor, at::Tensor> channel_mmd_backward_cpu(
       two_gemms(dy.select(0, b), s2.select(0, b), y, s1.select(0, b).t(), x, gp[b]);
     }
   });
-  return {dx.defined() ? dx.view(student.sizes()) : at::empty({0}, student.options()),
-          dy.defined() ? dy.view(teacher.sizes()) : at::empty({0}, teacher.options())};
+  return gradients_of(dx, dy, student, teacher);
 }
 
 }  // namespace

@@ -58,6 +58,7 @@ SHAPES = {
     "batch-1": ((1, 6, 4, 4), (1, 6, 4, 4)),
     "odd-c-and-hw": ((3, 9, 5, 3), (3, 13, 5, 3)),
     "hw-below-channels": ((2, 17, 2, 3), (2, 11, 2, 3)),
+    "batch-1-hw-below-channels": ((1, 9, 2, 3), (1, 7, 2, 3)),
     "hw-1": ((2, 4, 1, 1), (2, 3, 1, 1)),
     "one-channel": ((2, 1, 3, 3), (2, 2, 3, 3)),
     "panels": ((2, 70, 3, 3), (2, 130, 3, 3)),
@@ -129,6 +130,24 @@ def test_float32(options, device):
     compare(student, teacher, 1e-5 if device == "cpu" else 5e-4, atol=1e-7, **options)
 
 
+ONE_PASS = [{"kernel": "rbf", "sigma2": (0.7,)}, {"kernel": "poly", "degree": 2, "coef": 0.5},
+            {"kernel": "poly", "degree": 3, "coef": 0.0}]
+
+
+@pytest.mark.parametrize("options", ONE_PASS, ids=["rbf", "poly2", "poly3"])
+@pytest.mark.parametrize("unbiased", [False, True], ids=["biased", "unbiased"])
+@pytest.mark.parametrize("teacher_grad", [False, True], ids=["t-fixed", "t-grad"])
+def test_float32_one_pass_epilogue(options, unbiased, teacher_grad):
+    # fp32 C x C Grams (H·W = 63 > C_s + C_t) take the one-pass epilogues (rbf: one bandwidth);
+    # a fixed teacher their no-gradient variant for G_tt; all-zero channels clamp rbf's
+    # distance (q = 0).
+    student, teacher = randn(3, 31, 7, 9).float(), randn(3, 29, 7, 9).float()
+    student[0, 3] = 0
+    teacher[2, 5] = 0
+    compare(student.requires_grad_(), teacher.requires_grad_(teacher_grad), 1e-5, atol=1e-7,
+            unbiased=unbiased, **options)
+
+
 def low_precision_error(student, teacher, dtype, options):
     """Error of PyTorch itself (the reference) run on inputs rounded to ``dtype``."""
     ref = channel_mmd(student, teacher, **options)
@@ -145,10 +164,11 @@ def low_precision_error(student, teacher, dtype, options):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("options", [KERNELS[0], KERNELS[3], KERNELS[-3], KERNELS[-1]],
                          ids=["linear", "poly2", "rbf", "rbf-mean"])
+@pytest.mark.parametrize("hw", [(6, 5), (3, 4)], ids=["hw-30", "hw-12"])  # 12 < 19: D x D poly-2
 @pytest.mark.parametrize("device", DEVICES)
-def test_low_precision(dtype, options, device):
-    student = randn(2, 11, 6, 5, requires_grad=True).to(device)
-    teacher = randn(2, 8, 6, 5, requires_grad=True).to(device)
+def test_low_precision(dtype, options, hw, device):
+    student = randn(2, 11, *hw, requires_grad=True).to(device)
+    teacher = randn(2, 8, *hw, requires_grad=True).to(device)
     budget = low_precision_error(student, teacher, dtype, options)
     s_low, t_low = (x.detach().to(dtype).requires_grad_() for x in (student, teacher))
     out = native_channel_mmd(s_low, t_low, **options)
@@ -230,6 +250,41 @@ def test_poly2_feature_gram_path(coef, unbiased, teacher_term, layout):
     student[1, 4] = 0  # an all-zero channel
     compare(student.requires_grad_(), teacher.requires_grad_(), 1e-10, kernel="poly", degree=2,
             coef=coef, unbiased=unbiased, teacher_term=teacher_term)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
+def test_poly2_feature_gram_path_non_contiguous(layout):
+    # H·W = 20 < C_s + C_t: rows read through strides (channels_last) or from a copy.
+    if layout == "channels_last":
+        student = randn(3, 13, 5, 4).to(memory_format=torch.channels_last)
+        teacher = randn(3, 11, 5, 4).to(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        student, teacher = randn(3, 13, 4, 5).transpose(2, 3), randn(3, 11, 4, 5).transpose(2, 3)
+    else:
+        student, teacher = randn(3, 26, 5, 4)[:, ::2], randn(3, 11, 5, 6)[..., 1:5]
+    assert not student.is_contiguous() and not teacher.is_contiguous()
+    compare(student.requires_grad_(), teacher.requires_grad_(), 1e-10, kernel="poly", degree=2,
+            coef=0.5, unbiased=True)
+
+
+def test_poly2_feature_gram_path_threads():
+    # With 2 threads the samples run in parallel tasks (each with its own scratch), with 1 one
+    # after another: the same values and gradients, bitwise.
+    student, teacher = randn(4, 21, 3, 3).float(), randn(4, 18, 3, 3).float()
+    previous = torch.get_num_threads()
+    try:
+        runs = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
+            out = native_channel_mmd(s, t, kernel="poly", unbiased=True)
+            runs.append((out, *torch.autograd.grad(out.sum(), (s, t))))
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+    compare(student.double().requires_grad_(), teacher.double().requires_grad_(), 1e-10,
+            kernel="poly", unbiased=True)
 
 
 def test_poly2_feature_gram_path_compiles():
