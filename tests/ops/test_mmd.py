@@ -80,16 +80,24 @@ def test_awkward_shapes(shapes, options):
     compare(student.requires_grad_(), teacher.requires_grad_(), 1e-10, atol=atol, **options)
 
 
-@pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
+LAYOUTS = ["channels_last", "transposed", "sliced"]
+
+
+def non_contiguous_pair(layout: str, batch: int, s_channels: int, t_channels: int):
+    """(student, teacher) of shape (batch, C, 5, 4), neither contiguous, in ``layout``."""
+    if layout == "channels_last":
+        return (randn(batch, s_channels, 5, 4).to(memory_format=torch.channels_last),
+                randn(batch, t_channels, 5, 4).to(memory_format=torch.channels_last))
+    if layout == "transposed":
+        return (randn(batch, s_channels, 4, 5).transpose(2, 3),
+                randn(batch, t_channels, 4, 5).transpose(2, 3))
+    return randn(batch, 2 * s_channels, 5, 4)[:, ::2], randn(batch, t_channels, 5, 6)[..., 1:5]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("options", [KERNELS[0], KERNELS[-3]], ids=["linear", "rbf"])
 def test_non_contiguous_inputs(layout, options):
-    if layout == "channels_last":
-        student = randn(2, 6, 5, 4).to(memory_format=torch.channels_last)
-        teacher = randn(2, 9, 5, 4).to(memory_format=torch.channels_last)
-    elif layout == "transposed":
-        student, teacher = randn(2, 6, 4, 5).transpose(2, 3), randn(2, 9, 4, 5).transpose(2, 3)
-    else:
-        student, teacher = randn(2, 12, 5, 4)[:, ::2], randn(2, 9, 5, 6)[..., 1:5]
+    student, teacher = non_contiguous_pair(layout, 2, 6, 9)
     assert not student.is_contiguous() and not teacher.is_contiguous()
     compare(student.requires_grad_(), teacher.requires_grad_(), 1e-10, **options)
 
@@ -252,16 +260,10 @@ def test_poly2_feature_gram_path(coef, unbiased, teacher_term, layout):
             coef=coef, unbiased=unbiased, teacher_term=teacher_term)
 
 
-@pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_poly2_feature_gram_path_non_contiguous(layout):
     # H·W = 20 < C_s + C_t: rows read through strides (channels_last) or from a copy.
-    if layout == "channels_last":
-        student = randn(3, 13, 5, 4).to(memory_format=torch.channels_last)
-        teacher = randn(3, 11, 5, 4).to(memory_format=torch.channels_last)
-    elif layout == "transposed":
-        student, teacher = randn(3, 13, 4, 5).transpose(2, 3), randn(3, 11, 4, 5).transpose(2, 3)
-    else:
-        student, teacher = randn(3, 26, 5, 4)[:, ::2], randn(3, 11, 5, 6)[..., 1:5]
+    student, teacher = non_contiguous_pair(layout, 3, 13, 11)
     assert not student.is_contiguous() and not teacher.is_contiguous()
     compare(student.requires_grad_(), teacher.requires_grad_(), 1e-10, kernel="poly", degree=2,
             coef=0.5, unbiased=True)
