@@ -63,17 +63,18 @@ def native_channel_mmd(student: torch.Tensor, teacher: torch.Tensor, *, kernel: 
                                   teacher_term)
 
 
-def native_channel_mmd_checked(student, teacher, *, sigma2=(1.0,), **options):
+def native_channel_mmd_checked(student, teacher, *, kernel: str = "poly", degree: int = 2,
+                               sigma2=(1.0,), teacher_term: bool = True, **options):
     """The registered native fn: more bandwidths than the kernels take go to the reference,
     and so does CUDA poly-2 on maps smaller than the channel count (its D × D Grams, as the
     Triton backend does; the CPU kernels have a D × D path of their own)."""
+    options.update(kernel=kernel, degree=degree, sigma2=sigma2, teacher_term=teacher_term)
     too_many = not isinstance(sigma2, (str, int, float)) and len(sigma2) > MAX_BANDWIDTHS
     feature_grams = student.device.type == "cuda" and uses_feature_grams(
-        student, teacher, options.get("kernel", "poly"), options.get("degree", 2),
-        options.get("teacher_term", True))
+        student, teacher, kernel, degree, teacher_term)
     if too_many or feature_grams:
-        return channel_mmd(student, teacher, sigma2=sigma2, **options)
-    return native_channel_mmd(student, teacher, sigma2=sigma2, **options)
+        return channel_mmd(student, teacher, **options)
+    return native_channel_mmd(student, teacher, **options)
 
 
 def _fake_channel_mmd(student, teacher, kernel, degree, coef, sigma2, sigma_mean, unbiased,

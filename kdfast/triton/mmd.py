@@ -190,7 +190,7 @@ def _recompute_block(acc, c, xa, inv_a, rho_a, ra, o_ptr, sq_o_ptr, RO, d, d_ok,
         g = raw * inv_a[:, None] * inv_o[None, :]
         slope = _kernel_slope(g, rho_a, sq_o * inv_o * inv_o, sigma_ptr, coef, KERNEL, DEGREE,
                               NUM_SIGMA)
-        valid = (ra[:, None] >= 0) & j_ok[None, :]
+        valid = j_ok[None, :]
         if EXCLUDE_DIAG:
             valid = valid & (ra[:, None] != rj[None, :])
         w = tl.where(valid, slope * factor, 0.0)
@@ -514,9 +514,7 @@ def channel_mmd_forward(x, y, kernel: str, degree: int, coef: float, sigma2, unb
     backward needs — dX needs ss and st, dY st and tt (B·C² each) — unless it recomputes them
     (small maps); the others are (B, 0, 0): an output whose rank changed with the options
     would trip Inductor's fallback for custom operators."""
-    save = set() if ops.recomputes_grams(x) else {
-        name for name, needed in [("ss", need_x), ("st", need_x or need_y),
-                                  ("tt", need_y and teacher_term)] if needed}
+    save = ops.kept_gram_blocks(x, need_x, need_y, teacher_term)
     loss, grams, (sq_x, sq_y), sigmas = mmd_forward(x, y, kernel, degree, coef, sigma2,
                                                     unbiased, teacher_term, save)
     return (loss, sq_x, sq_y, sigmas,

@@ -226,6 +226,15 @@ def recomputes_grams(features: Tensor) -> bool:
     return features.shape[2] * features.shape[3] <= MMD_RECOMPUTE_MAX_HW
 
 
+def kept_gram_blocks(x: Tensor, need_x: bool, need_y: bool, teacher_term: bool) -> set[str]:
+    """The normalised Gram blocks the MMD forward keeps for the backward: dX needs ss and st,
+    dY st and tt (B·C² each); none where the backward recomputes them."""
+    if recomputes_grams(x):
+        return set()
+    return {name for name, needed in [("ss", need_x), ("st", need_x or need_y),
+                                      ("tt", need_y and teacher_term)] if needed}
+
+
 @torch.library.custom_op(f"{_NS}::channel_mmd", mutates_args=())
 def _channel_mmd(x: Tensor, y: Tensor, kernel: str, degree: int, coef: float,
                  bandwidths: list[float], sigma_mean: bool, unbiased: bool, teacher_term: bool,
@@ -241,13 +250,12 @@ def _(x, y, kernel, degree, coef, bandwidths, sigma_mean, unbiased, teacher_term
       need_y):
     batch, m, n = x.shape[0], x.shape[1], y.shape[1]
     num_sigma = len(bandwidths) if kernel == "rbf" and not sigma_mean else 1
+    kept = kept_gram_blocks(x, need_x, need_y, teacher_term)
 
-    def block(saved: bool, rows: int, cols: int) -> Tensor:
-        kept = saved and not recomputes_grams(x)
-        return _new(x, batch, rows, cols) if kept else _new(x, batch, 0, 0)
+    def block(name: str, rows: int, cols: int) -> Tensor:
+        return _new(x, batch, rows, cols) if name in kept else _new(x, batch, 0, 0)
     return (_new(x, batch), _new(x, batch, m), _new(x, batch, n), _new(x, batch, num_sigma),
-            block(need_x, m, m), block(need_x or need_y, m, n),
-            block(need_y and teacher_term, n, n))
+            block("ss", m, m), block("st", m, n), block("tt", n, n))
 
 
 @torch.library.custom_op(f"{_NS}::channel_mmd_backward", mutates_args=())
