@@ -22,8 +22,10 @@ TORCH_LIBRARY(kdfast, m) {
   m.def("fsp_forward(Tensor prod_s, Tensor prod_t, float scale_s, float scale_t) -> "
         "(Tensor, Tensor)");
   // Channel MMD (NST), per sample MMD² (B,) in the accumulation dtype, and the state the
-  // backward needs: (M_ss, M_st, M_tt, -) for poly/rbf (0-element where no gradient is
-  // wanted), or (Σ x̂, Σ ŷ, 1/ρ_x, 1/ρ_y) for linear. sigma2 is ignored when sigma_mean.
+  // backward needs: (M_ss, M_st, M_tt, s) for poly/rbf (M 0-element where no gradient is
+  // wanted; s (B,) the scale of the rows the M belong to, 1 unless a sample whose squared
+  // channel norms overflow was redone on rows scaled by s), or (Σ x̂, Σ ŷ, 1/ρ_x, 1/ρ_y) for
+  // linear. sigma2 is ignored when sigma_mean.
   m.def("channel_mmd(Tensor student, Tensor teacher, str kernel, int degree, float coef, "
         "float[] sigma2, bool sigma_mean, bool unbiased, bool teacher_term, bool grad_student, "
         "bool grad_teacher) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");

@@ -2,7 +2,7 @@
 //
 // Math (Zagoruyko & Komodakis, attention transfer): for features A of shape (B, C, HW),
 //   Q[b, i]   = (1/C) * sum_c |A[b, c, i]|^p
-//   q_hat[b]  = Q[b] / max(||Q[b]||_2, eps)
+//   q_hat[b]  = Q[b] / max(||Q[b]||_2, eps)   (||Q|| finite for every finite Q)
 // Backward (DESIGN.md §3), with n = max(||Q[b]||, eps):
 //   dQ[b]     = (dq_hat - <dq_hat, q_hat> q_hat) / n   (dq_hat / eps where ||Q|| <= eps)
 //   dA[b,c,i] = (p/C) |A|^(p-1) sign(A) dQ[b, i]
@@ -94,9 +94,9 @@ void normalise_rows(acc_t* q, acc_t* norm, int64_t batch, int64_t hw) {
   at::parallel_for(0, batch, grain_for(hw), [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
       acc_t* row = q + b * hw;
-      const acc_t n = std::sqrt(reduce_contiguous<acc_t, acc_t>(row, hw, [](acc_t v) {
-        return v * v;
-      }));
+      // ||Q|| stays finite where sum Q^2 overflows (norm_from_sum_sq); a NaN stays NaN.
+      const acc_t n = kdfast::norm_from_sum_sq(
+          reduce_contiguous<acc_t, acc_t>(row, hw, [](acc_t v) { return v * v; }), row, hw, 1);
       norm[b] = n;
       const acc_t inv = acc_t(1) / std::max(n, static_cast<acc_t>(kdfast::kNormEps));
       for (int64_t i = 0; i < hw; ++i) row[i] *= inv;

@@ -42,7 +42,7 @@ acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
 // Row-normalises a (n x n) into g, norms into norm.
 template <typename acc_t>
 void normalise_row(const acc_t* a, int64_t n, acc_t* g, acc_t* norm) {
-  const acc_t r = std::sqrt(dot(a, a, n));
+  const acc_t r = kdfast::norm_from_sum_sq(dot(a, a, n), a, n, 1);  // finite for finite a
   *norm = r;
   const acc_t inv = acc_t(1) / std::max(r, static_cast<acc_t>(kdfast::kNormEps));
   for (int64_t j = 0; j < n; ++j) g[j] = a[j] * inv;

@@ -20,6 +20,15 @@
 //   dx_i = g/ρ_i (v − [r_i > eps] (x̂_iᵀ v) x̂_i) − [unbiased] 2 w_ss g (1 − [r_i > eps] q_i) x_i/ρ_i²,
 //   v = 2 w_ss s_x − 2 w_st s_y (and symmetrically for the teacher).
 //
+// Overflow: float32 channels with |x| ≳ 1e19/√D have squared norms (the Grams' diagonals)
+// past the largest float while their normalised rows, and MMD², are ordinary. A sample whose
+// squared row norms exceed max/4 (inf included) is redone on its rows scaled by the power of
+// two s = 2^(31 − ilogb(max |x|)) with the floor eps·s (x̂ is unchanged: an exact scaling);
+// its state then belongs to the scaled rows and the backward applies the chain rule,
+// dX = s·g·(M_ss (sX) + M_st (sY)), from the per-sample scale kept as the fifth output. The
+// linear and D × D paths normalise rows themselves and use kdfast::norm_from_sum_sq. NaN and
+// ±inf values are never rescued: they give NaN.
+//
 // Parallel over the batch (at::parallel_for, one sample per task: the GEMMs inside run
 // single-threaded); with fewer samples than threads the samples run one after another and the
 // GEMMs use the threads instead. Every sum has a fixed order: the results are deterministic.
@@ -33,8 +42,10 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -109,17 +120,28 @@ struct RowNorms {
   std::vector<char> live;  // r > eps: the normalisation's norm term has a gradient
 };
 
+// From the row norms r (at roots[i * stride]) and the normalisation floor eps (kNormEps, or
+// kNormEps·s for rows scaled by s): ρ = max(r, eps). q = (r/ρ)², never r²/ρ², which overflows
+// for finite r ≳ 1e19 (float). A NaN norm stays NaN (std::max(NaN, eps) is NaN).
 template <typename T>
-RowNorms<T> norms_from_squares(const T* squares, int64_t count, int64_t stride) {
+RowNorms<T> norms_from_roots(const T* roots, int64_t count, int64_t stride, T eps) {
   RowNorms<T> norms{std::vector<T>(count), std::vector<T>(count), std::vector<char>(count)};
   for (int64_t i = 0; i < count; ++i) {
-    const T r = std::sqrt(std::max(squares[i * stride], T(0)));
-    const T rho = std::max(r, static_cast<T>(kdfast::kNormEps));
+    const T r = roots[i * stride];
+    const T rho = std::max(r, eps);
+    const T unit = r / rho;
     norms.inv[i] = T(1) / rho;
-    norms.sq[i] = (r * r) / (rho * rho);
-    norms.live[i] = r > static_cast<T>(kdfast::kNormEps);
+    norms.sq[i] = unit * unit;
+    norms.live[i] = r > eps;
   }
   return norms;
+}
+
+template <typename T>
+RowNorms<T> norms_from_squares(const T* squares, int64_t count, int64_t stride, T eps) {
+  std::vector<T> roots(count);
+  for (int64_t i = 0; i < count; ++i) roots[i] = std::sqrt(std::max(squares[i * stride], T(0)));
+  return norms_from_roots(roots.data(), count, 1, eps);
 }
 
 template <typename T>
@@ -153,11 +175,22 @@ double cross_sum(const T* gram, int64_t m, int64_t n, const RowNorms<T>& nx,
   return total;
 }
 
+// max(x, −87) for x <= 0, exact for every x, NaN kept, in a form GCC vectorises. A float
+// compare-select is not if-converted without -ffinite-math-only (8× slower rbf rows), and the
+// branch-free x + ½(b + |b|), b = −87 − x, cancels for |x| ≫ 87 (x = −1e10: b rounds to 1e10
+// and x became 0, or ±512: exp gave 1 up to inf, e.g. rbf with σ² = 1e−10). Negative floats
+// order by their bit patterns as unsigned integers, and an integer min vectorises; + (x − x)
+// (0 for finite x) brings back a NaN the integer min would map to −87.
+inline float floor_at_minus_87(float x) {
+  const uint32_t bits = __builtin_bit_cast(uint32_t, x);
+  const uint32_t floor = __builtin_bit_cast(uint32_t, -87.0f);
+  return __builtin_bit_cast(float, bits < floor ? bits : floor) + (x - x);
+}
+
 // exp(x) for x <= 0 in float, in a form GCC vectorises: Cephes expf (Cody-Waite reduction,
-// degree-6 polynomial, about 1 ulp); flushes to 0 below −87.
+// degree-6 polynomial, about 1 ulp); flushes to 0 below −87. A NaN x stays NaN.
 inline float exp_nonpositive(float x) {
-  const float below = -87.0f - x;  // max(x, −87) without a branch
-  x += 0.5f * (below + std::fabs(below));
+  x = floor_at_minus_87(x);
   const float t = x * 1.44269504088896341f;
   const int n = static_cast<int>(t - 0.5f);  // round to nearest for t <= 0
   const float fn = static_cast<float>(n);
@@ -219,7 +252,7 @@ float rbf_row_one_pass(float* __restrict row, int64_t count, float inv_i, float 
     const float dist = q_i + q_col[j] - 2.0f * g;
     const float e = exp_nonpositive(-0.5f * (dist + std::fabs(dist)) * h);
     total += e;
-    const float w = dist >= 0.0f ? weight2 * 2.0f * h * e : 0.0f;
+    const float w = dist < 0.0f ? 0.0f : weight2 * 2.0f * h * e;  // NaN: NaN
     row[j] = w * scale;
     const float wg = w * g;
     c_i += wg;
@@ -302,7 +335,7 @@ void kernel_row(const MmdKernelParams<T>& p, const T* __restrict g, T q_i,
     rbf_accumulate(dist, count, p.half_inv_sigma2[s], value, dg);
   }
 #pragma omp simd
-  for (int64_t j = 0; j < count; ++j) slope[j] = dist[j] >= T(0) ? dg[j] : T(0);
+  for (int64_t j = 0; j < count; ++j) slope[j] = dist[j] < T(0) ? T(0) : dg[j];
 }
 
 // One Gram row: Σ φ over count entries; with want_grad writes W·scale over the raw entries,
@@ -415,11 +448,34 @@ MmdKernelParams<T> kernel_params(const MmdOptions& o) {
   return p;
 }
 
-// One sample of the Gram path: Grams, epilogue, M matrices in place. Returns MMD².
+// Whether a squared row norm (at squares[i * stride]) is too large for the raw Grams: beyond
+// max/4, an entry |G_ij| <= r_i r_j may round past the largest float (or already did: inf).
+template <typename T>
+bool squares_overflow(const T* squares, int64_t count, int64_t stride) {
+  const T limit = std::numeric_limits<T>::max() / 4;
+  for (int64_t i = 0; i < count; ++i) {
+    if (squares[i * stride] > limit) return true;
+  }
+  return false;
+}
+
+// The power of two s that brings the largest |value| of x and y into [2^31, 2^32), or 0 when
+// some value is NaN or ±inf (nothing to rescue). Normalised rows do not change when their raw
+// rows are scaled by s (nor does ρ = max(r, eps) with eps scaled too), and s x is exact.
+double rescue_scale(const at::Tensor& x, const at::Tensor& y) {
+  const double peak = std::max(x.abs().max().item<double>(), y.abs().max().item<double>());
+  if (!std::isfinite(peak)) return 0.0;
+  return std::ldexp(1.0, 31 - std::ilogb(peak));
+}
+
+// One sample of the Gram path: Grams, epilogue, M matrices in place. Returns MMD², or NaN with
+// *overflow set (and no epilogue run) when check_overflow and a squared row norm is too large
+// for the raw Grams: gram_forward then reruns the sample on rows scaled by rescue_scale.
+// eps is the normalisation floor of these rows (kNormEps·s for rows scaled by s).
 template <int Kind, typename T>
 double gram_sample(const at::Tensor& x, const at::Tensor& y, at::Tensor g_ss, at::Tensor g_st,
                    at::Tensor g_tt, const MmdOptions& o, MmdKernelParams<T> p,
-                   const MmdBlockWeights& w) {
+                   const MmdBlockWeights& w, T eps, bool check_overflow, bool* overflow) {
   const int64_t m = x.size(0), n = y.size(0);
   upper_gram(g_ss, x);
   at::mm_out(g_st, x, y.t());
@@ -428,18 +484,23 @@ double gram_sample(const at::Tensor& x, const at::Tensor& y, at::Tensor g_ss, at
   T* ss = g_ss.data_ptr<T>();
   T* st = g_st.data_ptr<T>();
   T* tt = keep_tt ? g_tt.data_ptr<T>() : nullptr;
+  const at::Tensor y_squares = keep_tt ? at::Tensor() : y.square().sum(1);
+  const T* sq_y = keep_tt ? tt : y_squares.const_data_ptr<T>();
+  const int64_t sq_y_stride = keep_tt ? n + 1 : 1;
+  if (check_overflow &&
+      (squares_overflow(ss, m, m + 1) || squares_overflow(sq_y, n, sq_y_stride))) {
+    *overflow = true;
+    return std::numeric_limits<double>::quiet_NaN();
+  }
 
-  const RowNorms<T> nx = norms_from_squares(ss, m, m + 1);
-  RowNorms<T> ny;
+  const RowNorms<T> nx = norms_from_squares(ss, m, m + 1, eps);
+  const RowNorms<T> ny = norms_from_squares(sq_y, n, sq_y_stride, eps);
   double teacher_sum = 0;  // Σ_jj' ŷ_jᵀŷ_j' for the "mean" bandwidth
   if (keep_tt) {
-    ny = norms_from_squares(tt, n, n + 1);
     if (o.sigma_mean) teacher_sum = symmetric_sum(tt, n, ny);
   } else {
-    const at::Tensor squares = y.square().sum(1);
-    ny = norms_from_squares(squares.data_ptr<T>(), n, 1);
     if (o.sigma_mean) {
-      const at::Tensor inv = at::from_blob(ny.inv.data(), {n}, y.options());
+      const at::Tensor inv = at::from_blob(const_cast<T*>(ny.inv.data()), {n}, y.options());
       teacher_sum = at::mv(y.t(), inv).square().sum().item<double>();
     }
   }
@@ -483,8 +544,12 @@ Result gram_forward(const at::Tensor& xs, const at::Tensor& ys, const MmdOptions
   at::Tensor g_tt = o.grad_teacher ? at::empty({batch, n, n}, opts) : at::Tensor();
   std::vector<double> values(batch);
   const MmdBlockWeights w = kdfast::mmd_block_weights(m, n, o.unbiased, o.teacher_term);
+  // Per sample, the scale s of the rows the state was computed from (1, or the rescue's):
+  // the backward's dX = s·g·(M_ss (s X) + M_st (s Y)).
+  at::Tensor scales = at::ones({batch}, opts);
   AT_DISPATCH_FLOATING_TYPES(acc, "channel_mmd_gram", [&] {
     const MmdKernelParams<scalar_t> p = kernel_params<scalar_t>(o);
+    scalar_t* scale_of = scales.data_ptr<scalar_t>();
     for_sample_ranges(batch, [&](int64_t first, int64_t last) {
       const at::Tensor ss_scratch = g_ss.defined() ? at::Tensor() : at::empty({m, m}, opts);
       const at::Tensor tt_scratch =
@@ -493,27 +558,57 @@ Result gram_forward(const at::Tensor& xs, const at::Tensor& ys, const MmdOptions
         const at::Tensor x = sample_rows(xs, b, acc), y = sample_rows(ys, b, acc);
         const at::Tensor ss = g_ss.defined() ? g_ss.select(0, b) : ss_scratch;
         const at::Tensor tt = g_tt.defined() ? g_tt.select(0, b) : tt_scratch;
-        auto run = [&](auto kind) {
-          return gram_sample<decltype(kind)::value, scalar_t>(x, y, ss, g_st.select(0, b), tt,
-                                                             o, p, w);
+        auto run = [&](auto kind, const at::Tensor& xr, const at::Tensor& yr, double scale,
+                       bool check, bool* overflow) {
+          return gram_sample<decltype(kind)::value, scalar_t>(
+              xr, yr, ss, g_st.select(0, b), tt, o, p, w,
+              static_cast<scalar_t>(kdfast::kNormEps * scale), check, overflow);
+        };
+        auto sample = [&](auto kind) {
+          bool overflow = false;
+          const double value = run(kind, x, y, 1.0, true, &overflow);
+          if (!overflow) return value;
+          const double s = rescue_scale(x, y);
+          if (s == 0.0) return run(kind, x, y, 1.0, false, &overflow);  // NaN/inf inputs
+          scale_of[b] = static_cast<scalar_t>(s);
+          return run(kind, x * s, y * s, s, false, &overflow);
         };
         if (o.kind == kdfast::kMmdPoly) {
-          values[b] = run(std::integral_constant<int, kdfast::kMmdPoly>());
+          values[b] = sample(std::integral_constant<int, kdfast::kMmdPoly>());
         } else {
-          values[b] = run(std::integral_constant<int, kdfast::kMmdRbf>());
+          values[b] = sample(std::integral_constant<int, kdfast::kMmdRbf>());
         }
       }
     });
   });
   at::Tensor loss = at::tensor(values, xs.options().dtype(at::kDouble)).to(acc);
   auto none = [&] { return at::empty({0}, opts); };  // distinct: outputs must not alias
-  return {loss, o.grad_student ? g_ss : none(), g_st, o.grad_teacher ? g_tt : none(), none()};
+  return {loss, o.grad_student ? g_ss : none(), g_st, o.grad_teacher ? g_tt : none(), scales};
+}
+
+// The L2 norms of the rows of one sample's (rows × D) x, finite for finite rows: rows whose
+// Σx² overflowed (inf) are redone by norm_from_sum_sq. *largest: the largest norm (NaN-free).
+at::Tensor row_norms(const at::Tensor& x, double* largest = nullptr) {
+  at::Tensor r = at::linalg_vector_norm(x, 2, {1}).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "row_norms", [&] {
+    scalar_t* out = r.data_ptr<scalar_t>();
+    const scalar_t* rows = x.const_data_ptr<scalar_t>();
+    double top = 0;
+    for (int64_t i = 0; i < x.size(0); ++i) {
+      if (std::isinf(out[i])) {  // an inf norm is an inf sum of squares
+        out[i] = kdfast::norm_from_sum_sq(out[i], rows + i * x.stride(0), x.size(1), x.stride(1));
+      }
+      top = out[i] > top ? double(out[i]) : top;
+    }
+    if (largest != nullptr) *largest = top;
+  });
+  return r;
 }
 
 // Linear kernel, per sample: ρ, q and s = Σ x̂_i. Returns (‖s‖² − [unbiased] Σq) and fills
 // inv_rho (1/ρ) and sum_rows (s).
 double linear_within(const at::Tensor& x, bool unbiased, at::Tensor inv_rho, at::Tensor sum_rows) {
-  const at::Tensor r = at::linalg_vector_norm(x, 2, {1});
+  const at::Tensor r = row_norms(x);
   const at::Tensor rho = r.clamp_min(kdfast::kNormEps);
   inv_rho.copy_(rho.reciprocal());
   at::mv_out(sum_rows, x.t(), inv_rho);
@@ -569,15 +664,15 @@ KDFAST_SIMD_CLONES RowNorms<T> unit_rows_into(const T* src, int64_t rows, int64_
     src = unit;
   }
   const int64_t row_stride = s1 != 1 ? d : s0;
-  std::vector<T> squares(rows);
+  std::vector<T> roots(rows);
   for (int64_t i = 0; i < rows; ++i) {
     const T* __restrict row = src + i * row_stride;
     T sq = 0;
 #pragma omp simd reduction(+ : sq)
     for (int64_t k = 0; k < d; ++k) sq += row[k] * row[k];
-    squares[i] = sq;
+    roots[i] = kdfast::norm_from_sum_sq(sq, row, d, 1);
   }
-  RowNorms<T> norms = norms_from_squares(squares.data(), rows, 1);
+  RowNorms<T> norms = norms_from_roots(roots.data(), rows, 1, static_cast<T>(kdfast::kNormEps));
   for (int64_t i = 0; i < rows; ++i) {
     const T* row = src + i * row_stride;
     T* out = unit + i * d;
@@ -729,9 +824,10 @@ KDFAST_SIMD_CLONES void feature_grad_rows(T* __restrict u_all, const T* src, int
     T sq = 0;
 #pragma omp simd reduction(+ : sq)
     for (int64_t k = 0; k < d; ++k) sq += xi[k] * xi[k];
-    const T r = std::sqrt(sq), inv_i = inv[i];
+    const T r = kdfast::norm_from_sum_sq(sq, xi, d, 1), inv_i = inv[i];
     const bool live = r > static_cast<T>(kdfast::kNormEps);
-    const T drop = unbiased ? T(4 * w * (double(sq * inv_i * inv_i) + coef)) : T(0);
+    const T unit = r * inv_i;  // ‖x̂_i‖ (r² · inv² overflows for finite r ≳ 1e19)
+    const T drop = unbiased ? T(4 * w * (double(unit * unit) + coef)) : T(0);
     T* __restrict u = u_all + i * d;
     T proj = 0;  // x_iᵀ u_i
 #pragma omp simd reduction(+ : proj)
@@ -835,18 +931,22 @@ void two_gemms(at::Tensor out, const at::Tensor& a, const at::Tensor& p, const a
 }
 
 // Linear gradient of one sample's rows: g/ρ_i (v − live_i (x̂_iᵀv) x̂_i) − corr_i x_i with
-// corr_i = [unbiased] 2 w g (1 − live_i q_i)/ρ_i².
+// corr_i = [unbiased] 2 w g (1 − live_i q_i)/ρ_i², i.e. x_i times c_i/ρ_i² with
+// c_i = −g live_i x̂_iᵀv − [unbiased] 2 w g (1 − live_i q_i).
 void linear_rows_grad(at::Tensor out, const at::Tensor& x, const at::Tensor& inv_rho,
                       const at::Tensor& v, double g, bool unbiased, double w) {
-  const at::Tensor sq = at::linalg_vector_norm(x, 2, {1}).square();
-  const at::Tensor live = (sq.sqrt() > kdfast::kNormEps).to(x.scalar_type());
+  double largest = 0;
+  const at::Tensor r = row_norms(x, &largest);
+  const at::Tensor live = (r > kdfast::kNormEps).to(x.scalar_type());
   const at::Tensor proj = at::mv(x, v) * inv_rho;  // x̂_iᵀ v
-  at::Tensor coeff = -g * live * proj * inv_rho * inv_rho;
-  if (unbiased) {
-    const at::Tensor q = sq * inv_rho * inv_rho;
-    coeff = coeff - 2 * w * g * (1 - live * q) * inv_rho * inv_rho;
-  }
-  at::Tensor acc = x * coeff.unsqueeze(1);
+  at::Tensor c = -g * live * proj;
+  if (unbiased) c = c - 2 * w * g * (1 - live * (r * inv_rho).square());
+  // x c/ρ² in one pass, unless 1/ρ² is subnormal (float rows with r > 2^60: rescued overflow
+  // territory), where x/ρ is formed first.
+  const at::Tensor unit_coeff = c * inv_rho;
+  at::Tensor acc = largest > 0x1p60
+                       ? (x * inv_rho.unsqueeze(1)).mul_(unit_coeff.unsqueeze(1))
+                       : x * (unit_coeff * inv_rho).unsqueeze(1);
   acc.addr_(inv_rho, v, 1.0, g);
   out.copy_(acc);
 }
@@ -881,6 +981,8 @@ std::tuple<at::Tensor, at::Tensor> channel_mmd_backward_cpu(
                      teacher_term, w, coef);
   }
   if (feature) return gradients_of(dx, dy, student, teacher);
+  const at::Tensor scales =
+      !linear && s3.numel() == batch ? s3.to(at::kDouble).contiguous() : at::Tensor();
   for_each_sample(batch, [&](int64_t b) {
     const at::Tensor x = sample_rows(xs, b, acc), y = sample_rows(ys, b, acc);
     if (linear) {
@@ -896,11 +998,15 @@ std::tuple<at::Tensor, at::Tensor> channel_mmd_backward_cpu(
       }
       return;
     }
+    // s3: the per-sample scale of the rows the M matrices belong to (1 unless the forward
+    // rescued an overflowing sample): dX = s·g·(M_ss (s X) + M_st (s Y)), likewise dY.
+    const double scale = scales.defined() ? scales.const_data_ptr<double>()[b] : 1.0;
+    const at::Tensor xr = scale == 1.0 ? x : x * scale, yr = scale == 1.0 ? y : y * scale;
     if (grad_student) {
-      two_gemms(dx.select(0, b), s0.select(0, b), x, s1.select(0, b), y, gp[b]);
+      two_gemms(dx.select(0, b), s0.select(0, b), xr, s1.select(0, b), yr, gp[b] * scale);
     }
     if (grad_teacher) {
-      two_gemms(dy.select(0, b), s2.select(0, b), y, s1.select(0, b).t(), x, gp[b]);
+      two_gemms(dy.select(0, b), s2.select(0, b), yr, s1.select(0, b).t(), xr, gp[b] * scale);
     }
   });
   return gradients_of(dx, dy, student, teacher);

@@ -96,10 +96,8 @@ __global__ void sums_channels_inner_kernel(const T* __restrict__ x, FeatureLayou
 template <typename Acc>
 __global__ void normalise_kernel(Acc* __restrict__ q, Acc* __restrict__ norm, int64_t hw) {
   Acc* row = q + static_cast<int64_t>(blockIdx.x) * hw;
-  Acc squares = 0;
-  for (int64_t i = threadIdx.x; i < hw; i += kThreads) squares += row[i] * row[i];
-  const Acc n = sqrt(block_sum(squares));
-  const Acc inv = Acc(1) / (n > Acc(kNormEps) ? n : Acc(kNormEps));
+  const Acc n = block_norm(row, hw);  // finite for finite Q (its sum of squares may overflow)
+  const Acc inv = Acc(1) / (n < Acc(kNormEps) ? Acc(kNormEps) : n);  // NaN stays NaN
   for (int64_t i = threadIdx.x; i < hw; i += kThreads) row[i] *= inv;
   if (threadIdx.x == 0) norm[blockIdx.x] = n;
 }
@@ -120,7 +118,7 @@ __global__ void map_grad_kernel(const Acc* __restrict__ grad_map, const Acc* __r
     }
     along = block_sum(dot);
   }
-  const Acc scale = inv_channels / (n > eps ? n : eps);
+  const Acc scale = inv_channels / (n < eps ? eps : n);
   for (int64_t i = threadIdx.x; i < hw; i += kThreads) {
     grad_q[offset + i] = (grad_map[offset + i] - along * q_hat[offset + i]) * scale;
   }

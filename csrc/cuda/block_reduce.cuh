@@ -23,5 +23,45 @@ __device__ Acc block_sum(Acc v) {
   return total;
 }
 
+// Largest v over the block (v >= 0, no NaN), every thread gets it; called like block_sum.
+template <typename Acc>
+__device__ Acc block_max(Acc v) {
+  __shared__ Acc partial[kBlockThreads];
+  partial[threadIdx.x] = v;
+  __syncthreads();
+  for (int half = kBlockThreads / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) {
+      const Acc other = partial[threadIdx.x + half];
+      if (other > partial[threadIdx.x]) partial[threadIdx.x] = other;
+    }
+    __syncthreads();
+  }
+  const Acc total = partial[0];
+  __syncthreads();
+  return total;
+}
+
+// ||row||_2 over n values by the block, finite for finite values (kdfast::norm_from_sum_sq's
+// rule: where the plain sum of squares overflows, it is redone on row * 2^-e,
+// e = ilogb(max |row|), and the root scaled back). The branch is uniform over the block.
+template <typename Acc>
+__device__ Acc block_norm(const Acc* row, int64_t n) {
+  Acc squares = 0;
+  for (int64_t i = threadIdx.x; i < n; i += kBlockThreads) squares += row[i] * row[i];
+  const Acc sum = block_sum(squares);
+  if (!isinf(sum)) return sqrt(sum);
+  Acc peak = 0;  // no NaN here: a NaN would have made the sum NaN
+  for (int64_t i = threadIdx.x; i < n; i += kBlockThreads) peak = fmax(peak, fabs(row[i]));
+  peak = block_max(peak);
+  if (!isfinite(peak)) return sum;
+  const int e = ilogb(peak);
+  Acc scaled = 0;
+  for (int64_t i = threadIdx.x; i < n; i += kBlockThreads) {
+    const Acc u = ldexp(row[i], -e);
+    scaled += u * u;
+  }
+  return ldexp(sqrt(block_sum(scaled)), e);
+}
+
 }  // namespace cuda
 }  // namespace kdfast

@@ -12,10 +12,8 @@ constexpr int kThreads = kBlockThreads;
 
 template <typename Acc>
 __device__ Acc normalise_row(const Acc* a, int64_t n, Acc* g) {
-  Acc squares = 0;
-  for (int64_t j = threadIdx.x; j < n; j += kThreads) squares += a[j] * a[j];
-  const Acc r = sqrt(block_sum(squares));
-  const Acc inv = Acc(1) / (r > Acc(kNormEps) ? r : Acc(kNormEps));
+  const Acc r = block_norm(a, n);  // finite for finite A (its sum of squares may overflow)
+  const Acc inv = Acc(1) / (r < Acc(kNormEps) ? Acc(kNormEps) : r);  // NaN stays NaN
   for (int64_t j = threadIdx.x; j < n; j += kThreads) g[j] = a[j] * inv;
   return r;
 }
@@ -56,7 +54,7 @@ __global__ void similarity_row_grad_kernel(const Acc* grad, const Acc* g_s, cons
     }
     along = block_sum(dot);
   }
-  const Acc inv = Acc(1) / (r > eps ? r : eps);
+  const Acc inv = Acc(1) / (r < eps ? eps : r);
   for (int64_t j = threadIdx.x; j < n; j += kThreads) {
     da[row + j] = (coef * (g_t[row + j] - g_s[row + j]) - along * g[row + j]) * inv;
   }

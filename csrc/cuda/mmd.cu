@@ -37,12 +37,13 @@ __global__ void row_norms_kernel(const T* squares, int64_t batch, int64_t rows,
   if (idx >= batch * rows) return;
   const int64_t b = idx / rows, i = idx % rows;
   T s = squares[b * batch_stride + i * stride];
-  s = s > T(0) ? s : T(0);
+  s = s < T(0) ? T(0) : s;  // comparisons that keep a NaN norm NaN
   const T r = sqrt(s);
   const T eps = static_cast<T>(kNormEps);
-  const T rho = r > eps ? r : eps;
+  const T rho = r < eps ? eps : r;
+  const T unit = r / rho;
   inv[idx] = T(1) / rho;
-  sq[idx] = (r * r) / (rho * rho);
+  sq[idx] = unit * unit;
   live[idx] = r > eps ? T(1) : T(0);
 }
 

@@ -2,7 +2,7 @@
 // through ATen (cuBLAS, fp16/bf16 Grams accumulated and returned in fp32), allocation, the
 // current stream, and the CUDA registrations of kdfast::channel_mmd(_backward). The same
 // contract as csrc/cpu/mmd.cpp: loss (B,) in the accumulation dtype, then the backward state
-// (M_ss, M_st, M_tt, -) for poly/rbf, (Σ x̂, Σ ŷ, 1/ρ_x, 1/ρ_y) for linear.
+// (M_ss, M_st, M_tt, scale = 1) for poly/rbf, (Σ x̂, Σ ŷ, 1/ρ_x, 1/ρ_y) for linear.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -131,7 +131,10 @@ Result gram_forward(const at::Tensor& xs, const at::Tensor& ys, int kind, int64_
         loss.data_ptr<T>(), stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {loss, m_ss, m_st, m_tt, empty_state(g_ss)};
+  // The row scale of each sample (see kdfast.cpp): always 1 here. The CPU kernels redo a
+  // sample whose squared channel norms overflow on scaled rows; deciding that on the host
+  // needs a device sync, so CUDA keeps the NaN such a sample gives.
+  return {loss, m_ss, m_st, m_tt, at::ones({batch}, opts)};
 }
 
 Result channel_mmd_cuda(const at::Tensor& student, const at::Tensor& teacher,

@@ -68,9 +68,16 @@ def ban_generation_loss(student_logits: torch.Tensor, previous_logits: torch.Ten
 
 
 def _log_mean_softmax(logits: Sequence[torch.Tensor]) -> torch.Tensor:
-    """log of the mean of softmax(z_k) over k, computed in log space (finite for any z)."""
+    """log of the mean of softmax(z_k) over k, computed in log space (finite for any z).
+
+    A class masked (−inf) in every generation gets −inf and a gradient of exactly 0: the
+    logsumexp runs on 0 there (double where), whose backward over all −inf would be NaN.
+    """
     log_probs = torch.stack([F.log_softmax(z, dim=1) for z in logits])
-    return torch.logsumexp(log_probs, dim=0) - torch.log(torch.tensor(float(len(logits))))
+    masked = (log_probs == float("-inf")).all(dim=0)
+    log_sum = torch.logsumexp(torch.where(masked, 0.0, log_probs), dim=0)
+    log_mean = log_sum - torch.log(torch.tensor(float(len(logits))))
+    return torch.where(masked, float("-inf"), log_mean)
 
 
 class BornAgainEnsemble(nn.Module):

@@ -92,7 +92,7 @@ def _fake_channel_mmd(student, teacher, kernel, degree, coef, sigma2, sigma_mean
             and hw < m + (n if teacher_term else 0)):  # the D x D path of csrc/cpu/mmd.cpp
         return new(batch), new(batch, 2, hw, hw), new(batch, 2, hw), new(batch, m), new(batch, n)
     return (new(batch), new(batch, m, m) if grad_student else new(0), new(batch, m, n),
-            new(batch, n, n) if grad_teacher else new(0), new(0))
+            new(batch, n, n) if grad_teacher else new(0), new(batch))  # + per-sample row scale
 
 
 def _fake_channel_mmd_backward(grad, student, teacher, s0, s1, s2, s3, kernel, coef, unbiased,

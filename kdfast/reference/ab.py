@@ -13,7 +13,9 @@ from kdfast.reference._numerics import upcast_low_precision
 def ab_loss(student: torch.Tensor, teacher: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
     """Per-sample activation-boundary loss of two equally shaped (B, ...) tensors, shape (B,).
 
-    The teacher only selects the branch (its sign), so it gets no gradient.
+    The teacher only selects the branch (its sign), so it gets no gradient. A teacher value
+    without a sign to transfer (NaN, ±inf) makes its sample's loss NaN rather than silently
+    choosing a branch: t − t is 0 for every finite t and NaN otherwise.
     """
     student = upcast_low_precision(student)
     teacher_on = teacher > 0
@@ -21,4 +23,5 @@ def ab_loss(student: torch.Tensor, teacher: torch.Tensor, margin: float = 1.0) -
     wrongly_off = (student <= margin) & teacher_on
     loss = ((student + margin).pow(2) * wrongly_on
             + (student - margin).pow(2) * wrongly_off)
-    return loss.flatten(1).sum(dim=1)
+    teacher = teacher.detach()
+    return (loss + (teacher - teacher).to(loss.dtype)).flatten(1).sum(dim=1)

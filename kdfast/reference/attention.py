@@ -4,17 +4,20 @@ a(f) = normalise_HW(mean_C |f|^p): a (B, HW) spatial attention map of unit L2 no
 """
 
 import torch
-import torch.nn.functional as F
 
-from kdfast.reference._numerics import upcast_low_precision
+from kdfast.reference._numerics import normalize, upcast_low_precision
 
 NORM_EPS = 1e-12
 
 
 def attention_map(features: torch.Tensor, p: float = 2.0) -> torch.Tensor:
-    """q_hat = Q / max(||Q||, 1e-12) with Q = mean_C |features|^p, shape (B, H*W)."""
+    """q_hat = Q / max(||Q||, 1e-12) with Q = mean_C |features|^p, shape (B, H*W).
+
+    ||Q|| never overflows while Q is finite (:func:`~kdfast.reference._numerics.normalize`);
+    Q itself is +inf where mean_C |f|^p exceeds the dtype, and q_hat is then NaN.
+    """
     q = upcast_low_precision(features).abs().pow(p).mean(dim=1).flatten(1)
-    return F.normalize(q, dim=1, eps=NORM_EPS)
+    return normalize(q, dim=1, eps=NORM_EPS)
 
 
 def at_loss_from_maps(student_map: torch.Tensor, teacher_map: torch.Tensor,

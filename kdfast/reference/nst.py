@@ -29,17 +29,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from kdfast.reference._numerics import upcast_low_precision
+from kdfast.reference._numerics import normalize, upcast_low_precision
 
 NORM_EPS = 1e-12
 KERNELS = ("linear", "poly", "rbf")
 
 
 def unit_channels(features: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, H*W) with every channel divided by max(its L2 norm, 1e-12)."""
-    return F.normalize(upcast_low_precision(features).flatten(2), dim=2, eps=NORM_EPS)
+    """(B, C, H, W) -> (B, C, H*W) with every channel divided by max(its L2 norm, 1e-12)
+    (:func:`~kdfast.reference._numerics.normalize`: finite for any finite channel)."""
+    return normalize(upcast_low_precision(features).flatten(2), dim=2, eps=NORM_EPS)
 
 
 def check_unbiased_sizes(num_student: int, num_teacher: int, unbiased: bool,
@@ -104,7 +104,8 @@ def kernel_slopes(gram: torch.Tensor, sq_norm_rows: torch.Tensor, sq_norm_cols: 
     """∂k/∂g entry-wise: the derivative of :func:`kernel_values` with torch's subgradients.
 
     linear 1; poly d(g + c)^(d−1); rbf Σ_σ² exp(−‖x̂ − ŷ‖²/(2σ²))/σ² where the distance
-    before the clamp is ≥ 0, else 0 (clamp_min passes the gradient where x ≥ min).
+    before the clamp is ≥ 0, else 0 (clamp_min passes the gradient where x ≥ min); NaN where
+    the distance is NaN.
     ``bandwidths``: a tuple of σ², or a (B,) or (B, S) tensor of per-sample values.
     """
     if kernel == "linear":
@@ -120,7 +121,7 @@ def kernel_slopes(gram: torch.Tensor, sq_norm_rows: torch.Tensor, sq_norm_cols: 
         slope = (torch.exp(-distance.unsqueeze(1) / (2 * sigma2)) / sigma2).sum(dim=1)
     else:
         slope = sum(torch.exp(-distance / (2 * s)) / s for s in bandwidths)
-    return torch.where(sq_dist >= 0, slope, 0.0)
+    return torch.where(sq_dist < 0, 0.0, slope)
 
 
 def block_mean(values: torch.Tensor, exclude_diagonal: bool = False) -> torch.Tensor:

@@ -10,9 +10,10 @@ loss = distance_weight * distance + angle_weight * angle (25 and 50 in RepDistil
 Numerics: the relations are computed in float32 (float64 stays float64) from exact
 differences, not the |a|^2 + |b|^2 - 2ab expansion. Degenerate entries (i = j, or two identical
 rows) have distance 0 and direction 0 and pass no gradient; the peers' sqrt(clamp(., 1e-12))
-and F.normalize give such entries gradients of order 1e6..1e12. The teacher's relations are
-computed without gradient (detached), like the peers. Memory O(B^2 D) (the differences) and
-O(B^3) (the angles), as in the peers' angle term.
+and F.normalize give such entries gradients of order 1e6..1e12. Only an exactly zero distance
+is degenerate: a NaN or infinite one (a non-finite input) is kept, so the loss is NaN. The
+teacher's relations are computed without gradient (detached), like the peers. Memory
+O(B^2 D) (the differences) and O(B^3) (the angles), as in the peers' angle term.
 """
 
 from __future__ import annotations
@@ -33,14 +34,14 @@ def pairwise_relations(embeddings: torch.Tensor, distances: bool = True, angles:
     x = upcast_low_precision(embeddings).flatten(1)
     diff = x.unsqueeze(0) - x.unsqueeze(1)  # diff[j, i] = x_i - x_j
     squared = diff.pow(2).sum(dim=-1)
-    apart = squared > 0  # False on the diagonal and for identical rows
+    apart = squared != 0  # False on the diagonal and for identical rows; True for NaN
     # sqrt only where positive: no infinite derivative at 0 (the double-where pattern).
     norm = torch.where(apart, squared, torch.ones_like(squared)).sqrt()
     normalised_distances = angle_matrix = None
     if distances:
         dist = torch.where(apart, norm, torch.zeros_like(norm))
         mean = dist.sum() / apart.sum().clamp_min(1)
-        normalised_distances = dist / torch.where(mean > 0, mean, torch.ones_like(mean))
+        normalised_distances = dist / torch.where(mean == 0, torch.ones_like(mean), mean)
     if angles:
         directions = torch.where(apart.unsqueeze(-1), diff / norm.unsqueeze(-1),
                                  torch.zeros_like(diff))

@@ -6,17 +6,20 @@ loss = ||G_t - G_s||_F^2 / B^2.
 """
 
 import torch
-import torch.nn.functional as F
 
-from kdfast.reference._numerics import upcast_low_precision
+from kdfast.reference._numerics import normalize, upcast_low_precision
 
 NORM_EPS = 1e-12
 
 
 def similarity_matrix(features: torch.Tensor) -> torch.Tensor:
-    """G = rownormalise(Q Q^T), shape (B, B), for (B, ...) features (float32 for half inputs)."""
+    """G = rownormalise(Q Q^T), shape (B, B), for (B, ...) features (float32 for half inputs).
+
+    The row norms never overflow while Q Q^T is finite
+    (:func:`~kdfast.reference._numerics.normalize`); an overflowing Q Q^T gives NaN.
+    """
     q = upcast_low_precision(features).reshape(features.shape[0], -1)
-    return F.normalize(q @ q.t(), dim=1, eps=NORM_EPS)
+    return normalize(q @ q.t(), dim=1, eps=NORM_EPS)
 
 
 def similarity_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

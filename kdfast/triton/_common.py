@@ -10,6 +10,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl  # noqa: F401  (a jit function needs tl in its globals)
 
 NORM_EPS = 1e-12
 # Under TRITON_INTERPRET=1 (CPU) every kernel uses one fixed configuration: the interpreter
@@ -61,3 +62,10 @@ def feature_view(x: torch.Tensor) -> tuple[int, int, int, int, int]:
     """(batch stride, channel stride, W, stride over h, stride over w) of a (B, C, H, W)
     tensor: element (b, c, hw) lives at b·s_B + c·s_C + (hw // W)·s_H + (hw % W)·s_W."""
     return x.stride(0), x.stride(1), x.shape[3], x.stride(2), x.stride(3)
+
+
+@triton.jit
+def overflowed(norm):
+    """Whether a norm computed as sqrt(Σ v²) is +inf, i.e. Σ v² overflowed (a NaN norm is not:
+    it stays NaN). The kernels then redo the norm on scaled values."""
+    return (norm == norm) & (norm - norm != 0.0)

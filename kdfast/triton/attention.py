@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from kdfast._precision import accumulation_dtype
-from kdfast.triton._common import NORM_EPS, configs, spatial_strides
+from kdfast.triton._common import NORM_EPS, configs, overflowed, spatial_strides
 
 # P_MODE: 0 for p == 2 (a*a), 1 for p == 1 (|a|), 2 for any other p (exp(p log|a|)).
 _P_SQUARE, _P_ABS, _P_GENERAL = 0, 1, 2
@@ -44,8 +44,9 @@ def _abs_pow(a, p, P_MODE: tl.constexpr):
     elif P_MODE == 1:
         out = tl.abs(a)
     else:
+        # mag != 0, not mag > 0: a NaN input must give NaN, not the 0 of a zero activation.
         mag = tl.abs(a)
-        out = tl.where(mag > 0, tl.exp(p * tl.log(tl.where(mag > 0, mag, 1.0))), 0.0)
+        out = tl.where(mag != 0, tl.exp(p * tl.log(tl.where(mag != 0, mag, 1.0))), 0.0)
     return out
 
 
@@ -58,8 +59,8 @@ def _abs_pow_grad(a, p, P_MODE: tl.constexpr):
         out = tl.where(a > 0, 1.0, tl.where(a < 0, -1.0, 0.0))
     else:
         mag = tl.abs(a)
-        safe = tl.where(mag > 0, mag, 1.0)
-        out = tl.where(mag > 0, p * tl.exp((p - 1.0) * tl.log(safe)) * (a / safe), 0.0)
+        safe = tl.where(mag != 0, mag, 1.0)
+        out = tl.where(mag != 0, p * tl.exp((p - 1.0) * tl.log(safe)) * (a / safe), 0.0)
     return out
 
 
@@ -88,6 +89,23 @@ def _at_forward_kernel(x_ptr, q_ptr, part_ptr, p_ptr, C, HW, W, sB, sC, sH, sW,
 
 
 @triton.jit
+def _rescaled_norm(row_ptr, n, BLOCK: tl.constexpr):
+    """‖v‖ of the n values at row_ptr as peak · ‖v / peak‖, peak = max |v|: finite for finite
+    v where Σ v² overflows (float32 |v| ≳ 1e19/√n). Only taken on that overflow."""
+    peaks = tl.zeros([BLOCK], dtype=row_ptr.dtype.element_ty)
+    for k0 in range(0, n, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        peaks = tl.maximum(peaks, tl.abs(tl.load(row_ptr + k, mask=k < n, other=0.0)))
+    peak = tl.max(peaks, axis=0)
+    total = tl.zeros([BLOCK], dtype=row_ptr.dtype.element_ty)
+    for k0 in range(0, n, BLOCK):
+        k = k0 + tl.arange(0, BLOCK)
+        u = tl.load(row_ptr + k, mask=k < n, other=0.0) / peak
+        total += u * u
+    return peak * tl.sqrt(tl.sum(total, axis=0))
+
+
+@triton.jit
 def _at_normalise_kernel(q_ptr, part_ptr, norm_ptr, HW, num_blocks, eps,
                          BLOCK_HW: tl.constexpr, BLOCKS_POW2: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -95,6 +113,8 @@ def _at_normalise_kernel(q_ptr, part_ptr, norm_ptr, HW, num_blocks, eps,
     slots = tl.arange(0, BLOCKS_POW2)
     parts = tl.load(part_ptr + b * num_blocks + slots, mask=slots < num_blocks, other=0.0)
     norm = tl.sqrt(tl.sum(parts, axis=0))
+    if overflowed(norm):  # Σ Q² overflowed: every program of the sample redoes ‖Q‖ scaled
+        norm = _rescaled_norm(q_ptr + b * HW, HW, BLOCK_HW)
     hw = blk * BLOCK_HW + tl.arange(0, BLOCK_HW)
     hw_ok = hw < HW
     q = tl.load(q_ptr + b * HW + hw, mask=hw_ok, other=0.0)

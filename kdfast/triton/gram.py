@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from kdfast._precision import accumulation_dtype
-from kdfast.triton._common import NORM_EPS, configs, dot_precision, feature_view
+from kdfast.reference._numerics import vector_norm
+from kdfast.triton._common import NORM_EPS, configs, dot_precision, feature_view, overflowed
 
 _GRAM_TUNED = [{"BLOCK_M": m, "BLOCK_K": k, "num_warps": w, "num_stages": s}
                for m, k, w, s in [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3),
@@ -187,6 +188,30 @@ def _summed_gram_rows(part_ptr, i, j, ok, B, SPLITS: tl.constexpr, BLOCK: tl.con
 
 
 @triton.jit
+def _rescaled_row_norms(part_ptr, i, B, n_s, n_t, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    """Row i's norms of A_s and A_t as peak · ‖a / peak‖ where the plain one overflowed."""
+    peak_s = tl.zeros([BLOCK], dtype=n_s.dtype)
+    peak_t = tl.zeros([BLOCK], dtype=n_s.dtype)
+    for j0 in range(0, B, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        a_s, a_t = _summed_gram_rows(part_ptr, i, j, j < B, B, SPLITS, BLOCK)
+        peak_s = tl.maximum(peak_s, tl.abs(a_s))
+        peak_t = tl.maximum(peak_t, tl.abs(a_t))
+    top_s = tl.max(peak_s, axis=0)
+    top_t = tl.max(peak_t, axis=0)
+    sq_s = tl.zeros([BLOCK], dtype=n_s.dtype)
+    sq_t = tl.zeros([BLOCK], dtype=n_s.dtype)
+    for j0 in range(0, B, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        a_s, a_t = _summed_gram_rows(part_ptr, i, j, j < B, B, SPLITS, BLOCK)
+        sq_s += (a_s / top_s) * (a_s / top_s)
+        sq_t += (a_t / top_t) * (a_t / top_t)
+    n_s = tl.where(overflowed(n_s), top_s * tl.sqrt(tl.sum(sq_s, axis=0)), n_s)
+    n_t = tl.where(overflowed(n_t), top_t * tl.sqrt(tl.sum(sq_t, axis=0)), n_t)
+    return n_s, n_t
+
+
+@triton.jit
 def _sp_rows_kernel(part_ptr, gram_ptr, loss_ptr, B, eps, SPLITS: tl.constexpr,
                     BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64)
@@ -200,8 +225,12 @@ def _sp_rows_kernel(part_ptr, gram_ptr, loss_ptr, B, eps, SPLITS: tl.constexpr,
         tl.store(gram_ptr + B * B + i * B + j, a_t, mask=ok)
         sq_s += a_s * a_s
         sq_t += a_t * a_t
-    n_s = tl.maximum(tl.sqrt(tl.sum(sq_s, axis=0)), eps)
-    n_t = tl.maximum(tl.sqrt(tl.sum(sq_t, axis=0)), eps)
+    n_s = tl.sqrt(tl.sum(sq_s, axis=0))
+    n_t = tl.sqrt(tl.sum(sq_t, axis=0))
+    if overflowed(n_s) | overflowed(n_t):  # Σ a² overflowed for finite a: peak · ‖a/peak‖
+        n_s, n_t = _rescaled_row_norms(part_ptr, i, B, n_s, n_t, SPLITS, BLOCK)
+    n_s = tl.maximum(n_s, eps)
+    n_t = tl.maximum(n_t, eps)
     total = tl.zeros([BLOCK], dtype=loss_ptr.dtype.element_ty)
     for j0 in range(0, B, BLOCK):  # re-sums the slots (read-only) instead of re-reading stores
         j = j0 + tl.arange(0, BLOCK)
@@ -236,7 +265,7 @@ def similarity_gram_grads(grams: torch.Tensor, grad_loss: torch.Tensor) -> torch
     −dL/dG_s = 2 g_i (G_t − G_s)/B, and F.normalize's backward dA = dG/n − [‖a‖ ≥ eps]
     G (G·dG)/n per row (torch's subgradient: clamp passes the gradient where ‖a‖ ≥ eps).
     """
-    norms = grams.norm(dim=2, keepdim=True)
+    norms = vector_norm(grams, dim=2, keepdim=True)  # finite where Σ a² overflows
     clamped = norms.clamp_min(NORM_EPS)
     unit = grams / clamped
     diff = unit[1] - unit[0]

@@ -124,7 +124,10 @@ def _mmd_block_kernel(a_ptr, b_ptr, part_ptr, gram_ptr, sq_a_ptr, sq_b_ptr, sigm
     else:
         rho_a = sq_a / (n_a * n_a)
         rho_b = sq_b / (n_b * n_b)
-        dist = tl.maximum(rho_a[:, None] + rho_b[None, :] - 2.0 * g, 0.0)
+        # PropagateNan.ALL: a NaN distance (non-finite input) must stay NaN; the default
+        # maximum is fmax on a GPU, which returns 0 and gives a finite φ = 1.
+        dist = tl.maximum(rho_a[:, None] + rho_b[None, :] - 2.0 * g, 0.0,
+                          propagate_nan=tl.PropagateNan.ALL)
         phi = tl.zeros([BLOCK_M, BLOCK_M], dtype=acc.dtype)
         for s in tl.static_range(NUM_SIGMA):
             sigma2 = tl.load(sigma_ptr + b * NUM_SIGMA + s)
@@ -152,7 +155,7 @@ def _mmd_block_kernel(a_ptr, b_ptr, part_ptr, gram_ptr, sq_a_ptr, sq_b_ptr, sigm
 def _kernel_slope(g, rho_a, rho_b, sigma_ptr, coef, KERNEL: tl.constexpr, DEGREE: tl.constexpr,
                   NUM_SIGMA: tl.constexpr):
     """φ'(g) of one tile (kernel_slopes in kdfast/reference/nst.py): 1; d(g + c)^(d−1);
-    Σ_σ² exp(−dist/(2σ²))/σ² where dist = ρ_a² + ρ_b² − 2g ≥ 0, else 0."""
+    Σ_σ² exp(−dist/(2σ²))/σ² where dist = ρ_a² + ρ_b² − 2g is not < 0, else 0."""
     if KERNEL == 0:
         slope = tl.full(g.shape, 1.0, dtype=g.dtype)
     elif KERNEL == 1:
@@ -161,13 +164,13 @@ def _kernel_slope(g, rho_a, rho_b, sigma_ptr, coef, KERNEL: tl.constexpr, DEGREE
             slope = slope * (g + coef)
     else:
         dist = rho_a[:, None] + rho_b[None, :] - 2.0 * g
-        active = dist >= 0.0
-        dist = tl.maximum(dist, 0.0)
+        clamped = dist < 0.0  # False for NaN: a NaN distance keeps a NaN slope
+        dist = tl.maximum(dist, 0.0, propagate_nan=tl.PropagateNan.ALL)
         slope = tl.zeros(g.shape, dtype=g.dtype)
         for s in tl.static_range(NUM_SIGMA):
             sigma2 = tl.load(sigma_ptr + s)
             slope += tl.exp(-dist / (2.0 * sigma2)) / sigma2
-        slope = tl.where(active, slope, 0.0)
+        slope = tl.where(clamped, 0.0, slope)
     return slope
 
 

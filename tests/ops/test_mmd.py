@@ -305,3 +305,107 @@ def test_registered_cuda_poly2_on_small_maps_takes_the_feature_grams():
     s, t = randn(2, 7, 3, 2).cuda(), randn(2, 4, 3, 2).cuda()  # D = 6 < 11 rows
     registered = kdfast.backends.implementations("channel_mmd")["native"].fn
     assert torch.equal(registered(s, t, kernel="poly"), channel_mmd(s, t, kernel="poly"))
+
+
+# --- numerics: tiny bandwidths, overflowing squared norms, non-finite inputs -----------------
+
+@pytest.mark.parametrize("sigma2", [1e-8, 1e-10, (1e-10, 1e-9)], ids=["1e-8", "1e-10", "multi"])
+def test_float32_rbf_tiny_bandwidth_unbiased_is_zero(sigma2):
+    # Distinct unit rows are ≥ 0.1 apart: every off-diagonal kernel exp(−dist/2σ²) is 0 in
+    # float64. The float32 exponential used to floor its argument at −87 with a branch-free
+    # max that cancels for |x| ≫ 87 (x = −1e10 became 0 or ±512): 1, 5e35 or inf instead.
+    student, teacher = randn(2, 6, 5, 7).float(), randn(2, 5, 5, 7).float()
+    compare(student.requires_grad_(), teacher.requires_grad_(), 1e-5, atol=1e-6,
+            kernel="rbf", sigma2=sigma2, unbiased=True)
+
+
+@pytest.mark.parametrize("sigma2", [1e-8, 1e-10])
+def test_float32_rbf_tiny_bandwidth_biased_stays_in_range(sigma2):
+    # Biased, the diagonal terms exp(−max(2 − 2ĝ_ii, 0)/2σ²) are rounding noise in float32
+    # (2 − 2ĝ_ii is ±1e-7, not 0) for the reference too; every term lies in [0, 1] and the
+    # cross terms are 0, so MMD² must lie in [0, 1/m + 1/n].
+    student, teacher = randn(3, 6, 5, 7).float(), randn(3, 5, 5, 7).float()
+    out = native_channel_mmd(student.requires_grad_(), teacher, kernel="rbf", sigma2=sigma2)
+    (grad,) = torch.autograd.grad(out.sum(), student)
+    assert torch.all(out >= 0) and torch.all(out <= 1 / 6 + 1 / 5 + 1e-6)
+    assert torch.isfinite(grad).all()
+
+
+def test_float32_rbf_mean_bandwidth_on_nearly_identical_rows():
+    # sigma2="mean" shrinks to the floor 1e-12 when every row is nearly the same.
+    base = randn(2, 1, 5, 7)
+    student = (base + 1e-9 * randn(2, 4, 5, 7)).float()
+    teacher = (base + 1e-9 * randn(2, 3, 5, 7)).float()
+    out = native_channel_mmd(student.requires_grad_(), teacher, kernel="rbf", sigma2="mean")
+    (grad,) = torch.autograd.grad(out.sum(), student)
+    assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+    assert torch.all(out.abs() <= 2.0)
+
+
+def compare_scaled(student, teacher, scale, tol, **options):
+    """Native on float32 ``scale ×`` the inputs against the float64 reference on the inputs
+    (NST is scale-invariant: same value, gradients divided by scale)."""
+    ref_inputs = [x.detach().double().requires_grad_() for x in (student, teacher)]
+    ref = channel_mmd(*ref_inputs, **options)
+    big = [(x.detach().double() * scale).float().requires_grad_() for x in (student, teacher)]
+    out = native_channel_mmd(*big, **options)
+    assert_rel_close(out, ref, tol, "value", 1e-7)
+    weights = torch.linspace(0.5, 2.0, ref.numel(), dtype=torch.float64)
+    got = torch.autograd.grad(out, big, weights.float())
+    want = torch.autograd.grad(ref, ref_inputs, weights)
+    for name, g_out, g_ref in zip(("student", "teacher"), got, want, strict=True):
+        assert_rel_close(g_out.double() * scale, g_ref, tol, f"{name} gradient", 1e-7)
+
+
+OVERFLOW_KERNELS = [*KERNELS, {"kernel": "poly", "degree": 2, "teacher_term": False},
+                    {"kernel": "rbf", "sigma2": "mean", "teacher_term": False}]
+OVERFLOW_IDS = [*KERNEL_IDS, "poly2-no-tt", "rbf-mean-no-tt"]
+
+
+@pytest.mark.parametrize("options", OVERFLOW_KERNELS, ids=OVERFLOW_IDS)
+@pytest.mark.parametrize("scale", [2.0**62, 2.0**100], ids=["2^62", "2^100"])
+@pytest.mark.parametrize("unbiased", [False, True], ids=["biased", "unbiased"])
+def test_float32_features_whose_squared_norms_overflow(options, scale, unbiased):
+    # |x| ~ 2^62: Σ x² over a channel overflows float32 (the raw Gram's diagonal is inf) while
+    # the normalised channels, and so MMD², are ordinary: the sample is redone on rows scaled
+    # by a power of two (the old kernels returned NaN).
+    student, teacher = randn(2, 5, 4, 6), randn(2, 4, 4, 6)
+    compare_scaled(student, teacher, scale, 1e-5, unbiased=unbiased, **options)
+
+
+@pytest.mark.parametrize("unbiased", [False, True], ids=["biased", "unbiased"])
+@pytest.mark.parametrize("teacher_term", [True, False], ids=["tt", "no-tt"])
+def test_float32_feature_gram_path_whose_squared_norms_overflow(unbiased, teacher_term):
+    # H·W = 6 < C_s + C_t: the D × D path normalises rows itself (norm_from_sum_sq).
+    compare_scaled(randn(2, 9, 2, 3), randn(2, 7, 2, 3), 2.0**64, 1e-5, kernel="poly",
+                   coef=0.5, unbiased=unbiased, teacher_term=teacher_term)
+
+
+def test_float32_overflow_rescue_is_per_sample_and_keeps_layouts():
+    # Only sample 1 overflows (and only its teacher); channels_last inputs; the other sample
+    # takes the ordinary path.
+    student, teacher = randn(3, 6, 4, 5), randn(3, 7, 4, 5)
+    teacher[1] *= 2.0**70
+    for kernel in ({"kernel": "poly"}, {"kernel": "rbf", "sigma2": "mean"}):
+        ref_inputs = [x.clone().requires_grad_() for x in (student, teacher)]
+        ref = channel_mmd(*ref_inputs, **kernel)
+        inputs = [x.float().to(memory_format=torch.channels_last).requires_grad_()
+                  for x in (student, teacher)]
+        out = native_channel_mmd(*inputs, **kernel)
+        assert_rel_close(out, ref, 1e-5, "value")
+        got = torch.autograd.grad(out.sum(), inputs)
+        want = torch.autograd.grad(ref.sum(), ref_inputs)
+        assert_rel_close(got[0], want[0], 1e-5, "student gradient")
+        assert_rel_close(got[1][1].double() * 2.0**70, want[1][1] * 2.0**70, 1e-5,
+                         "teacher gradient (scaled sample)")
+
+
+@pytest.mark.parametrize("options", [KERNELS[0], KERNELS[3], KERNELS[-1]],
+                         ids=["linear", "poly2", "rbf-mean"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_values_are_not_rescued(options, bad):
+    # The rescue is for finite rows only: an inf (or NaN) among overflowing rows stays NaN.
+    student = (randn(2, 5, 4, 6) * 2.0**64).float()
+    student[0, 2, 1, 1] = bad
+    out = native_channel_mmd(student, randn(2, 4, 4, 6).float(), **options)
+    assert not torch.isfinite(out[0]) and torch.isfinite(out[1])

@@ -80,3 +80,82 @@ def test_dml_gradcheck():
     z = randn(2, 4, seed=14, requires_grad=True)
     peers = [randn(2, 4, seed=15), randn(2, 4, seed=16)]
     assert torch.autograd.gradcheck(lambda x: dml_loss(x, peers, 1.5), (z,))
+
+
+# --- masked logits: -inf at the same classes in student and teacher -------------------------
+
+INF = float("inf")
+MASK = torch.tensor([[False, True, False, False, True, False],
+                     [True, False, False, False, False, False],
+                     [False, False, False, False, False, False]])
+
+
+def masked(logits: torch.Tensor, mask: torch.Tensor = MASK) -> torch.Tensor:
+    return logits.masked_fill(mask, -INF)
+
+
+def hand_kl_over_kept(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, temperature):
+    """T² KL(p_t || p_s) per row with both softmaxes over the unmasked columns only."""
+    values = []
+    for row in range(s.shape[0]):
+        keep = ~mask[row]
+        p_t = F.softmax(t[row, keep] / temperature, 0)
+        log_p_s = F.log_softmax(s[row, keep] / temperature, 0)
+        values.append(temperature**2 * (p_t * (p_t.log() - log_p_s)).sum())
+    return torch.stack(values)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_kd_masked_classes_give_the_kl_of_the_kept_ones(temperature):
+    s, t = randn(3, 6, seed=20), randn(3, 6, seed=21)
+    out = kd_loss(masked(s), masked(t), temperature)
+    torch.testing.assert_close(out, hand_kl_over_kept(s, t, MASK, temperature))
+
+
+def test_kd_masked_classes_get_exactly_zero_gradient():
+    s = masked(randn(3, 6, seed=22)).requires_grad_()
+    t = masked(randn(3, 6, seed=23)).requires_grad_()
+    grad_s, grad_t = torch.autograd.grad(kd_loss(s, t, 2.0).sum(), (s, t))
+    for grad in (grad_s, grad_t):
+        assert torch.isfinite(grad).all()
+        assert torch.all(grad[MASK] == 0)
+    # Elsewhere the KD gradient formula (T/B)(p_s - p_t) per row, here with B = 1 per row.
+    p_s, p_t = F.softmax(s.detach() / 2.0, 1), F.softmax(t.detach() / 2.0, 1)
+    torch.testing.assert_close(grad_s, 2.0 * (p_s - p_t))
+
+
+def test_kd_student_minus_inf_where_the_teacher_has_mass_is_plus_inf():
+    s, t = randn(2, 4, seed=24), randn(2, 4, seed=25)
+    s[0, 2] = -INF
+    out = kd_loss(s, t, 3.0)
+    assert out[0] == INF and torch.isfinite(out[1])
+
+
+def test_kd_teacher_only_masked_classes_contribute_zero():
+    # p_t = 0 there: KL = Σ_kept p_t (log p_t − log p_s), log p_s over all columns.
+    s, t = randn(2, 5, seed=26), randn(2, 5, seed=27)
+    t[:, 1] = -INF
+    log_p_s = F.log_softmax(s, 1)
+    p_t = F.softmax(t, 1)
+    keep = torch.arange(5) != 1
+    expected = (p_t[:, keep] * (p_t[:, keep].log() - log_p_s[:, keep])).sum(1)
+    torch.testing.assert_close(kd_loss(s, t, 1.0), expected)
+
+
+def test_kd_nan_and_plus_inf_logits_give_nan():
+    for bad in (float("nan"), INF):
+        for side in (0, 1):
+            pair = [randn(2, 4, seed=28), randn(2, 4, seed=29)]
+            pair[side][0, 1] = bad
+            out = kd_loss(*pair, 1.0)
+            assert torch.isnan(out[0]) and torch.isfinite(out[1])
+
+
+def test_dml_masked_classes_give_the_kl_of_the_kept_ones():
+    z = masked(randn(3, 6, seed=30)).requires_grad_()
+    peers = [masked(randn(3, 6, seed=31)), masked(randn(3, 6, seed=32))]
+    out = dml_loss(z, peers, 2.0)
+    expected = sum(hand_kl_over_kept(z.detach(), p, MASK, 2.0) for p in peers) / 2
+    torch.testing.assert_close(out, expected)
+    (grad,) = torch.autograd.grad(out.sum(), z)
+    assert torch.isfinite(grad).all() and torch.all(grad[MASK] == 0)

@@ -153,3 +153,25 @@ def test_gradcheck():
     s = randn(4, 3, seed=15, requires_grad=True)
     t = randn(4, 5, seed=16)
     assert torch.autograd.gradcheck(lambda x: rkd_loss(x, t), (s,))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+def test_a_non_finite_embedding_is_not_a_degenerate_pair(bad):
+    """Only an exactly zero distance is degenerate: ``squared > 0`` is False for NaN, which
+    used to drop NaN pairs like the diagonal and return a finite loss."""
+    x = randn(4, 5, seed=17)
+    x[2, 1] = bad
+    distances, angles = pairwise_relations(x)
+    assert not torch.isfinite(distances[2]).any() and not torch.isfinite(distances[:, 2]).any()
+    assert not torch.isfinite(angles[2]).any()
+
+
+@pytest.mark.parametrize("weights", [(25.0, 50.0), (1.0, 0.0), (0.0, 1.0)],
+                         ids=["both", "distance", "angle"])
+@pytest.mark.parametrize("side", ["student", "teacher"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+def test_a_non_finite_input_gives_a_non_finite_loss(weights, side, bad):
+    s, t = randn(4, 5, seed=18), randn(4, 6, seed=19)
+    (s if side == "student" else t)[1, 3] = bad
+    out = rkd_loss(s.requires_grad_(), t, *weights)
+    assert not torch.isfinite(out.mean())

@@ -106,3 +106,26 @@ def test_teacher_gradient_alone(precise, kernel, teacher_term):
     s, t = precise.randn(2, 7, 3, 4), precise.randn(2, 4, 3, 4)
     check_parity(mmd, nst_reference.channel_mmd, [s, t], precise.tol, grad_inputs=[1],
                  kernel=kernel, sigma2=(0.5, 1.5), teacher_term=teacher_term, unbiased=True)
+
+
+@pytest.mark.parametrize("sigma2", [(1e-8,), (1e-10,), "mean"])
+def test_rbf_tiny_bandwidths_match_the_reference(device, sigma2):
+    # Distinct rows: every off-diagonal kernel exp(−dist/2σ²) is 0 with σ² = 1e-8, 1e-10.
+    s, t = randn(2, 6, 4, 5).float().to(device), randn(2, 5, 4, 5).float().to(device)
+    check_parity(mmd, nst_reference.channel_mmd, [s, t], 1e-5, 1e-4, kernel="rbf",
+                 sigma2=sigma2, unbiased=True)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("kernel", ["poly", "rbf"])
+@pytest.mark.parametrize("side", [0, 1], ids=["student", "teacher"])
+def test_a_nan_channel_gives_nan(device, kernel, side):
+    # A NaN distance must not be clamped to 0 (tl.maximum's default is fmax: maximum(NaN, 0)
+    # = 0, which made φ = 1 and the loss finite); the other sample stays finite.
+    pair = [randn(2, 6, 4, 5).float().to(device), randn(2, 5, 4, 5).float().to(device)]
+    pair[side][0, 2, 1, 3] = float("nan")
+    pair[0].requires_grad_()
+    out = mmd(*pair, kernel=kernel, sigma2=(0.5,))
+    assert torch.isnan(out[0]) and torch.isfinite(out[1])
+    (grad,) = torch.autograd.grad(out[1], pair[0])
+    assert torch.isfinite(grad[1]).all()

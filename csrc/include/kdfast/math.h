@@ -15,6 +15,29 @@ namespace kdfast {
 // Normalisation floor, the eps of F.normalize: x / max(||x||, kNormEps).
 constexpr double kNormEps = 1e-12;
 
+// ‖v‖₂ of n values v[k·stride] given their plain sum of squares (the caller's hot loop).
+// Σ v² overflows long before ‖v‖ does (float: |v| ≳ 1e19/√n; the plain norm is then inf and
+// v/‖v‖ silently 0): then the sum is redone on v·2^−e, e = ilogb(max |v|) (an exact scaling),
+// and the root scaled back by 2^e, so the norm is finite whenever every value is. A NaN or
+// ±inf value gives NaN or inf, as the plain formula does.
+template <typename T>
+KDFAST_HD T norm_from_sum_sq(T sum_sq, const T* v, long long n, long long stride) {
+  if (!std::isinf(sum_sq)) return std::sqrt(sum_sq);
+  T peak = T(0);
+  for (long long k = 0; k < n; ++k) {
+    const T a = std::fabs(v[k * stride]);
+    peak = a > peak ? a : peak;
+  }
+  if (!std::isfinite(peak)) return sum_sq;
+  const int e = std::ilogb(peak);
+  T scaled = T(0);
+  for (long long k = 0; k < n; ++k) {
+    const T u = std::ldexp(v[k * stride], -e);
+    scaled += u * u;
+  }
+  return std::ldexp(std::sqrt(scaled), e);
+}
+
 // |v|^p with the two common exponents special-cased so the compiler can vectorise them.
 template <typename T>
 KDFAST_HD T abs_pow(T v, T p) {
@@ -75,16 +98,17 @@ KDFAST_HD T mmd_kernel_of(const MmdKernelParams<T>& params, T g, T q_a, T q_b, T
     *derivative = T(params.degree) * lower;
     return lower * base;
   }
+  // Clamped with comparisons that keep a NaN distance NaN (a non-finite input must give NaN).
   T dist = q_a + q_b - T(2) * g;
-  const bool active = dist >= T(0);
-  dist = active ? dist : T(0);
+  const bool clamped = dist < T(0);
+  dist = clamped ? T(0) : dist;
   T value = T(0), slope = T(0);
   for (int s = 0; s < params.num_bandwidths; ++s) {
     const T e = std::exp(-dist * params.half_inv_sigma2[s]);
     value += e;
     slope += T(2) * params.half_inv_sigma2[s] * e;
   }
-  *derivative = active ? slope : T(0);
+  *derivative = clamped ? T(0) : slope;
   return value;
 }
 
@@ -118,6 +142,6 @@ KDFAST_HD MmdBlockWeights mmd_block_weights(long long m, long long n, bool unbia
 KDFAST_HD double mmd_mean_bandwidth(double sum_sq_norms, double sum_all_gram, long long rows) {
   const double total = 2.0 * double(rows) * sum_sq_norms - 2.0 * sum_all_gram;
   const double mean = total / (double(rows) * double(rows - 1));
-  return mean > kNormEps ? mean : kNormEps;
+  return mean < kNormEps ? kNormEps : mean;  // a NaN mean stays NaN
 }
 }  // namespace kdfast
