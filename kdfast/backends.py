@@ -16,6 +16,14 @@ variable, else ``"auto"``):
   and not able to run, it raises ``ValueError`` saying why; asked for through the environment
   variable, it falls back to ``auto`` with a one-time warning (so a global preference never
   breaks a loss that has no such core).
+
+Under a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ``jvp``, ``hessian`` ...) only
+the reference runs: the fused cores are autograd Functions over opaque operators, with no
+batching or forward-mode rule, so ``auto`` picks the reference (pure PyTorch, which every
+transform handles, to any order) and an explicit ``native`` / ``triton`` raises the
+``ValueError`` above. Second derivatives through ``torch.autograd`` need no such switch: the
+fused Functions differentiate the reference in a ``create_graph=True`` backward
+(:mod:`kdfast.ops._higher_order`).
 """
 
 from __future__ import annotations
@@ -99,6 +107,24 @@ def _requested(backend: str | None) -> tuple[str, bool]:
     return name, explicit
 
 
+def functorch_transform_active() -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, jacrev, ...) is running; False on a
+    torch without the check (it is private API, present from torch 2.0 on)."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active is not None and active())
+
+
+_TRANSFORM_REASON = ("a torch.func transform (grad, vmap, jacrev, ...) is active, and the fused "
+                     "kernels have no rule for it (the reference runs under every transform)")
+
+
+def _why_not(impl: Implementation, tensors: tuple[torch.Tensor, ...]) -> str | None:
+    """Why ``impl`` cannot run ``tensors`` here, or None when it can."""
+    if impl.backend != "reference" and functorch_transform_active():
+        return _TRANSFORM_REASON
+    return impl.supports(*tensors)
+
+
 def choose(core: str, backend: str | None, *tensors: torch.Tensor) -> Implementation:
     """The implementation of ``core`` that runs ``tensors`` under the policy above."""
     name, explicit = _requested(backend)
@@ -107,7 +133,7 @@ def choose(core: str, backend: str | None, *tensors: torch.Tensor) -> Implementa
         impl = impls.get(name)
         reason = f"no {name} implementation of {core} is built" if impl is None else None
         if impl is not None:
-            reason = impl.supports(*tensors)
+            reason = _why_not(impl, tensors)
         if reason is None:
             return impl
         if explicit:
@@ -118,7 +144,7 @@ def choose(core: str, backend: str | None, *tensors: torch.Tensor) -> Implementa
     device = tensors[0].device.type if tensors else "cpu"
     for candidate in _AUTO_ORDER.get(device, ("reference",)):
         impl = impls.get(candidate)
-        if impl is not None and impl.supports(*tensors) is None:
+        if impl is not None and _why_not(impl, tensors) is None:
             return impl
     return impls["reference"]
 

@@ -5,7 +5,8 @@ Backward (DESIGN.md §3): with n = max(||Q||, eps),
     dA = (p / C) |A|^(p-1) sign(A) dQ
 Both directions are native (csrc/cpu/attention.cpp, csrc/cuda/attention.cu): one pass that
 reads A (in place through its strides, channels_last included) and writes q_hat, and one
-pass that reads A and writes dA.
+pass that reads A and writes dA. A backward with ``create_graph=True`` differentiates the
+reference instead (:mod:`kdfast.ops._higher_order`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from kdfast import backends
 from kdfast._precision import accumulation_dtype
+from kdfast.ops._higher_order import creates_graph, reference_grads
 from kdfast.reference.attention import attention_map
 
 CORE = "attention_map"
@@ -24,7 +26,8 @@ CORE = "attention_map"
 def attention_map_function(name: str, forward: Callable, backward: Callable) -> type:
     """An autograd Function for q_hat = normalise(mean_C |A|^p) from a backend's two kernels:
     ``forward(features, p) -> (q_hat, norm)`` and
-    ``backward(grad_map, features, q_hat, norm, p) -> grad_features``."""
+    ``backward(grad_map, features, q_hat, norm, p) -> grad_features`` (a differentiable
+    backward, ``create_graph=True``, goes through the reference instead)."""
     forward_kernel, backward_kernel = forward, backward  # the methods below shadow the names
 
     class AttentionMap(torch.autograd.Function):
@@ -38,10 +41,13 @@ def attention_map_function(name: str, forward: Callable, backward: Callable) -> 
         @staticmethod
         def backward(ctx, grad_map: torch.Tensor):
             features, q_hat, norm = ctx.saved_tensors
-            grad = None
-            if ctx.needs_input_grad[0]:
-                grad = backward_kernel(grad_map, features, q_hat, norm, ctx.p)
-            return grad, None
+            if not ctx.needs_input_grad[0]:
+                return None, None
+            if creates_graph():
+                (grad,) = reference_grads(lambda f: attention_map(f, ctx.p), (features,),
+                                          (True,), grad_map)
+                return grad, None
+            return backward_kernel(grad_map, features, q_hat, norm, ctx.p), None
 
     AttentionMap.__name__ = AttentionMap.__qualname__ = name
     return AttentionMap

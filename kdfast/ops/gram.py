@@ -19,13 +19,15 @@ tensors (and can decline, e.g., student/teacher pairs of different H, W).
 The native implementations (below) run the GEMMs through ATen's BLAS/cuBLAS on raw views
 of the features (channels_last read in place) and everything around them in one native
 epilogue (csrc/cpu/gram.cpp, csrc/cuda/gram.cu); SP's backward is the single GEMM
-dQ = (dA + dA^T) Q. Triton ones register against the same names.
+dQ = (dA + dA^T) Q. A backward with ``create_graph=True`` differentiates the reference instead
+(:mod:`kdfast.ops._higher_order`). Triton ones register against the same names.
 """
 
 import torch
 
 from kdfast import backends
 from kdfast._precision import accumulation_dtype
+from kdfast.ops._higher_order import creates_graph, reference_grads
 from kdfast.reference._numerics import LOW_PRECISION
 from kdfast.reference.fsp import fsp_pair_loss
 from kdfast.reference.sp import similarity_loss
@@ -84,10 +86,10 @@ def _permuted_flat(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     return x.permute(order).reshape(x.shape[0], -1), order
 
 
-def _similarity_input_grad(weight: torch.Tensor, q: torch.Tensor, shape: torch.Size,
-                           order: tuple[int, ...]) -> torch.Tensor:
-    """dQ = W Q for the (B, D) view q of an input of this shape, in the input's layout."""
-    permuted_shape = [shape[d] for d in order]
+def _similarity_input_grad(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dQ = W Q for the (B, D) view Q of the input x, in x's layout."""
+    q, order = _permuted_flat(x)
+    permuted_shape = [x.shape[d] for d in order]
     grad = _apply_left(weight, q, torch.empty_like(q, memory_format=torch.contiguous_format))
     inverse = sorted(range(len(order)), key=order.__getitem__)
     return grad.view(permuted_shape).permute(inverse)
@@ -95,26 +97,30 @@ def _similarity_input_grad(weight: torch.Tensor, q: torch.Tensor, shape: torch.S
 
 class NativeSimilarity(torch.autograd.Function):
     """SP per-row loss: Grams on raw views, the epilogue fused natively, and one GEMM
-    dQ = (dA + dA^T) Q per side in the backward."""
+    dQ = (dA + dA^T) Q per side in the backward.
+
+    It saves the inputs, not their (B, D) views: a differentiable backward needs their graph,
+    and the views are free to take again (a copy, in the backward only, for an input whose
+    memory order is neither contiguous nor channels_last)."""
 
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        (q_s, order_s), (q_t, order_t) = _permuted_flat(student), _permuted_flat(teacher)
+        q_s, q_t = _permuted_flat(student)[0], _permuted_flat(teacher)[0]
         loss, *saved = torch.ops.kdfast.similarity_forward(_products(q_s, q_s),
                                                            _products(q_t, q_t))
-        ctx.layout = (student.shape, order_s, teacher.shape, order_t)
-        ctx.save_for_backward(q_s, q_t, *saved)
+        ctx.save_for_backward(student, teacher, *saved)
         return loss
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        q_s, q_t, g_s, g_t, norm_s, norm_t = ctx.saved_tensors
-        shape_s, order_s, shape_t, order_t = ctx.layout
+        student, teacher, g_s, g_t, norm_s, norm_t = ctx.saved_tensors
         need_s, need_t = ctx.needs_input_grad
+        if creates_graph():
+            return reference_grads(similarity_loss, (student, teacher), (need_s, need_t), grad)
         w_s, w_t = torch.ops.kdfast.similarity_backward(grad, g_s, g_t, norm_s, norm_t,
                                                         need_s, need_t)
-        return (_similarity_input_grad(w_s, q_s, shape_s, order_s) if need_s else None,
-                _similarity_input_grad(w_t, q_t, shape_t, order_t) if need_t else None)
+        return (_similarity_input_grad(w_s, student) if need_s else None,
+                _similarity_input_grad(w_t, teacher) if need_t else None)
 
 
 def native_similarity_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -151,6 +157,9 @@ class NativeFsp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         student_a, student_b, teacher_a, teacher_b, diff = ctx.saved_tensors
+        if creates_graph():
+            return reference_grads(fsp_pair_loss, (student_a, student_b, teacher_a, teacher_b),
+                                   ctx.needs_input_grad, grad)
         # d loss_b / d G_s = 2 D_b / (C_a C_b); G = X_a X_b^T / HW; the teacher's sign flips.
         coef = grad.to(diff.dtype) * (2.0 / max(diff.shape[1] * diff.shape[2], 1))
         grads = [None] * 4

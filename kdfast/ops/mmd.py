@@ -7,7 +7,9 @@ validated and spatially matched by :func:`kdfast.functional.nst_loss`.
 The ``native`` backend (``torch.ops.kdfast.channel_mmd``, C++ on CPU, CUDA when built) reads
 the raw features in place: Grams over the raw channels with the normalisation folded in from
 their diagonals, φ and the three block means in one epilogue, and a backward of two GEMMs per
-input, dX = g·(M_ss X + M_st Y), from small (C × C) matrices the forward leaves behind.
+input, dX = g·(M_ss X + M_st Y), from small (C × C) matrices the forward leaves behind. A
+backward with ``create_graph=True`` differentiates the reference instead
+(:mod:`kdfast.ops._higher_order`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from kdfast import backends
 from kdfast._precision import accumulation_dtype
+from kdfast.ops._higher_order import creates_graph, reference_grads
 from kdfast.reference.nst import channel_mmd, uses_feature_grams
 
 CORE = "channel_mmd"
@@ -35,7 +38,8 @@ class NativeChannelMMD(torch.autograd.Function):
         loss, *state = torch.ops.kdfast.channel_mmd(
             student, teacher, kernel, int(degree), float(coef), bandwidths, sigma_mean,
             bool(unbiased), bool(teacher_term), grad_student, grad_teacher)
-        ctx.options = (kernel, float(coef), bool(unbiased), bool(teacher_term))
+        ctx.options = dict(kernel=kernel, degree=int(degree), coef=float(coef), sigma2=sigma2,
+                           unbiased=bool(unbiased), teacher_term=bool(teacher_term))
         ctx.save_for_backward(student, teacher, *state)
         return loss
 
@@ -43,12 +47,17 @@ class NativeChannelMMD(torch.autograd.Function):
     def backward(ctx, grad_loss):
         student, teacher, *state = ctx.saved_tensors
         grad_student, grad_teacher = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        kernel, coef, unbiased, teacher_term = ctx.options
+        unused = (None,) * 6
+        if creates_graph():
+            return *reference_grads(lambda s, t: channel_mmd(s, t, **ctx.options),
+                                    (student, teacher), (grad_student, grad_teacher),
+                                    grad_loss), *unused
+        options = ctx.options
         d_student, d_teacher = torch.ops.kdfast.channel_mmd_backward(
-            grad_loss.contiguous(), student, teacher, *state, kernel, coef, unbiased,
-            teacher_term, grad_student, grad_teacher)
+            grad_loss.contiguous(), student, teacher, *state, options["kernel"], options["coef"],
+            options["unbiased"], options["teacher_term"], grad_student, grad_teacher)
         return (d_student if grad_student else None, d_teacher if grad_teacher else None,
-                None, None, None, None, None, None)
+                *unused)
 
 
 def native_channel_mmd(student: torch.Tensor, teacher: torch.Tensor, *, kernel: str = "poly",

@@ -6,7 +6,8 @@ the result and what the backward needs, and a backward that returns the input gr
 (an empty tensor for an input that needs none). Dynamo and AOTAutograd treat them as opaque
 calls with the shapes given by their fake implementations, so a Triton core traces into a
 ``torch.compile`` graph (``fullgraph=True`` included) like the native operators do, and the
-kernels run unchanged inside the compiled code.
+kernels run unchanged inside the compiled code. A backward with ``create_graph=True``
+differentiates the core's reference instead (:mod:`kdfast.ops._higher_order`).
 
 This module imports only torch: an operator's body imports its kernel module (and Triton) on
 its first call, so registering the backend never imports Triton.
@@ -21,17 +22,20 @@ import torch
 from torch import Tensor
 
 from kdfast._precision import accumulation_dtype
+from kdfast.ops._higher_order import creates_graph, reference_grads
 from kdfast.ops.attention import (
     _fake_attention_map,
     _fake_attention_map_backward,
     attention_map_function,
 )
+from kdfast.reference.fsp import fsp_pair_loss
 from kdfast.reference.nst import (
     as_bandwidths,
     channel_mmd,
     check_unbiased_sizes,
     uses_feature_grams,
 )
+from kdfast.reference.sp import similarity_loss
 
 _NS = "kdfast_triton"
 
@@ -113,10 +117,13 @@ def _(grad_loss, student, teacher, grams, need_student, need_teacher):
 
 
 class TritonSimilarity(torch.autograd.Function):
+    """Saves the inputs (a differentiable backward needs their graph) and takes their dense
+    rows again in the backward (free unless an input is neither contiguous nor
+    channels_last)."""
+
     @staticmethod
     def forward(ctx, student: Tensor, teacher: Tensor) -> Tensor:
-        student, teacher = dense_rows(student), dense_rows(teacher)
-        loss, grams = _similarity(student, teacher)
+        loss, grams = _similarity(dense_rows(student), dense_rows(teacher))
         ctx.save_for_backward(student, teacher, grams)
         return loss
 
@@ -124,7 +131,11 @@ class TritonSimilarity(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         student, teacher, grams = ctx.saved_tensors
         need_s, need_t = ctx.needs_input_grad
-        ds, dt = _similarity_backward(grad_loss, student, teacher, grams, need_s, need_t)
+        if creates_graph():
+            return reference_grads(similarity_loss, (student, teacher), (need_s, need_t),
+                                   grad_loss)
+        ds, dt = _similarity_backward(grad_loss, dense_rows(student), dense_rows(teacher), grams,
+                                      need_s, need_t)
         return (ds if need_s else None), (dt if need_t else None)
 
 
@@ -171,6 +182,8 @@ class TritonFSP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         needs = list(ctx.needs_input_grad)
+        if creates_graph():
+            return reference_grads(fsp_pair_loss, ctx.saved_tensors[:4], needs, grad_loss)
         grads = _fsp_backward(grad_loss, *ctx.saved_tensors, needs)
         return tuple(g if needed else None for g, needed in zip(grads, needs, strict=True))
 
@@ -274,37 +287,52 @@ def _(grad_loss, x, y, sq_x, sq_y, sigmas, g_ss, g_st, g_tt, kernel, degree, coe
     return _grad_or_empty(x, need_x), _grad_or_empty(y, need_y)
 
 
-def _mmd_function(name: str, forward_op, backward_op, backward_options) -> type:
+def _mmd_function(name: str, forward_op, backward_op, backward_options,
+                  reference_options) -> type:
     """An autograd Function over (x, y, *options) from a core's two operators:
     ``forward_op(x, y, *options, need_x, need_y) -> (loss, *state)`` and
-    ``backward_op(grad, x, y, *state, *backward_options(*options), need_x, need_y)``."""
+    ``backward_op(grad, x, y, *state, *backward_options(*options), need_x, need_y)``;
+    a differentiable backward runs ``channel_mmd(x, y, **reference_options(*options))``."""
 
     class MMD(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, y, *options):
             need_x, need_y = ctx.needs_input_grad[:2]
             loss, *state = forward_op(x, y, *options, need_x, need_y)
-            ctx.options = backward_options(*options)
+            ctx.options = options
             ctx.save_for_backward(x, y, *state)
             return loss
 
         @staticmethod
         def backward(ctx, grad_loss):
             need_x, need_y = ctx.needs_input_grad[:2]
-            dx, dy = backward_op(grad_loss, *ctx.saved_tensors, *ctx.options, need_x, need_y)
+            x, y, *state = ctx.saved_tensors
             unused = [None] * (len(ctx.needs_input_grad) - 2)
+            if creates_graph():
+                reference = reference_options(*ctx.options)
+                return *reference_grads(lambda s, t: channel_mmd(s, t, **reference), (x, y),
+                                        (need_x, need_y), grad_loss), *unused
+            dx, dy = backward_op(grad_loss, x, y, *state, *backward_options(*ctx.options),
+                                 need_x, need_y)
             return (dx if need_x else None), (dy if need_y else None), *unused
 
     MMD.__name__ = MMD.__qualname__ = name
     return MMD
 
 
-TritonLinearMMD = _mmd_function("TritonLinearMMD", _linear_mmd, _linear_mmd_backward,
-                                lambda unbiased, teacher_term: (unbiased, teacher_term))
+TritonLinearMMD = _mmd_function(
+    "TritonLinearMMD", _linear_mmd, _linear_mmd_backward,
+    lambda unbiased, teacher_term: (unbiased, teacher_term),
+    lambda unbiased, teacher_term: dict(kernel="linear", unbiased=unbiased,
+                                        teacher_term=teacher_term))
 TritonChannelMMD = _mmd_function(
     "TritonChannelMMD", _channel_mmd, _channel_mmd_backward,
     lambda kernel, degree, coef, bandwidths, sigma_mean, unbiased, teacher_term: (
-        kernel, degree, coef, unbiased, teacher_term))
+        kernel, degree, coef, unbiased, teacher_term),
+    lambda kernel, degree, coef, bandwidths, sigma_mean, unbiased, teacher_term: dict(
+        kernel=kernel, degree=degree, coef=coef,
+        sigma2="mean" if sigma_mean else tuple(bandwidths), unbiased=unbiased,
+        teacher_term=teacher_term))
 
 
 def triton_channel_mmd(student: Tensor, teacher: Tensor, *, kernel: str = "poly",
