@@ -6,11 +6,15 @@ Nothing here broadcasts or silently reshapes: a tensor that is not what the loss
 
 from __future__ import annotations
 
+import functools
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from kdfast.backends import BACKENDS
 from kdfast.reference._numerics import upcast_low_precision
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -71,14 +75,49 @@ def check_flag(name: str, value) -> None:
         raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
-def check_positive(name: str, value, minimum: float = 0.0, inclusive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def check_real(name: str, value) -> float:
+    """``value`` as a float: any finite real number (Python, NumPy, ``fractions``), not a
+    bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    ok = value >= minimum if inclusive else value > minimum
-    if not ok or value != value:
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {number}")
+    return number
+
+
+def check_positive(name: str, value, minimum: float = 0.0, inclusive: bool = False) -> float:
+    """``value`` as a float: a finite real number > ``minimum`` (>= with ``inclusive``)."""
+    number = check_real(name, value)
+    if not (number >= minimum if inclusive else number > minimum):
         relation = ">=" if inclusive else ">"
-        raise ValueError(f"{name} must be {relation} {minimum}, got {value}")
-    return float(value)
+        raise ValueError(f"{name} must be {relation} {minimum}, got {number}")
+    return number
+
+
+def check_backend(backend) -> None:
+    """``backend`` must be None or one of :data:`kdfast.backends.BACKENDS` (the message
+    :func:`kdfast.backends.choose` gives, here at construction or before any work)."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+
+
+def promoted_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """``torch.promote_types`` over the dtypes of ``tensors``."""
+    return functools.reduce(torch.promote_types, (tensor.dtype for tensor in tensors))
+
+
+def promote(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The dtype rule of every loss: ``tensors`` (all tensor inputs of one loss, checked to be
+    floating point) in their promoted dtype, ``torch.promote_types`` of theirs.
+
+    Called before dispatch, so a core sees one dtype (a bf16 teacher with an fp32 student is
+    computed in fp32). The loss is then returned in the accumulation dtype of that dtype (fp64
+    for fp64, else fp32, :func:`reduce`); gradients flow back through ``.to`` to each input in
+    its own dtype. Inputs already in the promoted dtype are returned as they are.
+    """
+    dtype = promoted_dtype(*tensors)
+    return tuple(tensor.to(dtype) for tensor in tensors)
 
 
 def match_spatial(student: torch.Tensor, teacher: torch.Tensor, pool: bool,

@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from kdfast import _checks, backends
+from kdfast.losses._module import FunctionalLoss
 from kdfast.losses.fitnet import apply_connector, make_connector
 from kdfast.reference.ab import ab_loss as reference_ab_loss
 
@@ -65,12 +65,13 @@ def ab_loss(student_preact: torch.Tensor, teacher_preact: torch.Tensor, *,
                          "conv + BN to the teacher's channels, e.g. kdfast.make_connector("
                          "C_s, C_t, relu=False)) or use kdfast.ABLoss(student_channels=..., "
                          "teacher_channels=...)")
-    student, teacher = _checks.match_spatial(student, teacher_preact, pool, NAMES)
+    student, teacher = _checks.promote(student, teacher_preact)
+    student, teacher = _checks.match_spatial(student, teacher, pool, NAMES)
     core = backends.choose(CORE, backend, student, teacher).fn
     return _checks.reduce(core(student, teacher, float(margin)), reduction)
 
 
-class ABLoss(nn.Module):
+class ABLoss(FunctionalLoss):
     """Module form of :func:`kdfast.functional.ab_loss`; ``forward(student_preact,
     teacher_preact)``.
 
@@ -82,24 +83,26 @@ class ABLoss(nn.Module):
         pool, reduction, backend: as in :func:`kdfast.functional.ab_loss` (defaults True,
             ``"mean"``, None).
 
-    Train ``loss.parameters()`` (the connector) with the student.
+    Train ``loss.parameters()`` (the connector) with the student. ``margin``, ``pool``,
+    ``reduction`` and ``backend`` are attributes, checked on assignment.
 
     Example:
         >>> loss = kdfast.ABLoss(student_channels=32, teacher_channels=64)
         >>> loss(torch.randn(4, 32, 8, 8), torch.randn(4, 64, 8, 8))  # doctest: +SKIP
     """
 
+    function = staticmethod(ab_loss)
+    validate = staticmethod(check_ab_options)
+
     def __init__(self, margin: float = 1.0, student_channels: int | None = None,
                  teacher_channels: int | None = None, pool: bool = True,
                  reduction: str = "mean", backend: str | None = None) -> None:
-        super().__init__()
-        check_ab_options(margin, pool, reduction)
+        super().__init__(margin=margin, pool=pool, reduction=reduction, backend=backend)
         if (student_channels is None) != (teacher_channels is None):
             raise ValueError("pass both student_channels and teacher_channels or neither")
         self.connector = None
         if student_channels is not None and student_channels != teacher_channels:
             self.connector = make_connector(student_channels, teacher_channels, relu=False)
-        self.margin, self.pool, self.reduction, self.backend = margin, pool, reduction, backend
 
     def build_connector(self, student_shape, teacher_shape) -> bool:
         """Creates the 1x1 conv + BN connector from observed (B, C, H, W) shapes when there is
@@ -111,10 +114,5 @@ class ABLoss(nn.Module):
 
     def forward(self, student_preact: torch.Tensor, teacher_preact: torch.Tensor
                 ) -> torch.Tensor:
-        return ab_loss(student_preact, teacher_preact, margin=self.margin,
-                       connector=self.connector, pool=self.pool, reduction=self.reduction,
-                       backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return (f"margin={self.margin!r}, pool={self.pool!r}, reduction={self.reduction!r}, "
-                f"backend={self.backend!r}")
+        return ab_loss(student_preact, teacher_preact, connector=self.connector,
+                       **self._option_values())

@@ -61,10 +61,13 @@ class ConditionalDiscriminator(nn.Module):
         return self.net(reference.condition(logits, labels)).squeeze(1)
 
 
-def _validated(student_logits, teacher_logits, labels) -> torch.Tensor:
+def _validated(student_logits, teacher_logits, labels
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logits in their promoted dtype (what the discriminator sees) and the labels."""
     check_logit_pair(student_logits, teacher_logits)
     batch, num_classes = student_logits.shape
-    return _checks.check_labels("labels", labels, batch, num_classes, student_logits.device)
+    labels = _checks.check_labels("labels", labels, batch, num_classes, student_logits.device)
+    return (*_checks.promote(student_logits, teacher_logits), labels)
 
 
 def _checked_scores(discriminator: Callable, batch: int) -> Callable:
@@ -114,7 +117,7 @@ def discriminator_loss(discriminator: Callable, student_logits: torch.Tensor,
         >>> d_loss = kdfast.functional.discriminator_loss(D, z_s, z_t, y)  # doctest: +SKIP
     """
     check_adversarial_options(kind, reduction=reduction)
-    labels = _validated(student_logits, teacher_logits, labels)
+    student_logits, teacher_logits, labels = _validated(student_logits, teacher_logits, labels)
     scores = _checked_scores(discriminator, student_logits.shape[0])
     per_sample = reference.discriminator_loss(scores, student_logits, teacher_logits, labels,
                                               kind)
@@ -148,7 +151,7 @@ def adversarial_student_loss(discriminator: Callable, student_logits: torch.Tens
         >>> loss = kdfast.functional.adversarial_student_loss(D, z_s, z_t, y)  # doctest: +SKIP
     """
     check_adversarial_options(kind, l1_weight, reduction)
-    labels = _validated(student_logits, teacher_logits, labels)
+    student_logits, teacher_logits, labels = _validated(student_logits, teacher_logits, labels)
     scores = _checked_scores(_without_parameter_grads(discriminator), student_logits.shape[0])
     per_sample = reference.adversarial_student_loss(scores, student_logits, teacher_logits,
                                                     labels, kind, float(l1_weight))

@@ -49,8 +49,10 @@ def at_loss(student: torch.Tensor, teacher: torch.Tensor, *, p: float = 2.0,
     _checks.check_features("student", student)
     _checks.check_features("teacher", teacher)
     _checks.check_same_batch(student, teacher)
+    student, teacher = _checks.promote(student, teacher)
     student, teacher = _checks.match_spatial(student, teacher, pool)
     attention_map = backends.choose("attention_map", backend, student, teacher).fn
+    p = float(p)
     per_sample = at_loss_from_maps(attention_map(student, p), attention_map(teacher, p), mode)
     return _checks.reduce(per_sample, reduction)
 

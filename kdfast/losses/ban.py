@@ -55,6 +55,7 @@ def ban_generation_loss(student_logits: torch.Tensor, previous_logits: torch.Ten
     if targets is None and label_weight > 0:
         raise ValueError(f"label_weight={label_weight} needs targets (the (B,) class indices); "
                          "pass targets or set label_weight=0")
+    student_logits, previous_logits = _checks.promote(student_logits, previous_logits)
     per_sample = kd_per_sample(student_logits, previous_logits.detach(), float(temperature),
                                backend)
     if targets is not None:
@@ -63,7 +64,7 @@ def ban_generation_loss(student_logits: torch.Tensor, previous_logits: torch.Ten
                                        student_logits.device)
         if label_weight > 0:
             ce = F.cross_entropy(student_logits, targets, reduction="none")
-            per_sample = per_sample + label_weight * ce
+            per_sample = per_sample + float(label_weight) * ce
     return _checks.reduce(per_sample, reduction)
 
 

@@ -62,6 +62,7 @@ def dml_loss(logits: torch.Tensor, peer_logits: torch.Tensor | Sequence[torch.Te
     peers = _peer_list(peer_logits)
     for k, peer in enumerate(peers):
         check_logit_pair(logits, peer, ("logits", f"peer_logits[{k}]"))
+    logits, *peers = _checks.promote(logits, *peers)
     per_peer = [kd_per_sample(logits, peer.detach(), float(temperature), backend)
                 for peer in peers]
     return _checks.reduce(torch.stack(per_peer).mean(dim=0), reduction)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from kdfast import _checks, backends
+from kdfast.losses._module import FunctionalLoss
 from kdfast.reference.fitnet import hint_loss
 
 CORE = "fitnet"  # no fused core: reference only, registered so `backend=` behaves as elsewhere
@@ -71,6 +72,7 @@ def fitnet_loss(student: torch.Tensor, teacher: torch.Tensor, *,
            "kdfast.make_connector(student.shape, teacher.shape) or kdfast.FitNetLoss)")
     name = "student" if connector is None else "connector(student)"
     _checks.check_same_shape(regressed, teacher, (name, "teacher"), fix)
+    regressed, teacher = _checks.promote(regressed, teacher)
     per_sample = backends.choose(CORE, backend, regressed, teacher).fn(regressed, teacher)
     return _checks.reduce(per_sample, reduction)
 
@@ -154,7 +156,7 @@ def _shape(channels: int, size) -> tuple[int, ...] | int:
     raise TypeError(f"a feature size must be an int or (H, W), got {size!r}")
 
 
-class FitNetLoss(nn.Module):
+class FitNetLoss(FunctionalLoss):
     """FitNets hint loss with its trainable connector, :func:`kdfast.functional.fitnet_loss`.
 
     ``forward(student, teacher)`` = ``fitnet_loss(student, teacher, connector=self.connector,
@@ -172,19 +174,23 @@ class FitNetLoss(nn.Module):
 
     The connector is a submodule: train it with the student, e.g.
     ``torch.optim.SGD(list(student.parameters()) + list(loss.parameters()), lr=...)``, and
-    move the loss with ``.to(device)``.
+    move the loss with ``.to(device)``. ``reduction`` and ``backend`` are attributes, checked
+    on assignment.
 
     Example:
         >>> loss = kdfast.FitNetLoss.from_shapes((8, 32, 16, 16), (8, 64, 8, 8))
         >>> loss(torch.randn(8, 32, 16, 16), torch.randn(8, 64, 8, 8))  # doctest: +SKIP
     """
 
+    function = staticmethod(fitnet_loss)
+    validate = staticmethod(check_fitnet_options)
+
     def __init__(self, student_channels: int | None = None, teacher_channels: int | None = None,
                  student_size: int | tuple[int, int] | None = None,
                  teacher_size: int | tuple[int, int] | None = None, *, relu: bool = True,
                  reduction: str = "mean", backend: str | None = None) -> None:
-        super().__init__()
-        check_fitnet_options(reduction)
+        super().__init__(reduction=reduction, backend=backend)
+        _checks.check_flag("relu", relu)
         if (student_channels is None) != (teacher_channels is None):
             raise ValueError("pass both student_channels and teacher_channels (to build a "
                              "connector) or neither")
@@ -196,9 +202,7 @@ class FitNetLoss(nn.Module):
         self.connector = None if student_channels is None else make_connector(
             _shape(student_channels, student_size), _shape(teacher_channels, teacher_size),
             relu=relu)
-        self.relu = relu
-        self.reduction = reduction
-        self.backend = backend
+        self.relu = relu  # of a connector built later by build_connector
 
     def build_connector(self, student_shape, teacher_shape) -> bool:
         """Creates the connector from observed (B, C, H, W) feature shapes when there is none
@@ -219,8 +223,4 @@ class FitNetLoss(nn.Module):
         return cls(c_s, c_t, s_hw, t_hw, **options)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return fitnet_loss(student, teacher, connector=self.connector,
-                           reduction=self.reduction, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}, backend={self.backend!r}"
+        return fitnet_loss(student, teacher, connector=self.connector, **self._option_values())

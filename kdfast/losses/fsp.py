@@ -37,6 +37,13 @@ def _check_pairs(name: str, pairs) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return checked
 
 
+def _promoted_pairs(student_pairs, teacher_pairs):
+    """Every map of both lists in their one promoted dtype (the dtype rule, _checks.promote)."""
+    maps = _checks.promote(*(x for pair in (*student_pairs, *teacher_pairs) for x in pair))
+    pairs = list(zip(maps[0::2], maps[1::2], strict=True))
+    return pairs[:len(student_pairs)], pairs[len(student_pairs):]
+
+
 def _matched_pair(name: str, i: int, a: torch.Tensor, b: torch.Tensor, pool: bool
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     names = (f"{name}[{i}][0]", f"{name}[{i}][1]")
@@ -78,6 +85,7 @@ def fsp_loss(student_pairs: Pairs, teacher_pairs: Pairs, *, pool: bool = True,
     if len(student_pairs) != len(teacher_pairs):
         raise ValueError(f"student_pairs has {len(student_pairs)} pairs but teacher_pairs has "
                          f"{len(teacher_pairs)}; pass one teacher pair per student pair")
+    student_pairs, teacher_pairs = _promoted_pairs(student_pairs, teacher_pairs)
     total = None
     for i, (s_pair, t_pair) in enumerate(zip(student_pairs, teacher_pairs, strict=True)):
         _checks.check_same_batch(student_pairs[0][0], s_pair[0],

@@ -69,9 +69,14 @@ def gradient_at_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     batch, num_classes = student_logits.shape
     targets = _checks.check_labels("targets", targets, batch, num_classes,
                                    student_logits.device)
+    # The dtype rule over all three inputs: the logits' cross-entropy and the distance of the
+    # input gradients (which autograd returns in the inputs' dtype) run in the promoted dtype.
+    dtype = _checks.promoted_dtype(student_logits, teacher_logits, inputs)
+    student_logits, teacher_logits = student_logits.to(dtype), teacher_logits.to(dtype)
     student_grad = _input_gradient_of("student_logits", student_logits, inputs, targets, True)
     teacher_grad = _input_gradient_of("teacher_logits", teacher_logits, inputs, targets,
                                       False).detach()
+    student_grad, teacher_grad = (g.to(dtype) for g in (student_grad, teacher_grad))
     distance = backends.choose("gradient_at", backend, student_grad, teacher_grad).fn
     return _checks.reduce(distance(student_grad, teacher_grad), reduction)
 

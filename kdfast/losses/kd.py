@@ -60,6 +60,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     """
     check_kd_options(temperature, reduction)
     check_logit_pair(student_logits, teacher_logits)
+    student_logits, teacher_logits = _checks.promote(student_logits, teacher_logits)
     per_sample = kd_per_sample(student_logits, teacher_logits, float(temperature), backend)
     return _checks.reduce(per_sample, reduction)
 

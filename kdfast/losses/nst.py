@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 import kdfast.ops.mmd  # noqa: F401  (registers the channel_mmd implementations)
@@ -20,7 +22,7 @@ def check_sigma2(sigma2) -> tuple[float, ...] | str:
             raise ValueError("sigma2 must not be an empty list; pass a positive float, a "
                              "non-empty list of them, or 'mean'")
         return tuple(_checks.check_positive(f"sigma2[{i}]", s) for i, s in enumerate(sigma2))
-    if isinstance(sigma2, bool) or not isinstance(sigma2, (int, float)):
+    if isinstance(sigma2, bool) or not isinstance(sigma2, numbers.Real):
         raise TypeError("sigma2 must be a positive float, a non-empty list of them, or "
                         f"'mean'; got {type(sigma2).__name__}")
     return (_checks.check_positive("sigma2", sigma2),)
@@ -31,7 +33,7 @@ def check_nst_options(kernel: str = "poly", degree: int = 2, coef: float = 0.0,
                       pool: bool = True, reduction: str = "mean") -> tuple[float, ...] | str:
     """Validates every NST option; returns σ² in the core's form."""
     _checks.check_choice("kernel", kernel, KERNELS)
-    if isinstance(degree, bool) or not isinstance(degree, int):
+    if isinstance(degree, bool) or not isinstance(degree, numbers.Integral):
         raise TypeError(f"degree must be an int >= 1, got {degree!r}")
     if degree < 1:
         raise ValueError(f"degree must be an int >= 1, got {degree}")
@@ -95,11 +97,13 @@ def nst_loss(student: torch.Tensor, teacher: torch.Tensor, *, kernel: str = "pol
     _checks.check_features("student", student)
     _checks.check_features("teacher", teacher)
     _checks.check_same_batch(student, teacher)
+    student, teacher = _checks.promote(student, teacher)
     student, teacher = _checks.match_spatial(student, teacher, pool)
     check_unbiased_sizes(student.shape[1], teacher.shape[1], unbiased, teacher_term)
     channel_mmd = backends.choose("channel_mmd", backend, student, teacher).fn
-    per_sample = channel_mmd(student, teacher, kernel=kernel, degree=degree, coef=float(coef),
-                             sigma2=bandwidths, unbiased=unbiased, teacher_term=teacher_term)
+    per_sample = channel_mmd(student, teacher, kernel=kernel, degree=int(degree),
+                             coef=float(coef), sigma2=bandwidths, unbiased=unbiased,
+                             teacher_term=teacher_term)
     return _checks.reduce(per_sample, reduction)
 
 

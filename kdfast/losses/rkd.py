@@ -73,6 +73,7 @@ def rkd_loss(student: torch.Tensor, teacher: torch.Tensor, *, distance_weight: f
     _checks.check_tensor("student", student, FEATURE_NDIMS, "(B, D) or (B, ...)")
     _checks.check_tensor("teacher", teacher, FEATURE_NDIMS, "(B, D) or (B, ...)")
     _checks.check_same_batch(student, teacher)
+    student, teacher = _checks.promote(student, teacher)
     if gather:
         student, teacher = gather_batch(student), gather_batch(teacher)
     if student.shape[0] < 2:

@@ -50,6 +50,7 @@ def sp_loss(student: torch.Tensor, teacher: torch.Tensor, *, reduction: str = "m
     _checks.check_tensor("student", student, FEATURE_NDIMS, "(B, ...)")
     _checks.check_tensor("teacher", teacher, FEATURE_NDIMS, "(B, ...)")
     _checks.check_same_batch(student, teacher)
+    student, teacher = _checks.promote(student, teacher)
     if gather:
         student, teacher = gather_batch(student), gather_batch(teacher)
     similarity = backends.choose("similarity", backend, student, teacher).fn

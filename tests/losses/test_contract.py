@@ -87,18 +87,24 @@ class Case:
         return self.function(*self.arguments(*tensors), **options)
 
 
+def non_finite(name: str) -> tuple:
+    """NaN and the infinities: rejected for every numeric option."""
+    return tuple(({name: value}, ValueError, f"{name} must be a finite number")
+                 for value in (float("nan"), float("inf"), float("-inf")))
+
+
 def positive(name: str) -> tuple:
     """The bad values of an option that must be a number > 0."""
     return (({name: 0.0}, ValueError, f"{name} must be > 0"),
             ({name: -1.0}, ValueError, f"{name} must be > 0"),
-            ({name: float("nan")}, ValueError, f"{name} must be > 0"),
+            *non_finite(name),
             ({name: "1"}, TypeError, f"{name} must be a number"))
 
 
 def non_negative(name: str) -> tuple:
     """The bad values of an option that must be a number >= 0."""
     return (({name: -1.0}, ValueError, f"{name} must be >= 0"),
-            ({name: float("nan")}, ValueError, f"{name} must be >= 0"),
+            *non_finite(name),
             ({name: "1"}, TypeError, f"{name} must be a number"))
 
 
@@ -117,7 +123,7 @@ LOGIT_PAIR = ("student_logits", "teacher_logits")
 CASES = [
     Case("at", at_loss, two((2, 3, 4, 6), (2, 5, 4, 6)), ("student", "teacher"),
          (FEATURES, FEATURES), spatial=((0, 1),),
-         bad_options=(({"p": 0.5}, ValueError, "p must be >= 1"),
+         bad_options=(({"p": 0.5}, ValueError, "p must be >= 1"), *non_finite("p"),
                       ({"mode": "fancy"}, ValueError, "mode must be one of"), *flag("pool")),
          module=kdfast.ATLoss, module_options={"p": 3.0, "mode": "paper"},
          core="attention_map"),
@@ -136,7 +142,8 @@ CASES = [
              ({"sigma2": [1.0, "a"]}, TypeError, r"sigma2\[1\] must be a number"),
              ({"sigma2": "median"}, ValueError, "sigma2 must be one of 'mean'"),
              ({"sigma2": None}, TypeError, "sigma2 must be a positive float"),
-             ({"sigma2": float("nan")}, ValueError, "sigma2 must be > 0"),
+             *non_finite("sigma2"),
+             ({"sigma2": [1.0, float("inf")]}, ValueError, r"sigma2\[1\] must be a finite"),
              ({"teacher_term": 1}, TypeError, "teacher_term must be True or False"),
              *flag("unbiased"), *flag("pool")),
          module=kdfast.NSTLoss,
@@ -385,6 +392,46 @@ def test_module_matches_function_and_shows_its_options(case):
                                case(tensors, **case.module_options))
     for key, value in case.module_options.items():
         assert f"{key}={value!r}" in repr(module)
+
+
+@by_case([case for case in CASES if case.module is not None])
+def test_module_options_are_attributes_that_take_effect(case):
+    tensors = case.make()
+    module = case.module()
+    for key, value in case.module_options.items():
+        setattr(module, key, value)
+        assert getattr(module, key) == value
+    torch.testing.assert_close(module(*case.arguments(*tensors)),
+                               case(tensors, **case.module_options))
+
+
+@by_case([case for case in CASES if case.module is not None])
+def test_module_rejects_a_bad_assignment_and_keeps_the_old_value(case):
+    module = case.module()
+    before = module(*case.arguments(*case.make()))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        module.reduction = "avg"
+    assert module.reduction == "mean"
+    torch.testing.assert_close(module(*case.arguments(*case.make())), before)
+
+
+@by_case([case for case in CASES if case.module is not None and case.core is not None])
+def test_module_rejects_an_unknown_backend_at_construction(case):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        case.module(backend="bogus")
+
+
+def test_numpy_numbers_are_accepted_as_options():
+    np = pytest.importorskip("numpy")
+    s, t = randn(2, 3, 4, 6, seed=0), randn(2, 5, 4, 6, seed=1)
+    expected = nst_loss(s, t, kernel="rbf", sigma2=[0.5, 2.0])
+    torch.testing.assert_close(
+        nst_loss(s, t, kernel="rbf", sigma2=[np.float32(0.5), np.float64(2.0)]), expected)
+    torch.testing.assert_close(kdfast.NSTLoss(kernel="rbf", sigma2=np.float32(0.5))(s, t),
+                               nst_loss(s, t, kernel="rbf", sigma2=0.5))
+    torch.testing.assert_close(kdfast.KDLoss(temperature=np.float64(2.0))(s[:, :, 0, 0],
+                                                                         t[:, :3, 0, 0]),
+                               kd_loss(s[:, :, 0, 0], t[:, :3, 0, 0], temperature=2.0))
 
 
 @by_case()
