@@ -1,4 +1,4 @@
-"""Every Python snippet in README.md and the Markdown under docs/ and benchmarks/ runs as written."""
+"""Every Python snippet in README.md and in the Markdown of docs/ and benchmarks/ runs."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 // Math (Zagoruyko & Komodakis, attention transfer): for features A of shape (B, C, HW),
 //   Q[b, i]   = (1/C) * sum_c |A[b, c, i]|^p
 //   q_hat[b]  = Q[b] / max(||Q[b]||_2, eps)   (||Q|| finite for every finite Q)
-// Backward (DESIGN.md §3), with n = max(||Q[b]||, eps):
+// Backward (docs/design.md), with n = max(||Q[b]||, eps):
 //   dQ[b]     = (dq_hat - <dq_hat, q_hat> q_hat) / n   (dq_hat / eps where ||Q|| <= eps)
 //   dA[b,c,i] = (p/C) |A|^(p-1) sign(A) dQ[b, i]
 // Both passes read A in place through its strides (no contiguous copy) when H and W

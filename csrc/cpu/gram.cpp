@@ -1,4 +1,4 @@
-// Batch-Gram epilogues on the CPU (DESIGN.md §3 "Batch Gram"): everything around the GEMMs
+// Batch-Gram epilogues on the CPU (docs/design.md, "Batch Gram"): everything around the GEMMs
 // of SP and FSP, fused into one loop each. The GEMMs themselves (A = Q Q^T, per-sample
 // P = X_a X_b^T, dQ = S Q, dX = W X) run through ATen's BLAS in kdfast/ops/gram.py on raw
 // views of the features (fp32 accumulation for fp16/bf16 inputs).

@@ -1,4 +1,4 @@
-// Channel MMD (NST) forward and backward on the CPU. The math is DESIGN.md §3 "Channel MMD".
+// Channel MMD (NST) forward and backward on the CPU. The math is docs/design.md, "Channel MMD".
 //
 // Per sample: X (m × D) the student channels, Y (n × D) the teacher's, both read in place
 // (a (C, HW) view of the input, row-major or channels_last). Nothing of feature size is

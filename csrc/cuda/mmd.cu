@@ -1,4 +1,4 @@
-// CUDA epilogues of the channel MMD (NST); the math is DESIGN.md §3 "Channel MMD" and the
+// CUDA epilogues of the channel MMD (NST); the math is docs/design.md, "Channel MMD" and the
 // header comments of csrc/cpu/mmd.cpp. The Grams come from cuBLAS (through ATen in the glue);
 // here: the row norms from their diagonals, the "mean" bandwidth, φ of every normalised entry
 // with the three block sums, the backward matrices M_ss, M_st, M_tt, and the per-sample loss.

@@ -1,5 +1,5 @@
 """``python -m kdfast.bench``: speed, peak memory and fraction-of-floor of every core against
-eager PyTorch, ``torch.compile`` and the naive formulations (DESIGN.md §5).
+eager PyTorch, ``torch.compile`` and the naive formulations (docs/design.md, "Benchmarks").
 
 Modules: :mod:`~kdfast.bench.shapes` (suites, shared with ``benchmarks/``),
 :mod:`~kdfast.bench.cores` (one declarative entry per core), :mod:`~kdfast.bench.providers`

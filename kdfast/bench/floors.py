@@ -1,4 +1,4 @@
-r"""The minimum work of each core (DESIGN.md §3), in one place.
+r"""The minimum work of each core (docs/design.md), in one place.
 
 A row's *floor time* is ``max(bytes / copy_bandwidth, flops / matmul_rate)`` with the two
 machine ceilings measured once per run (:mod:`kdfast.bench.ceilings`); its *fraction of the

@@ -1,6 +1,6 @@
 """Attention p-norm map: q_hat = normalise_HW(mean_C |A|^p) as an autograd Function.
 
-Backward (DESIGN.md §3): with n = max(||Q||, eps),
+Backward (docs/design.md): with n = max(||Q||, eps),
     dQ = (dq_hat - <dq_hat, q_hat> q_hat) / n      (the projection only where ||Q|| > eps)
     dA = (p / C) |A|^(p-1) sign(A) dQ
 Both directions are native (csrc/cpu/attention.cpp, csrc/cuda/attention.cu): one pass that

@@ -1,4 +1,4 @@
-"""Batch-Gram cores: SP's "similarity" and FSP's "fsp" (DESIGN.md §3, "Batch Gram").
+"""Batch-Gram cores: SP's "similarity" and FSP's "fsp" (docs/design.md, "Batch Gram").
 
 Interfaces (inputs already validated and spatially matched; outputs per sample, (B,)):
 

@@ -1,9 +1,10 @@
 """The ``"kd"`` core: per-sample T^2 * KL(softmax(t/T) || softmax(s/T)) over logits.
 
 Only the reference is registered for now. A fused kernel (row-wise online softmax for both
-logits, loss and gradient in one pass; DESIGN.md §3 "Logit KD") registers itself here under
-``"native"`` / ``"triton"`` with the same signature ``fn(student, teacher, temperature) -> (B,)``
-and every logit loss (KD, DML, BAN) picks it up through :func:`kdfast.backends.choose`.
+logits, loss and gradient in one pass; docs/design.md, "Row-wise softmax-KL") registers
+itself here under ``"native"`` / ``"triton"`` with the same signature
+``fn(student, teacher, temperature) -> (B,)`` and every logit loss (KD, DML, BAN) picks it up
+through :func:`kdfast.backends.choose`.
 """
 
 from kdfast import backends

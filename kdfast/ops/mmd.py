@@ -1,4 +1,4 @@
-"""Channel MMD (NST): per-sample MMD² over channels-as-samples, see DESIGN.md §3.
+"""Channel MMD (NST): per-sample MMD² over channels-as-samples, see docs/design.md.
 
 Core ``"channel_mmd"``: fn(student (B, C_s, H, W), teacher (B, C_t, H, W), *, kernel, degree,
 coef, sigma2 (tuple of floats or "mean"), unbiased, teacher_term) -> (B,). The inputs are

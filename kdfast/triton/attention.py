@@ -1,6 +1,6 @@
 r"""Triton attention p-norm map (AT): q̂ = Q / max(‖Q‖, 1e-12), Q = mean_C |A|^p, (B, H·W).
 
-Kernels (DESIGN.md §3, "Attention p-norm"):
+Kernels (docs/design.md, "Attention p-norm"):
 
 * ``_at_forward_kernel``, grid (B, HW blocks): loops over C and reads each feature once,
   writes Q for its block and the block's partial Σ Q² (one slot per program, no atomics).

@@ -1,7 +1,7 @@
 r"""Triton batch-Gram cores: SP (``"similarity"``) and FSP (``"fsp"``), plus the GEMM-shaped
 backward kernel the Gram and MMD cores share.
 
-SP (DESIGN.md §3, "Batch Gram"), Q the features flattened to B × D per network:
+SP (docs/design.md, "Batch Gram"), Q the features flattened to B × D per network:
 
 * ``_sp_gram_kernel``, grid (upper tiles of A, split, network): A = QQᵀ split-K over D, both
   networks in one launch; each program writes its partial tile (and the mirrored tile) into

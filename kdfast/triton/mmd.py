@@ -1,6 +1,6 @@
 r"""Triton channel MMD (NST, core ``"channel_mmd"``): per-sample MMD² over channels-as-samples.
 
-Per sample, X (m = C_s rows) and Y (n = C_t rows) of D = H·W raw features (DESIGN.md §3):
+Per sample, X (m = C_s rows) and Y (n = C_t rows) of D = H·W raw features (docs/design.md):
 
 * ``_mmd_block_kernel``, grid (B, tiles of one block): one launch per block of the stacked
   Gram [X; Y][X; Y]ᵀ — G_ss and G_tt symmetric (upper tiles only, off-diagonal tiles counted
@@ -382,7 +382,7 @@ def _within_divisor(rows: int, unbiased: bool) -> int:
 
 
 def linear_mmd_forward(x, y, unbiased: bool, teacher_term: bool):
-    """Linear kernel without a Gram (DESIGN.md §3): Σ_ij x̂_iᵀŷ_j = S_xᵀS_y, so
+    """Linear kernel without a Gram (docs/design.md): Σ_ij x̂_iᵀŷ_j = S_xᵀS_y, so
     MMD² = (‖S_x‖² [− Σρ²])/d_x − 2 S_x·S_y/(mn) + (‖S_y‖² [− Σρ²])/d_y, d = m² or m(m − 1).
 
     Returns (MMD² (B,), sq_x (B, m), sq_y (B, n), S = [S_x; S_y] (B, 2, D)).

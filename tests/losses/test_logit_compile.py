@@ -1,4 +1,4 @@
-"""torch.compile(fullgraph=True) parity of the logit losses (DESIGN.md §4).
+"""torch.compile(fullgraph=True) parity of the logit losses (docs/design.md, "Testing").
 
 ``backend="aot_eager"`` traces the whole graph with Dynamo and AOTAutograd (forward and
 backward), which is what fullgraph capture needs, without Inductor's code generation (about
