@@ -10,18 +10,22 @@
 
 Layers are dotted paths as ``named_modules()`` gives them (``""`` is the whole model, i.e.
 its output). ``capture="output"`` (default) takes the module's output, ``"input"`` its first
-positional input — e.g. the input of a ReLU is the pre-activation AB needs; when the module is
-an in-place ReLU the input is cloned first, since the ReLU overwrites it.
+positional input — e.g. the input of a ReLU is the pre-activation AB needs. What a term sees
+is the tensor as the module produced it, even when the model later changes it in place
+(``out += identity`` after a BatchNorm, an in-place ReLU): captures are copies by default
+(``clone=True``; see :class:`Distiller`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 CAPTURES = ("output", "input")
+ALL_CALLS = "all"
 
 
 @dataclass
@@ -30,6 +34,15 @@ class Term:
 
     ``teacher_layer`` defaults to ``student_layer``; ``name`` (the key in the returned dict)
     defaults to ``"<loss class>:<student_layer>"``.
+
+    ``call`` says which call of a module that runs several times in one forward pass (one
+    ReLU module reused in a block) the term distils: ``None`` (default) requires exactly one
+    call and raises otherwise; an int picks that call (``0`` the first, ``-1`` the last, in
+    each model); ``"all"`` applies the loss to every call's (student, teacher) pair, in order,
+    and averages the values (both models must then run the module equally often).
+    ``clone``: copy the captured tensor (``True``), keep a reference (``False``, no copy; a
+    later in-place change by the model then raises instead of reaching the loss), or
+    ``None`` (default) for the Distiller's ``clone``.
     """
 
     loss: nn.Module
@@ -38,6 +51,8 @@ class Term:
     weight: float = 1.0
     capture: str = "output"
     name: str | None = None
+    call: int | str | None = None
+    clone: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.loss, nn.Module):
@@ -49,6 +64,18 @@ class Term:
             self.teacher_layer = self.student_layer
         if self.name is None:
             self.name = f"{type(self.loss).__name__}:{self.student_layer}"
+        _check_call_and_clone(self)
+
+
+def _check_call_and_clone(term: Term) -> None:
+    call = term.call
+    if not (call is None or call == ALL_CALLS
+            or (isinstance(call, int) and not isinstance(call, bool))):
+        raise ValueError(f"Term.call must be None (the module runs once), an int (which call: "
+                         f"0 the first, -1 the last) or 'all'; got {call!r}")
+    if term.clone not in (None, True, False):
+        raise TypeError(f"Term.clone must be True, False or None (the Distiller's clone); got "
+                        f"{term.clone!r}")
 
 
 def _module_at(model: nn.Module, path: str, which: str) -> nn.Module:
@@ -70,40 +97,102 @@ def _first_tensor(value, where: str) -> torch.Tensor:
                     "whose output (or first input) is a tensor")
 
 
+def _version(tensor: torch.Tensor) -> int | None:
+    """The in-place version counter, None for an inference tensor (which has none)."""
+    return None if tensor.is_inference() else tensor._version
+
+
+@dataclass
+class _Slot:
+    """What one hook recorded in the current forward: how often its module ran, and the kept
+    calls as (call index, tensor, version at capture; None for a private copy)."""
+
+    calls: int = 0
+    kept: list[tuple[int, torch.Tensor, int | None]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Key:
+    model: str  # "student" | "teacher"
+    path: str
+    capture: str
+    call: int | str | None
+    clone: bool
+
+    def where(self) -> str:
+        return f"the {self.model}'s {self.capture} of {self.path or '<model>'!r}"
+
+
 class _Recorder:
-    """Forward hooks that store one tensor per (model, layer, capture) for the current step."""
+    """Forward hooks that keep, per hooked (model, layer, capture, call, clone), the captured
+    tensors of the current forward pass."""
 
     def __init__(self) -> None:
-        self.values: dict[tuple[str, str, str], torch.Tensor] = {}
+        self.slots: dict[_Key, _Slot] = {}
         self.handles: list = []
 
-    def hook(self, model: nn.Module, model_name: str, path: str, capture: str) -> None:
-        key = (model_name, path, capture)
-        module = _module_at(model, path, model_name)
-        where = f"{model_name}.{path or '<model>'}"
-        if capture == "output":
-            def on_output(_module, _inputs, output):
-                self.values[key] = _first_tensor(output, where)
-            self.handles.append(module.register_forward_hook(on_output))
+    def hook(self, model: nn.Module, key: _Key) -> None:
+        if key in self.slots:
+            return
+        slot = self.slots[key] = _Slot()  # reset in place by clear(), never replaced
+        module = _module_at(model, key.path, key.model)
+        where = f"{key.model}.{key.path or '<model>'}"
+
+        def record(value) -> None:
+            index, slot.calls = slot.calls, slot.calls + 1
+            if key.call is None and index > 0:
+                return  # counted only: take() raises on a second call
+            if isinstance(key.call, int) and key.call >= 0 and index != key.call:
+                return
+            tensor = _first_tensor(value, where)
+            version = None if key.clone else _version(tensor)
+            if version is None:  # a copy, or an inference tensor that cannot be checked
+                tensor = tensor.clone()
+            slot.kept.append((index, tensor, version))
+            if isinstance(key.call, int) and key.call < 0:
+                del slot.kept[:key.call]  # keep the last -call calls only
+
+        if key.capture == "output":
+            handle = module.register_forward_hook(lambda _m, _i, output: record(output))
         else:
-            clone = isinstance(module, (nn.ReLU, nn.ReLU6, nn.LeakyReLU)) and module.inplace
+            handle = module.register_forward_pre_hook(lambda _m, inputs: record(inputs))
+        self.handles.append(handle)
 
-            def on_input(_module, inputs):
-                value = _first_tensor(inputs, where)
-                self.values[key] = value.clone() if clone else value
-            self.handles.append(module.register_forward_pre_hook(on_input))
+    def take(self, key: _Key, term: str) -> list[torch.Tensor]:
+        """The tensors of the term's call(s), checked to be unchanged since their capture."""
+        slot = self.slots[key]
+        if slot.calls == 0:
+            raise RuntimeError(f"layer {key.path!r} of the {key.model} did not run in this "
+                               "forward pass; check the layer name and the model's forward")
+        if key.call is None and slot.calls > 1:
+            raise RuntimeError(
+                f"{key.where()} ran {slot.calls} times in one forward pass (a module reused "
+                f"in the forward, e.g. one shared ReLU); say which call Term {term!r} distils: "
+                "Term(..., call=0) for the first, call=-1 for the last, or call='all' for the "
+                "loss averaged over every call")
+        if isinstance(key.call, int) and not -slot.calls <= key.call < slot.calls:
+            raise RuntimeError(f"Term {term!r} has call={key.call} but {key.where()} ran "
+                               f"{slot.calls} times in this forward pass")
+        kept = slot.kept if key.call == ALL_CALLS else slot.kept[:1]
+        for index, tensor, version in kept:
+            if version is not None and tensor._version != version:
+                raise RuntimeError(
+                    f"{key.where()} (call {index}) was changed in place after it was captured "
+                    "(by a later in-place op of the model, e.g. `out += identity` or "
+                    f"ReLU(inplace=True)), so Term {term!r} would see the changed values; "
+                    "capture a copy: Term(..., clone=True) or Distiller(..., clone=True)")
+        return [tensor for _, tensor, _ in kept]
 
-    def take(self, key: tuple[str, str, str]) -> torch.Tensor:
-        if key not in self.values:
-            raise RuntimeError(f"layer {key[1]!r} of the {key[0]} did not run in this forward "
-                               "pass; check the layer name and the model's forward")
-        return self.values[key]
+    def clear(self) -> None:
+        for slot in self.slots.values():
+            slot.calls = 0
+            slot.kept.clear()
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        self.values.clear()
+        self.slots.clear()
 
 
 class Distiller(nn.Module):
@@ -113,22 +202,44 @@ class Distiller(nn.Module):
     same inputs and returns ``(student_output, total, terms)``: the student's own output (for
     the task loss), the weighted sum of the terms, and a dict name -> unweighted term value.
 
+    Args:
+        student, teacher: the two models; the teacher is kept outside the module tree.
+        terms: the :class:`Term` list (at least one).
+        teacher_mode: ``"eval"`` (default) or ``"train"``, the teacher's mode in the forward.
+        clone: the default of :attr:`Term.clone`. ``True`` (default): every captured tensor is
+            copied when its module returns, so a term sees the values the module produced even
+            when the model changes the tensor in place afterwards (torchvision's BasicBlock
+            does ``out += identity; relu_(out)`` on ``bn2``'s output). ``False``: no copy; the
+            tensor's version counter is recorded instead and a term whose tensor was changed
+            in place raises (never a silently changed value). The copy costs one feature map
+            per captured layer and model; measured on a small ResNet (CPU, batch 64, 4 terms),
+            a training step's time is unchanged within noise and its peak memory grows 8 %
+            (the student's three captured maps, 7 MiB).
+
+    A module that runs more than once per forward raises unless its term picks a call (see
+    :attr:`Term.call`).
+
     The loss modules are submodules, so connectors inside them (FitNet, AB) are trainable
     parameters: hand ``distiller.parameters()`` — the student's and the connectors', never the
-    teacher's, which is kept outside the module tree — to the optimiser, after
-    :meth:`build` if a loss creates its connector from the first shapes it sees.
+    teacher's — to the optimiser, after :meth:`build` if a loss creates its connector from
+    the first shapes it sees (a build that creates parameters after ``parameters()`` was
+    called warns). A checkpoint (``state_dict()``) records how such connectors were built:
+    ``load_state_dict`` into a fresh Distiller creates them, no example batch needed.
 
     Hooks live while the distiller is used as a context manager (or between :meth:`attach`
-    and :meth:`detach`); a forward outside raises.
+    and :meth:`detach`); a forward outside raises. Nesting is allowed: the hooks go when the
+    outermost ``with`` (or the last :meth:`detach` of as many as :meth:`attach`) ends.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, terms: list[Term],
-                 teacher_mode: str = "eval") -> None:
+                 teacher_mode: str = "eval", clone: bool = True) -> None:
         super().__init__()
         if not terms:
             raise ValueError("terms must hold at least one kdfast.Term")
         if teacher_mode not in ("eval", "train"):
             raise ValueError(f"teacher_mode must be 'eval' or 'train'; got {teacher_mode!r}")
+        if not isinstance(clone, bool):
+            raise TypeError(f"clone must be True or False; got {clone!r}")
         self.student = student
         # A plain attribute, not a submodule: the teacher's parameters stay out of
         # parameters(), state_dict() and .to() of the distiller.
@@ -136,6 +247,7 @@ class Distiller(nn.Module):
         self.terms = list(terms)
         self.losses = nn.ModuleList(term.loss for term in self.terms)
         self.teacher_mode = teacher_mode
+        self.clone = clone
         names = [term.name for term in self.terms]
         if len(set(names)) != len(names):
             raise ValueError(f"Term names must be unique, got {names}; pass name=... to tell "
@@ -144,19 +256,32 @@ class Distiller(nn.Module):
             _module_at(student, term.student_layer, "student")
             _module_at(teacher, term.teacher_layer, "teacher")
         self._recorder: _Recorder | None = None
+        self._depth = 0  # attach() calls not yet matched by detach()
+        self._parameters_handed_out = False
+
+    def _keys(self, term: Term) -> tuple[_Key, _Key]:
+        clone = self.clone if term.clone is None else term.clone
+        return (_Key("student", term.student_layer, term.capture, term.call, clone),
+                _Key("teacher", term.teacher_layer, term.capture, term.call, clone))
 
     def attach(self) -> Distiller:
-        if self._recorder is not None:
-            return self
-        recorder = _Recorder()
-        for term in self.terms:
-            recorder.hook(self.student, "student", term.student_layer, term.capture)
-            recorder.hook(self.teacher, "teacher", term.teacher_layer, term.capture)
-        self._recorder = recorder
+        """Registers the hooks (once; nested calls only count, see :meth:`detach`)."""
+        if self._depth == 0:
+            recorder = _Recorder()
+            for term in self.terms:
+                student_key, teacher_key = self._keys(term)
+                recorder.hook(self.student, student_key)
+                recorder.hook(self.teacher, teacher_key)
+            self._recorder = recorder
+        self._depth += 1
         return self
 
     def detach(self) -> None:
-        if self._recorder is not None:
+        """Undoes one :meth:`attach`; the hooks are removed by the last one."""
+        if self._depth == 0:
+            return
+        self._depth -= 1
+        if self._depth == 0:
             self._recorder.remove()
             self._recorder = None
 
@@ -176,13 +301,25 @@ class Distiller(nn.Module):
             self.teacher.train(was_training)
 
     def _capture(self, inputs, kwargs):
-        self._recorder.values.clear()
+        self._recorder.clear()
         self._run_teacher(inputs, kwargs)
         return self.student(*inputs, **kwargs)
 
-    def _captured(self, term: Term) -> tuple[torch.Tensor, torch.Tensor]:
-        return (self._recorder.take(("student", term.student_layer, term.capture)),
-                self._recorder.take(("teacher", term.teacher_layer, term.capture)))
+    def _captured(self, term: Term) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The (student, teacher) pairs of the term: one, or one per call for call='all'."""
+        student_key, teacher_key = self._keys(term)
+        students = self._recorder.take(student_key, term.name)
+        teachers = self._recorder.take(teacher_key, term.name)
+        if len(students) != len(teachers):
+            raise RuntimeError(
+                f"Term {term.name!r} has call='all', which pairs the calls in order, but the "
+                f"student's {term.student_layer!r} ran {len(students)} times and the teacher's "
+                f"{term.teacher_layer!r} {len(teachers)} times; pick one call with call=k")
+        return list(zip(students, teachers, strict=True))
+
+    def _term_value(self, term: Term) -> torch.Tensor:
+        values = [term.loss(student, teacher) for student, teacher in self._captured(term)]
+        return values[0] if len(values) == 1 else sum(values[1:], values[0]) / len(values)
 
     def forward(self, *inputs, **kwargs):
         if self._recorder is None:
@@ -192,28 +329,45 @@ class Distiller(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         total = None
         for term in self.terms:
-            value = term.loss(*self._captured(term))
+            value = self._term_value(term)
             terms[term.name] = value
             weighted = term.weight * value
             total = weighted if total is None else total + weighted
-        self._recorder.values.clear()
+        self._recorder.clear()
         return output, total, terms
+
+    def named_parameters(self, *args, **kwargs):
+        self._parameters_handed_out = True  # parameters() goes through here too
+        return super().named_parameters(*args, **kwargs)
+
+    def _warn_if_late(self, built: list[str], by: str, stacklevel: int) -> None:
+        if built and self._parameters_handed_out:
+            warnings.warn(
+                f"{by} created connector parameters for the terms {built} after "
+                "distiller.parameters() was called: an optimiser (or DDP) made from that call "
+                "does not train them. Create the optimiser after build() / load_state_dict(), "
+                "or add them with optimizer.add_param_group(...)", UserWarning,
+                stacklevel=stacklevel)
 
     def _parameter_dtype(self) -> torch.dtype:
         floating = (p.dtype for p in self.student.parameters() if p.is_floating_point())
         return next(floating, torch.get_default_dtype())
+
+    def _parameter_device(self) -> torch.device:
+        return next((p.device for p in self.student.parameters()), torch.device("cpu"))
 
     @torch.no_grad()
     def build(self, *example_inputs, **kwargs) -> list[str]:
         """Creates connectors from the feature shapes seen on one example batch.
 
         Every loss with a ``build_connector(student_shape, teacher_shape)`` method (FitNetLoss,
-        ABLoss built without channel counts) gets the captured shapes and builds its
-        connector where the shapes differ, on the student features' device and in the
-        student's parameter dtype. Call it
-        before creating the optimiser. Returns the names of the terms that built one.
+        ABLoss built without channel counts) gets the captured shapes (of the first call with
+        ``call="all"``) and builds its connector where the shapes differ, on the student
+        features' device and in the student's parameter dtype. Call it before creating the
+        optimiser (it warns when it creates parameters after ``parameters()`` was called).
+        Returns the names of the terms that built one.
         """
-        attached, was_training = self._recorder is not None, self.training
+        was_training = self.training
         self.attach()
         self.eval()  # no batch-norm statistics move on the example batch
         built = []
@@ -223,13 +377,30 @@ class Distiller(nn.Module):
                 builder = getattr(term.loss, "build_connector", None)
                 if builder is None:
                     continue
-                student_value, teacher_value = self._captured(term)
+                student_value, teacher_value = self._captured(term)[0]
                 if builder(student_value.shape, teacher_value.shape):
                     term.loss.to(device=student_value.device, dtype=self._parameter_dtype())
                     built.append(term.name)
         finally:
-            self._recorder.values.clear()
+            self._recorder.clear()
             self.train(was_training)
-            if not attached:
-                self.detach()
+            self.detach()
+        self._warn_if_late(built, "Distiller.build()", stacklevel=4)  # past torch.no_grad's
         return built
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; a FitNet/AB connector that :meth:`build` created in
+        the saved distiller is created here from the checkpoint (on the student's device, in
+        its parameter dtype), so a fresh distiller loads without an example batch."""
+        unbuilt = [term for term in self.terms if _lacks_connector(term.loss)]
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        built = [term for term in unbuilt if not _lacks_connector(term.loss)]
+        for term in built:
+            term.loss.to(device=self._parameter_device(), dtype=self._parameter_dtype())
+        self._warn_if_late([term.name for term in built], "Distiller.load_state_dict()",
+                           stacklevel=3)
+        return result
+
+
+def _lacks_connector(loss: nn.Module) -> bool:
+    return hasattr(loss, "build_connector") and getattr(loss, "connector", None) is None

@@ -52,6 +52,26 @@ def test_compiled_loss_matches_eager(name):
     assert_rel_close(grad, ref_grad, 1e-12, "gradient")
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_fsp_pair_of_one_tensor_compiles(backend):
+    # [(s, s)] hands one tensor to two inputs of the core, which Dynamo cannot trace into an
+    # autograd Function ("duplicate tensor input"); here the teacher is the student as well.
+    if not kdfast.available_backends()[backend]:
+        pytest.skip(f"{backend} not built")
+
+    def fn(s, t, backend=backend):
+        return (KF.fsp_loss([(s, s)], [(t, t)], backend=backend)
+                + KF.fsp_loss([(s, s.flip(1))], [(s, s)], backend=backend))
+
+    student, teacher = make(2, 3, 4, 4, seed=5), make(2, 3, 2, 2, seed=6)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out, grad = value_and_grad(compiled, student, teacher)
+    ref_out, ref_grad = value_and_grad(lambda s, t: fn(s, t, "reference"), student, teacher)
+    assert_rel_close(out, ref_out, 1e-12, "value")
+    assert_rel_close(grad, ref_grad, 1e-12, "gradient")
+
+
 @pytest.mark.skipif(not kdfast.available_backends()["native"], reason="native not built")
 def test_auto_picks_native_inside_compile_and_inductor_matches():
     student, teacher = make(2, 6, 5, 5, seed=2).float(), make(2, 4, 5, 5, seed=3).float()

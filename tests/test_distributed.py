@@ -4,11 +4,14 @@ DDP's gradient averaging turns into the full-batch gradient)."""
 
 import os
 import tempfile
+import warnings
+from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed import _functional_collectives
 
 from kdfast.functional import rkd_loss, sp_loss
 
@@ -31,29 +34,49 @@ def _worker(rank: int, init_file: str, results: str) -> None:
         student, teacher = full_batch()
         start = sum(SIZES[:rank])
         local = slice(start, start + SIZES[rank])
+
+        def run(suffix=""):
+            for name, loss in (("sp", sp_loss), ("rkd", rkd_loss)):
+                s = student[local].clone().requires_grad_(True)
+                value = loss(s, teacher[local], gather=True)
+                (grad,) = torch.autograd.grad(value, s)
+                out[name + suffix] = (value.detach(), grad)
+
         out = {}
-        for name, loss in (("sp", sp_loss), ("rkd", rkd_loss)):
-            s = student[local].clone().requires_grad_(True)
-            value = loss(s, teacher[local], gather=True)
-            (grad,) = torch.autograd.grad(value, s)
-            out[name] = (value.detach(), grad)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run()
+        out["future_warnings"] = [str(w.message) for w in caught
+                                  if issubclass(w.category, FutureWarning)]
+        # The fallback of a torch without all_gather_single_autograd (2.4).
+        with mock.patch.object(_functional_collectives, "all_gather_single_autograd", None,
+                               create=True), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            run("-fallback")
         torch.save(out, os.path.join(results, f"rank{rank}.pt"))
         dist.barrier()  # no rank tears gloo down while the other is still in a collective
     finally:
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("fallback", ["", "-fallback"])
 @pytest.mark.parametrize("name,loss", [("sp", sp_loss), ("rkd", rkd_loss)])
-def test_gather_equals_single_process_on_the_global_batch(name, loss, gathered_results):
+def test_gather_equals_single_process_on_the_global_batch(name, loss, fallback,
+                                                          gathered_results):
     student, teacher = full_batch()
     s = student.clone().requires_grad_(True)
     expected = loss(s, teacher)
     (expected_grad,) = torch.autograd.grad(expected, s)
     for rank in range(WORLD):
-        value, grad = gathered_results[rank][name]
+        value, grad = gathered_results[rank][name + fallback]
         torch.testing.assert_close(value, expected.detach())
         start = sum(SIZES[:rank])
         torch.testing.assert_close(grad, WORLD * expected_grad[start:start + SIZES[rank]])
+
+
+def test_gather_raises_no_deprecation_warning(gathered_results):
+    for rank in range(WORLD):
+        assert gathered_results[rank]["future_warnings"] == []
 
 
 @pytest.fixture(scope="module")

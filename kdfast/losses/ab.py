@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 from kdfast import _checks, backends
-from kdfast.losses._module import FunctionalLoss
-from kdfast.losses.fitnet import apply_connector, make_connector
+from kdfast.losses.fitnet import ConnectorLoss, apply_connector, make_connector
 from kdfast.reference.ab import ab_loss as reference_ab_loss
 
 CORE = "ab"  # no fused core: reference only, registered so `backend=` behaves as elsewhere
@@ -71,7 +71,7 @@ def ab_loss(student_preact: torch.Tensor, teacher_preact: torch.Tensor, *,
     return _checks.reduce(core(student, teacher, float(margin)), reduction)
 
 
-class ABLoss(FunctionalLoss):
+class ABLoss(ConnectorLoss):
     """Module form of :func:`kdfast.functional.ab_loss`; ``forward(student_preact,
     teacher_preact)``.
 
@@ -100,17 +100,20 @@ class ABLoss(FunctionalLoss):
         super().__init__(margin=margin, pool=pool, reduction=reduction, backend=backend)
         if (student_channels is None) != (teacher_channels is None):
             raise ValueError("pass both student_channels and teacher_channels or neither")
-        self.connector = None
+        self.connector = self.connector_spec = None
         if student_channels is not None and student_channels != teacher_channels:
-            self.connector = make_connector(student_channels, teacher_channels, relu=False)
+            self._set_connector(student_channels, teacher_channels)
 
     def build_connector(self, student_shape, teacher_shape) -> bool:
         """Creates the 1x1 conv + BN connector from observed (B, C, H, W) shapes when there is
         none and the channels differ (what :meth:`kdfast.Distiller.build` calls)."""
         if self.connector is not None or student_shape[1] == teacher_shape[1]:
             return False
-        self.connector = make_connector(student_shape[1], teacher_shape[1], relu=False)
+        self._set_connector(student_shape[1], teacher_shape[1])
         return True
+
+    def _new_connector(self, student, teacher) -> nn.Module:
+        return make_connector(student, teacher, relu=False)
 
     def forward(self, student_preact: torch.Tensor, teacher_preact: torch.Tensor
                 ) -> torch.Tensor:

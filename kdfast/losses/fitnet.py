@@ -156,7 +156,72 @@ def _shape(channels: int, size) -> tuple[int, ...] | int:
     raise TypeError(f"a feature size must be an int or (H, W), got {size!r}")
 
 
-class FitNetLoss(FunctionalLoss):
+_EXTRA_STATE = "_extra_state"  # nn.Module's key for get_extra_state()
+
+
+def _spec(value):
+    """A connector spec in one comparable form: ints, and tuples of ints for shapes."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_spec(v) for v in value)
+    return int(value)
+
+
+class ConnectorLoss(FunctionalLoss):
+    """Base of the losses with a trainable ``connector`` that may be built after construction
+    (:meth:`build_connector`, from the first feature shapes; what
+    :meth:`kdfast.Distiller.build` calls).
+
+    The state dict records what the connector was built from (its ``_extra_state`` entry:
+    ``{"connector": (student, teacher)}``), so that ``load_state_dict`` into a loss without a
+    connector builds the same one first — like the checkpoint's tensors in dtype and device —
+    and then loads its weights: a checkpoint loads without an example batch. (The weight
+    shapes alone would not tell a 3x3 stride-2 conv from a valid 3x3 one.) A loss whose
+    connector was built differently gets a load error; a checkpoint without the entry (older
+    kdfast) loads into a loss that already has its connector.
+    """
+
+    connector: nn.Module | None
+    connector_spec: tuple | None  # (student, teacher) as given to _new_connector
+
+    def _new_connector(self, student, teacher) -> nn.Module:
+        raise NotImplementedError
+
+    def _set_connector(self, student, teacher) -> None:
+        self.connector = self._new_connector(student, teacher)
+        self.connector_spec = _spec((student, teacher))
+
+    def get_extra_state(self) -> dict:
+        return {"connector": self.connector_spec}
+
+    def set_extra_state(self, state) -> None:
+        pass  # read by _load_from_state_dict, which also sees the connector's weights
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        key = prefix + _EXTRA_STATE
+        state = state_dict.get(key)
+        saved = state.get("connector") if isinstance(state, dict) else None
+        if saved is not None:
+            saved = _spec(saved)
+            if self.connector is None:
+                self._set_connector(*saved)
+                weights = [v for k, v in state_dict.items()
+                           if k.startswith(prefix + "connector.") and v.is_floating_point()]
+                if weights:
+                    self.connector.to(device=weights[0].device, dtype=weights[0].dtype)
+            elif saved != self.connector_spec:
+                error_msgs.append(
+                    f"{prefix}connector: the checkpoint's was built for (student, teacher) = "
+                    f"{saved} but this {type(self).__name__} has one for "
+                    f"{self.connector_spec}; construct the loss like the saved one, or without "
+                    "a connector (the checkpoint then builds it)")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if state is None and key in missing_keys:
+            missing_keys.remove(key)  # a checkpoint from before the entry existed
+
+
+class FitNetLoss(ConnectorLoss):
     """FitNets hint loss with its trainable connector, :func:`kdfast.functional.fitnet_loss`.
 
     ``forward(student, teacher)`` = ``fitnet_loss(student, teacher, connector=self.connector,
@@ -199,19 +264,22 @@ class FitNetLoss(FunctionalLoss):
         if student_channels is None and student_size is not None:
             raise ValueError("student_size/teacher_size need student_channels and "
                              "teacher_channels")
-        self.connector = None if student_channels is None else make_connector(
-            _shape(student_channels, student_size), _shape(teacher_channels, teacher_size),
-            relu=relu)
         self.relu = relu  # of a connector built later by build_connector
+        self.connector = self.connector_spec = None
+        if student_channels is not None:
+            self._set_connector(_shape(student_channels, student_size),
+                                _shape(teacher_channels, teacher_size))
 
     def build_connector(self, student_shape, teacher_shape) -> bool:
         """Creates the connector from observed (B, C, H, W) feature shapes when there is none
         and the shapes differ (what :meth:`kdfast.Distiller.build` calls); True if built."""
         if self.connector is not None or tuple(student_shape[1:]) == tuple(teacher_shape[1:]):
             return False
-        self.connector = make_connector(tuple(student_shape), tuple(teacher_shape),
-                                        relu=self.relu)
+        self._set_connector(tuple(student_shape[1:]), tuple(teacher_shape[1:]))
         return True
+
+    def _new_connector(self, student, teacher) -> nn.Module:
+        return make_connector(student, teacher, relu=self.relu)
 
     @classmethod
     def from_shapes(cls, student_shape, teacher_shape, **options) -> FitNetLoss:

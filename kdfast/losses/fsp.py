@@ -51,6 +51,18 @@ def _matched_pair(name: str, i: int, a: torch.Tensor, b: torch.Tensor, pool: boo
     return _checks.match_spatial(a, b, pool, names)
 
 
+def _distinct(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors, each repeat of an earlier one replaced by a view of it: the fused cores are
+    autograd Functions, which torch.compile cannot trace when one tensor fills two inputs
+    (``[(s, s)]``). A view costs no copy, and autograd still sums both gradients into ``s``."""
+    distinct: list[torch.Tensor] = []
+    for tensor in tensors:
+        if any(tensor is earlier for earlier in distinct):
+            tensor = tensor.view_as(tensor)
+        distinct.append(tensor)
+    return distinct
+
+
 def fsp_loss(student_pairs: Pairs, teacher_pairs: Pairs, *, pool: bool = True,
              reduction: str = "mean", backend: str | None = None) -> torch.Tensor:
     r"""FSP loss (Yim et al., 2017) over pairs of layers.
@@ -100,8 +112,8 @@ def fsp_loss(student_pairs: Pairs, teacher_pairs: Pairs, *, pool: bool = True,
                              f"{s_channels} but teacher_pairs[{i}] has {t_channels}; FSP "
                              "compares C_a x C_b matrices, so pick layers with equal channel "
                              "counts or map the student's maps with a 1x1 conv first")
-        fsp = backends.choose("fsp", backend, s_a, s_b, t_a, t_b).fn
-        pair_loss = fsp(s_a, s_b, t_a, t_b)
+        inputs = _distinct(s_a, s_b, t_a, t_b)
+        pair_loss = backends.choose("fsp", backend, *inputs).fn(*inputs)
         total = pair_loss if total is None else total + pair_loss
     return _checks.reduce(total, reduction)
 
