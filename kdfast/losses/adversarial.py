@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from kdfast import _checks
+from kdfast.losses._module import OptionAttributes
 from kdfast.losses.kd import check_logit_pair
 from kdfast.reference import adversarial as reference
 from kdfast.reference.adversarial import GAN_KINDS
@@ -19,6 +20,13 @@ def check_adversarial_options(kind: str = "lsgan", l1_weight: float = 1.0,
     _checks.check_choice("kind", kind, GAN_KINDS)
     _checks.check_positive("l1_weight", l1_weight, inclusive=True)
     _checks.check_choice("reduction", reduction, _checks.REDUCTIONS)
+
+
+def check_discriminator_steps(discriminator_steps: int) -> None:
+    if isinstance(discriminator_steps, bool) or not isinstance(discriminator_steps, int) \
+            or discriminator_steps < 1:
+        raise ValueError(f"discriminator_steps must be a positive int, got "
+                         f"{discriminator_steps!r}")
 
 
 class ConditionalDiscriminator(nn.Module):
@@ -158,7 +166,7 @@ def adversarial_student_loss(discriminator: Callable, student_logits: torch.Tens
     return _checks.reduce(per_sample, reduction)
 
 
-class AdversarialKD(nn.Module):
+class AdversarialKD(OptionAttributes, nn.Module):
     """Alternating steps of KD with a conditional adversarial network.
 
     Holds the discriminator and its optimizer. ``step(student_logits, teacher_logits,
@@ -176,6 +184,7 @@ class AdversarialKD(nn.Module):
         discriminator_steps: D updates per call, default 1.
 
     Attributes:
+        kind, l1_weight, discriminator_steps: the options, checked on assignment.
         last_discriminator_loss: the (detached) D loss of the last update.
 
     Example:
@@ -194,17 +203,16 @@ class AdversarialKD(nn.Module):
         if not isinstance(discriminator, nn.Module):
             raise TypeError(f"discriminator must be an nn.Module, got "
                             f"{type(discriminator).__name__}")
-        check_adversarial_options(kind, l1_weight)
-        if isinstance(discriminator_steps, bool) or not isinstance(discriminator_steps, int) \
-                or discriminator_steps < 1:
-            raise ValueError(f"discriminator_steps must be a positive int, got "
-                             f"{discriminator_steps!r}")
+        self._set_options(kind=kind, l1_weight=l1_weight,
+                          discriminator_steps=discriminator_steps)
         self.discriminator = discriminator
         self.optimizer = optimizer or torch.optim.Adam(discriminator.parameters(), lr=2e-4,
                                                        betas=(0.5, 0.999))
-        self.kind, self.l1_weight = kind, l1_weight
-        self.discriminator_steps = discriminator_steps
         self.last_discriminator_loss: torch.Tensor | None = None
+
+    def _check_options(self, options: dict) -> None:
+        check_adversarial_options(options["kind"], options["l1_weight"])
+        check_discriminator_steps(options["discriminator_steps"])
 
     def discriminator_step(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                            labels: torch.Tensor) -> torch.Tensor:
