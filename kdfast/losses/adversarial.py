@@ -112,7 +112,9 @@ def discriminator_loss(discriminator: Callable, student_logits: torch.Tensor,
     ``kind="lsgan"`` (default): :math:`\tfrac12 (D(z_t, y) - 1)^2 + \tfrac12 D(z_s, y)^2`;
     ``kind="bce"``: :math:`-\log\sigma(D(z_t, y)) - \log(1 - \sigma(D(z_s, y)))`, per sample,
     then ``reduction`` over the batch. Both logits are **detached**: backward reaches the
-    discriminator's parameters only.
+    discriminator's parameters only. The discriminator sees both logits in their promoted
+    dtype (the dtype rule of every loss), so its parameters must have that dtype (or run it
+    under ``torch.autocast``).
 
     Args:
         discriminator: ``D(logits, labels) -> (B,)`` raw scores, e.g.
@@ -147,7 +149,8 @@ def adversarial_student_loss(discriminator: Callable, student_logits: torch.Tens
     batch. Default :math:`\lambda` = ``l1_weight=1.0`` (kdfast's choice; the paper tunes the
     balance per data set). The teacher is detached, and the discriminator's parameters get
     **no gradient** from this loss (only the student does). Add the label cross-entropy
-    yourself if you want it.
+    yourself if you want it. As in :func:`discriminator_loss`, the discriminator sees the
+    logits in their promoted dtype.
 
     Args:
         discriminator: ``D(logits, labels) -> (B,)`` raw scores.
