@@ -81,7 +81,9 @@ def check_real(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     number = float(value)
-    if not math.isfinite(number):
+    # A comparison, not math.isfinite: under torch.compile a changed float option is traced
+    # as a symbolic float, which comparisons guard on and isfinite cannot take.
+    if not abs(number) < math.inf:
         raise ValueError(f"{name} must be a finite number, got {number}")
     return number
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from kdfast import _checks
+
 CAPTURES = ("output", "input")
 ALL_CALLS = "all"
 
@@ -60,6 +62,7 @@ class Term:
                             f"{type(self.loss).__name__}")
         if self.capture not in CAPTURES:
             raise ValueError(f"Term.capture must be 'output' or 'input'; got {self.capture!r}")
+        self.weight = _checks.check_real("Term.weight", self.weight)
         if self.teacher_layer is None:
             self.teacher_layer = self.student_layer
         if self.name is None:
@@ -76,6 +79,20 @@ def _check_call_and_clone(term: Term) -> None:
     if term.clone not in (None, True, False):
         raise TypeError(f"Term.clone must be True, False or None (the Distiller's clone); got "
                         f"{term.clone!r}")
+
+
+def _in_term(error: Exception, term: Term) -> Exception | None:
+    """``error`` rebuilt with its message prefixed by the term and its layers: the same type,
+    so ``except ValueError`` still catches it. None (after adding the context as a note where
+    Python has notes) for a type that cannot be rebuilt from one message."""
+    where = (f"in Term {term.name!r} (student layer {term.student_layer!r}, teacher layer "
+             f"{term.teacher_layer!r}, capture={term.capture!r})")
+    try:
+        return type(error)(f"{where}: {error}")
+    except Exception:  # an exception type whose constructor takes other arguments
+        if hasattr(error, "add_note"):
+            error.add_note(where)
+        return None
 
 
 def _module_at(model: nn.Module, path: str, which: str) -> nn.Module:
@@ -329,7 +346,13 @@ class Distiller(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         total = None
         for term in self.terms:
-            value = self._term_value(term)
+            try:
+                value = self._term_value(term)
+            except Exception as error:
+                wrapped = _in_term(error, term)
+                if wrapped is None:
+                    raise
+                raise wrapped from error
             terms[term.name] = value
             weighted = term.weight * value
             total = weighted if total is None else total + weighted

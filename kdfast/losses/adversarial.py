@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from kdfast import _checks
+from kdfast.losses._module import OptionAttributes
 from kdfast.losses.kd import check_logit_pair
 from kdfast.reference import adversarial as reference
 from kdfast.reference.adversarial import GAN_KINDS
@@ -19,6 +20,13 @@ def check_adversarial_options(kind: str = "lsgan", l1_weight: float = 1.0,
     _checks.check_choice("kind", kind, GAN_KINDS)
     _checks.check_positive("l1_weight", l1_weight, inclusive=True)
     _checks.check_choice("reduction", reduction, _checks.REDUCTIONS)
+
+
+def check_discriminator_steps(discriminator_steps: int) -> None:
+    if isinstance(discriminator_steps, bool) or not isinstance(discriminator_steps, int) \
+            or discriminator_steps < 1:
+        raise ValueError(f"discriminator_steps must be a positive int, got "
+                         f"{discriminator_steps!r}")
 
 
 class ConditionalDiscriminator(nn.Module):
@@ -104,7 +112,9 @@ def discriminator_loss(discriminator: Callable, student_logits: torch.Tensor,
     ``kind="lsgan"`` (default): :math:`\tfrac12 (D(z_t, y) - 1)^2 + \tfrac12 D(z_s, y)^2`;
     ``kind="bce"``: :math:`-\log\sigma(D(z_t, y)) - \log(1 - \sigma(D(z_s, y)))`, per sample,
     then ``reduction`` over the batch. Both logits are **detached**: backward reaches the
-    discriminator's parameters only.
+    discriminator's parameters only. The discriminator sees both logits in their promoted
+    dtype (the dtype rule of every loss), so its parameters must have that dtype (or run it
+    under ``torch.autocast``).
 
     Args:
         discriminator: ``D(logits, labels) -> (B,)`` raw scores, e.g.
@@ -139,7 +149,8 @@ def adversarial_student_loss(discriminator: Callable, student_logits: torch.Tens
     batch. Default :math:`\lambda` = ``l1_weight=1.0`` (kdfast's choice; the paper tunes the
     balance per data set). The teacher is detached, and the discriminator's parameters get
     **no gradient** from this loss (only the student does). Add the label cross-entropy
-    yourself if you want it.
+    yourself if you want it. As in :func:`discriminator_loss`, the discriminator sees the
+    logits in their promoted dtype.
 
     Args:
         discriminator: ``D(logits, labels) -> (B,)`` raw scores.
@@ -158,7 +169,7 @@ def adversarial_student_loss(discriminator: Callable, student_logits: torch.Tens
     return _checks.reduce(per_sample, reduction)
 
 
-class AdversarialKD(nn.Module):
+class AdversarialKD(OptionAttributes, nn.Module):
     """Alternating steps of KD with a conditional adversarial network.
 
     Holds the discriminator and its optimizer. ``step(student_logits, teacher_logits,
@@ -176,6 +187,7 @@ class AdversarialKD(nn.Module):
         discriminator_steps: D updates per call, default 1.
 
     Attributes:
+        kind, l1_weight, discriminator_steps: the options, checked on assignment.
         last_discriminator_loss: the (detached) D loss of the last update.
 
     Example:
@@ -194,17 +206,16 @@ class AdversarialKD(nn.Module):
         if not isinstance(discriminator, nn.Module):
             raise TypeError(f"discriminator must be an nn.Module, got "
                             f"{type(discriminator).__name__}")
-        check_adversarial_options(kind, l1_weight)
-        if isinstance(discriminator_steps, bool) or not isinstance(discriminator_steps, int) \
-                or discriminator_steps < 1:
-            raise ValueError(f"discriminator_steps must be a positive int, got "
-                             f"{discriminator_steps!r}")
+        self._set_options(kind=kind, l1_weight=l1_weight,
+                          discriminator_steps=discriminator_steps)
         self.discriminator = discriminator
         self.optimizer = optimizer or torch.optim.Adam(discriminator.parameters(), lr=2e-4,
                                                        betas=(0.5, 0.999))
-        self.kind, self.l1_weight = kind, l1_weight
-        self.discriminator_steps = discriminator_steps
         self.last_discriminator_loss: torch.Tensor | None = None
+
+    def _check_options(self, options: dict) -> None:
+        check_adversarial_options(options["kind"], options["l1_weight"])
+        check_discriminator_steps(options["discriminator_steps"])
 
     def discriminator_step(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                            labels: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdfast import _checks
+from kdfast.losses._module import OptionAttributes
 from kdfast.losses.kd import check_logit_pair, kd_per_sample
 
 
@@ -118,7 +119,7 @@ class BornAgainEnsemble(nn.Module):
         return f"log_probs={self.log_probs}"
 
 
-class BornAgain(nn.Module):
+class BornAgain(OptionAttributes, nn.Module):
     """Sequence of born-again generations: each new one is taught by the previous, frozen one.
 
     ``new_generation()`` builds ``make_model()`` and freezes the current last generation
@@ -133,6 +134,7 @@ class BornAgain(nn.Module):
         temperature: T of the generation loss, default 1.0.
         label_weight: weight of the label cross-entropy from generation 1 on, default 0.0
             (the paper's BAN trains on the teacher's outputs only).
+            Both are attributes, checked on assignment (e.g. a new T for the next generation).
 
     Example:
         >>> ban = kdfast.BornAgain(lambda: ResNet18(num_classes=100))
@@ -150,10 +152,12 @@ class BornAgain(nn.Module):
         if not callable(make_model):
             raise TypeError(f"make_model must be callable (returning a new nn.Module), got "
                             f"{type(make_model).__name__}")
-        check_ban_options(temperature, label_weight)
+        self._set_options(temperature=temperature, label_weight=label_weight)
         self.make_model = make_model
-        self.temperature, self.label_weight = temperature, label_weight
         self.generations = nn.ModuleList()
+
+    def _check_options(self, options: dict) -> None:
+        check_ban_options(**options)
 
     @property
     def student(self) -> nn.Module:

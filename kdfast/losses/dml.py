@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdfast import _checks
-from kdfast.losses._module import FunctionalLoss
+from kdfast.losses._module import FunctionalLoss, OptionAttributes
 from kdfast.losses.kd import check_logit_pair, kd_per_sample
 
 DML_MODES = ("synchronous", "sequential")
@@ -86,7 +86,7 @@ class DMLLoss(FunctionalLoss):
         super().__init__(temperature=temperature, reduction=reduction, backend=backend)
 
 
-class MutualLearning:
+class MutualLearning(OptionAttributes):
     r"""Trains K peer networks together with deep mutual learning, one batch per ``step``.
 
     Peer k minimises ``criterion(z_k, targets) + mimicry_weight * dml_loss(z_k, others)``
@@ -108,6 +108,8 @@ class MutualLearning:
         criterion: supervised loss ``fn(logits, targets) -> scalar``, default
             ``F.cross_entropy``.
 
+    ``temperature``, ``mimicry_weight`` and ``mode`` are attributes, checked on assignment.
+
     Example:
         >>> nets = [make_net() for _ in range(2)]
         >>> dml = MutualLearning(nets, [torch.optim.SGD(n.parameters(), 0.1) for n in nets])
@@ -125,18 +127,20 @@ class MutualLearning:
         if len(optimizers) != len(models):
             raise ValueError(f"optimizers must hold one optimizer per model: got "
                              f"{len(optimizers)} for {len(models)} models")
-        check_dml_options(temperature)
-        _checks.check_positive("mimicry_weight", mimicry_weight, inclusive=True)
-        _checks.check_choice("mode", mode, DML_MODES)
+        self._set_options(temperature=temperature, mimicry_weight=mimicry_weight, mode=mode)
         self.models, self.optimizers = list(models), list(optimizers)
-        self.temperature, self.mimicry_weight, self.mode = temperature, mimicry_weight, mode
         self.criterion = criterion or F.cross_entropy
+
+    def _check_options(self, options: dict) -> None:
+        check_dml_options(options["temperature"])
+        _checks.check_positive("mimicry_weight", options["mimicry_weight"], inclusive=True)
+        _checks.check_choice("mode", options["mode"], DML_MODES)
 
     def peer_loss(self, logits: torch.Tensor, others: Sequence[torch.Tensor],
                   targets: torch.Tensor) -> torch.Tensor:
         """The objective of one peer: criterion + mimicry_weight * DML towards ``others``."""
         mimicry = dml_loss(logits, list(others), temperature=self.temperature)
-        return self.criterion(logits, targets) + self.mimicry_weight * mimicry
+        return self.criterion(logits, targets) + float(self.mimicry_weight) * mimicry
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
         """One update of every peer on a batch; returns the K losses (detached scalars)."""

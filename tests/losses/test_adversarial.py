@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -168,3 +169,17 @@ def test_bad_discriminators():
         kdfast.AdversarialKD(disc, discriminator_steps=0)
     with pytest.raises(TypeError, match="discriminator must be an nn.Module"):
         kdfast.AdversarialKD(lambda z, lab: z.sum(1))
+
+
+def test_options_are_attributes_checked_on_assignment():
+    adv = kdfast.AdversarialKD(_disc(4), kind="bce", l1_weight=np.float32(0.5))
+    assert (adv.kind, adv.l1_weight, adv.discriminator_steps) == ("bce", 0.5, 1)
+    adv.discriminator_steps = 2
+    assert "discriminator_steps=2" in repr(adv)
+    for name, value, match in (("kind", "wgan", "kind must be one of"),
+                               ("l1_weight", float("nan"), "l1_weight must be a finite number"),
+                               ("discriminator_steps", 0, "discriminator_steps must be a "
+                                                          "positive int")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            setattr(adv, name, value)
+    assert (adv.kind, adv.l1_weight, adv.discriminator_steps) == ("bce", 0.5, 2)

@@ -134,3 +134,20 @@ def test_born_again_bad_construction():
         kdfast.BornAgain(lambda: 3).new_generation()
     with pytest.raises(RuntimeError, match="new_generation"):
         kdfast.BornAgain(lambda: nn.Linear(2, 2)).loss(torch.zeros(1, 2), torch.zeros(1))
+
+
+def test_born_again_options_are_attributes_checked_on_assignment():
+    ban = kdfast.BornAgain(lambda: nn.Linear(2, 3), temperature=2)
+    assert (ban.temperature, ban.label_weight) == (2, 0.0)
+    ban.temperature, ban.label_weight = 3.0, 0.5  # e.g. a new setting for the next generation
+    ban.new_generation(), ban.new_generation()
+    x, y = randn(4, 2, dtype=torch.float32), torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():
+        previous = ban.teacher(x)
+    torch.testing.assert_close(ban.loss(x, y), ban_generation_loss(
+        ban.student(x), previous, y, temperature=3.0, label_weight=0.5))
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        ban.temperature = float("inf")
+    with pytest.raises(ValueError, match="label_weight must be >= 0"):
+        ban.label_weight = -1
+    assert (ban.temperature, ban.label_weight) == (3.0, 0.5)

@@ -10,10 +10,15 @@ Loss-specific checks (references, hand cases, identities) stay in the per-loss f
 
 from __future__ import annotations
 
+import copy
+import fractions
+import inspect
+import pickle
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -78,6 +83,9 @@ class Case:
     spatial: tuple[tuple[int, int], ...] = ()  # inputs matched by average pooling (pool=)
     relayout: tuple[int, ...] | None = None  # inputs whose layout may change (None: all)
     bad_options: tuple = ()  # (kwargs, error, match) rejected by function and module
+    # Numeric options with a valid whole value (with the options they need to matter): any
+    # real number type holding it must give the loss of the float.
+    numbers: tuple[tuple[str, int, dict], ...] = ()
     module: type | None = None
     module_options: dict = field(default_factory=dict)
     core: str | None = None  # registry core behind backend=; None: no backend argument
@@ -98,14 +106,16 @@ def positive(name: str) -> tuple:
     return (({name: 0.0}, ValueError, f"{name} must be > 0"),
             ({name: -1.0}, ValueError, f"{name} must be > 0"),
             *non_finite(name),
-            ({name: "1"}, TypeError, f"{name} must be a number"))
+            ({name: "1"}, TypeError, f"{name} must be a number"),
+            ({name: True}, TypeError, f"{name} must be a number"))
 
 
 def non_negative(name: str) -> tuple:
     """The bad values of an option that must be a number >= 0."""
     return (({name: -1.0}, ValueError, f"{name} must be >= 0"),
             *non_finite(name),
-            ({name: "1"}, TypeError, f"{name} must be a number"))
+            ({name: "1"}, TypeError, f"{name} must be a number"),
+            ({name: True}, TypeError, f"{name} must be a number"))
 
 
 def flag(name: str) -> tuple:
@@ -125,6 +135,7 @@ CASES = [
          (FEATURES, FEATURES), spatial=((0, 1),),
          bad_options=(({"p": 0.5}, ValueError, "p must be >= 1"), *non_finite("p"),
                       ({"mode": "fancy"}, ValueError, "mode must be one of"), *flag("pool")),
+         numbers=(("p", 3, {}),),
          module=kdfast.ATLoss, module_options={"p": 3.0, "mode": "paper"},
          core="attention_map"),
     Case("nst", nst_loss, two((2, 3, 4, 6), (2, 5, 4, 6)), ("student", "teacher"),
@@ -146,6 +157,7 @@ CASES = [
              ({"sigma2": [1.0, float("inf")]}, ValueError, r"sigma2\[1\] must be a finite"),
              ({"teacher_term": 1}, TypeError, "teacher_term must be True or False"),
              *flag("unbiased"), *flag("pool")),
+         numbers=(("coef", 1, {}), ("sigma2", 2, {"kernel": "rbf"})),
          module=kdfast.NSTLoss,
          module_options={"kernel": "rbf", "sigma2": [1.0, 4.0], "unbiased": True,
                          "reduction": "sum"},
@@ -155,6 +167,7 @@ CASES = [
          mismatch=fragments("student_preact has 3 channels but teacher_preact has 4",
                             "pass connector="),
          bad_options=(*positive("margin"), *flag("pool")),
+         numbers=(("margin", 2, {}),),
          module=kdfast.ABLoss, module_options={"margin": 2.0, "reduction": "sum"},
          core="ab", reference_only=True),
     Case("sp", sp_loss, two((3, 3, 4, 6), (3, 5, 2, 3)), ("student", "teacher"),
@@ -167,6 +180,7 @@ CASES = [
              *non_negative("distance_weight"), *non_negative("angle_weight"),
              ({"distance_weight": 0.0, "angle_weight": 0}, ValueError, "both 0"),
              ({"gather": 1}, TypeError, "gather must be True or False")),
+         numbers=(("distance_weight", 2, {}), ("angle_weight", 3, {})),
          module=kdfast.RKDLoss, module_options={"distance_weight": 1.0, "angle_weight": 2.0},
          core="rkd", reference_only=True),
     Case("fitnet", fitnet_loss, two((2, 3, 4, 6), (2, 3, 4, 6)), ("student", "teacher"),
@@ -192,18 +206,21 @@ CASES = [
                             "(3, 5) and (3, 6)", "both must score the same classes"),
          bad_options=(*positive("temperature"),
                       ({"reduction": "batchmean"}, ValueError, "reduction must be one of")),
+         numbers=(("temperature", 2, {}),),
          module=kdfast.KDLoss, module_options={"temperature": 2.0, "reduction": "sum"},
          core="kd", reference_only=True),
     Case("dml", dml_loss, two((3, 5), (3, 5)), ("logits", "peer_logits[0]"), (LOGITS, LOGITS),
          arguments=lambda z, peer: (z, [peer]),
          mismatch=fragments("logits and peer_logits[0] must have the same shape"),
          bad_options=positive("temperature"),
+         numbers=(("temperature", 2, {}),),
          module=kdfast.DMLLoss, module_options={"temperature": 3.0, "reduction": "none"},
          core="kd", reference_only=True),
     Case("ban", ban_generation_loss, two((3, 5), (3, 5)), ("student_logits", "previous_logits"),
          (LOGITS, LOGITS),
          mismatch=fragments("student_logits and previous_logits must have the same shape"),
          bad_options=(*positive("temperature"), *non_negative("label_weight")),
+         numbers=(("temperature", 2, {}), ("label_weight", 0, {})),
          core="kd", reference_only=True),
     Case("discriminator", discriminator_loss, two((3, 4), (3, 4)), LOGIT_PAIR, (LOGITS, LOGITS),
          arguments=lambda s, t: (DISCRIMINATOR, s, t, labels_for(s)),
@@ -214,7 +231,8 @@ CASES = [
          arguments=lambda s, t: (DISCRIMINATOR, s, t, labels_for(s)),
          mismatch=fragments("student_logits and teacher_logits must have the same shape"),
          bad_options=(({"kind": "wgan"}, ValueError, "kind must be one of"),
-                      *non_negative("l1_weight"))),
+                      *non_negative("l1_weight")),
+         numbers=(("l1_weight", 2, {}),)),
     Case("gradient_at", gradient_at_loss, network_outputs, (*LOGIT_PAIR, "inputs"),
          (LOGITS, LOGITS, ANY_RANK),
          arguments=lambda s, t, x: (s, t, x, labels_for(s)),
@@ -405,14 +423,48 @@ def test_module_options_are_attributes_that_take_effect(case):
                                case(tensors, **case.module_options))
 
 
-@by_case([case for case in CASES if case.module is not None])
-def test_module_rejects_a_bad_assignment_and_keeps_the_old_value(case):
+WITH_MODULE = [case for case in CASES if case.module is not None]
+
+
+@pytest.mark.parametrize("case,kwargs,error,match", [
+    pytest.param(case, kwargs, error, match,
+                 id=f"{case.id}-{'-'.join(f'{k}={v!r}' for k, v in kwargs.items())}")
+    for case in WITH_MODULE for kwargs, error, match in (*case.bad_options, BAD_REDUCTION)])
+def test_module_rejects_a_bad_assignment_and_keeps_the_old_value(case, kwargs, error, match):
+    tensors = case.make()
     module = case.module()
-    before = module(*case.arguments(*case.make()))
-    with pytest.raises(ValueError, match="reduction must be one of"):
-        module.reduction = "avg"
-    assert module.reduction == "mean"
-    torch.testing.assert_close(module(*case.arguments(*case.make())), before)
+    with pytest.raises(error, match=match):
+        for key, value in kwargs.items():  # options that constrain each other: the last fails
+            failing, old = key, getattr(module, key)
+            setattr(module, key, value)
+    assert getattr(module, failing) == old
+    torch.testing.assert_close(module(*case.arguments(*tensors)),
+                               case(tensors, **dict(module.options)))
+
+
+@by_case(WITH_MODULE)
+def test_every_option_of_the_function_is_a_module_attribute(case):
+    module = case.module()
+    defaults = {name: parameter.default
+                for name, parameter in inspect.signature(case.function).parameters.items()
+                if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "connector"}
+    assert dict(module.options) == {name: getattr(module, name) for name in defaults}
+    assert dict(module.options) == defaults
+    with pytest.raises(TypeError):
+        module.options["reduction"] = "sum"  # read-only: assign the attribute instead
+
+
+@by_case(WITH_MODULE)
+def test_module_options_survive_copy_and_pickle_and_stay_out_of_the_state_dict(case):
+    module = case.module(**case.module_options)
+    tensors = case.make()
+    expected = module(*case.arguments(*tensors))
+    for clone in (copy.deepcopy(module), pickle.loads(pickle.dumps(module))):
+        assert dict(clone.options) == dict(module.options)
+        torch.testing.assert_close(clone(*case.arguments(*tensors)), expected)
+        with pytest.raises(ValueError, match="reduction must be one of"):
+            clone.reduction = "avg"
+    assert not any(name in module.state_dict() for name in module.options)
 
 
 @by_case([case for case in CASES if case.module is not None and case.core is not None])
@@ -421,17 +473,34 @@ def test_module_rejects_an_unknown_backend_at_construction(case):
         case.module(backend="bogus")
 
 
-def test_numpy_numbers_are_accepted_as_options():
-    np = pytest.importorskip("numpy")
+NUMBER_TYPES = (int, float, np.float32, np.float64, np.int64, fractions.Fraction)
+
+
+@pytest.mark.parametrize("case,name,value,context", [
+    pytest.param(case, name, value, context, id=f"{case.id}-{name}")
+    for case in CASES for name, value, context in case.numbers])
+def test_any_real_number_type_is_accepted_for_a_numeric_option(case, name, value, context):
+    tensors = case.make()
+    expected = case(tensors, **context, **{name: float(value)})
+    for number_type in NUMBER_TYPES:
+        option = {name: number_type(value)}
+        torch.testing.assert_close(case(tensors, **context, **option), expected,
+                                   msg=number_type.__name__)
+        if case.module is not None:
+            module = case.module(**context, **option)
+            torch.testing.assert_close(module(*case.arguments(*tensors)), expected)
+            setattr(module, name, number_type(value))
+            assert getattr(module, name) == value
+
+
+def test_numpy_numbers_in_an_nst_bandwidth_list_and_degree():
     s, t = randn(2, 3, 4, 6, seed=0), randn(2, 5, 4, 6, seed=1)
-    expected = nst_loss(s, t, kernel="rbf", sigma2=[0.5, 2.0])
     torch.testing.assert_close(
-        nst_loss(s, t, kernel="rbf", sigma2=[np.float32(0.5), np.float64(2.0)]), expected)
-    torch.testing.assert_close(kdfast.NSTLoss(kernel="rbf", sigma2=np.float32(0.5))(s, t),
-                               nst_loss(s, t, kernel="rbf", sigma2=0.5))
-    torch.testing.assert_close(kdfast.KDLoss(temperature=np.float64(2.0))(s[:, :, 0, 0],
-                                                                         t[:, :3, 0, 0]),
-                               kd_loss(s[:, :, 0, 0], t[:, :3, 0, 0], temperature=2.0))
+        nst_loss(s, t, kernel="rbf", sigma2=[np.float32(0.5), np.float64(2.0)]),
+        nst_loss(s, t, kernel="rbf", sigma2=[0.5, 2.0]))
+    torch.testing.assert_close(nst_loss(s, t, degree=np.int64(3)), nst_loss(s, t, degree=3))
+    with pytest.raises(TypeError, match="degree must be an int"):
+        nst_loss(s, t, degree=np.float64(3.0))
 
 
 @by_case()

@@ -119,3 +119,18 @@ def test_mutual_learning_bad_construction():
         kdfast.MutualLearning(models, opts, mode="async")
     with pytest.raises(ValueError, match="temperature must be > 0"):
         kdfast.MutualLearning(models, opts, temperature=-1.0)
+
+
+def test_mutual_learning_options_are_attributes_checked_on_assignment():
+    models = _peers(2)
+    dml = kdfast.MutualLearning(models, [torch.optim.SGD(m.parameters(), lr=0.1)
+                                         for m in models])
+    assert (dml.temperature, dml.mimicry_weight, dml.mode) == (1.0, 1.0, "synchronous")
+    dml.mode = "sequential"
+    for name, value, error, match in (
+            ("mode", "async", ValueError, "mode must be one of"),  # once fell to sequential
+            ("temperature", float("nan"), ValueError, "temperature must be a finite number"),
+            ("mimicry_weight", "1", TypeError, "mimicry_weight must be a number")):
+        with pytest.raises(error, match=match):
+            setattr(dml, name, value)
+    assert (dml.temperature, dml.mimicry_weight, dml.mode) == (1.0, 1.0, "sequential")

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import kdfast
 from kdfast.functional import kd_loss
 from kdfast.reference.kd import kd_loss as kd_reference
 from tests.helpers import REDUCTIONS, assert_rel_close, grads, randn, reduced
@@ -43,3 +44,15 @@ def test_teacher_with_and_without_requires_grad():
     assert torch.autograd.gradcheck(lambda a, b: kd_loss(a, b, temperature=2.0), (s, live))
 
 
+
+
+def test_module_temperature_is_an_attribute_and_a_schedule_takes_effect():
+    s, t = randn(4, 6, seed=2), randn(4, 6, seed=3)
+    criterion = kdfast.KDLoss(temperature=4)
+    assert criterion.temperature == 4
+    criterion.temperature = 1.0
+    torch.testing.assert_close(criterion(s, t), kd_loss(s, t, temperature=1.0))
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        criterion.temperature = float("inf")
+    assert criterion.temperature == 1.0
+    assert "temperature=1.0" in repr(criterion)

@@ -45,3 +45,14 @@ def test_fullgraph_compile_matches_eager(name):
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(g_compiled, g_eager, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_a_temperature_schedule_on_a_compiled_module_matches_eager():
+    """A changed float option recompiles with a symbolic float: its checks must trace."""
+    torch._dynamo.reset()
+    criterion = kdfast.KDLoss(temperature=4.0)
+    compiled = torch.compile(criterion, backend="aot_eager", fullgraph=True)
+    s, t = randn(3, 4, seed=0), randn(3, 4, seed=1)
+    for temperature in (4.0, 2.0, 1.0):
+        criterion.temperature = temperature
+        torch.testing.assert_close(compiled(s, t), kd_loss(s, t, temperature=temperature))
