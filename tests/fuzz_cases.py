@@ -333,9 +333,10 @@ def at_degenerate(case):  # one pixel: both maps are [1], loss and gradients 0
 
 
 def sp_degenerate(case):
-    """One sample or both expanded: G_s = G_t. One feature per sample in both: the rows of
-    G are +-Q/||Q||, and the loss or its gradient is 0 for some sign patterns."""
-    scalar_rows = all(math.prod(shape[1:]) == 1 for shape in case.shapes)
+    """One sample or both expanded: G_s = G_t. One feature per sample on a side: that side's
+    rows of G are +-Q/||Q||, and a gradient is 0 for some sign patterns (e.g. a teacher of
+    signs (+, +, -, -) against an expanded student)."""
+    scalar_rows = any(math.prod(shape[1:]) == 1 for shape in case.shapes)
     same = case.shapes[0][0] == 1 or all(layout == "expanded" for layout in case.layouts)
     return same or scalar_rows, same or scalar_rows
 
