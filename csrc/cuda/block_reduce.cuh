@@ -7,32 +7,16 @@ namespace cuda {
 
 constexpr int kBlockThreads = 256;
 
-// Sum of v over the kBlockThreads threads of the block; every thread must call it and gets
-// the total.
-template <typename Acc>
-__device__ Acc block_sum(Acc v) {
-  __shared__ Acc partial[kBlockThreads];
-  partial[threadIdx.x] = v;
-  __syncthreads();
-  for (int half = kBlockThreads / 2; half > 0; half /= 2) {
-    if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
-    __syncthreads();
-  }
-  const Acc total = partial[0];
-  __syncthreads();
-  return total;
-}
-
-// Largest v over the block (v >= 0, no NaN), every thread gets it; called like block_sum.
-template <typename Acc>
-__device__ Acc block_max(Acc v) {
+// combine(v) over the kBlockThreads threads of the block in a fixed-order shared-memory
+// tree; every thread must call it and gets the result.
+template <typename Acc, typename Combine>
+__device__ Acc block_reduce(Acc v, Combine combine) {
   __shared__ Acc partial[kBlockThreads];
   partial[threadIdx.x] = v;
   __syncthreads();
   for (int half = kBlockThreads / 2; half > 0; half /= 2) {
     if (threadIdx.x < half) {
-      const Acc other = partial[threadIdx.x + half];
-      if (other > partial[threadIdx.x]) partial[threadIdx.x] = other;
+      partial[threadIdx.x] = combine(partial[threadIdx.x], partial[threadIdx.x + half]);
     }
     __syncthreads();
   }
@@ -40,6 +24,24 @@ __device__ Acc block_max(Acc v) {
   __syncthreads();
   return total;
 }
+
+struct Plus {
+  template <typename Acc>
+  __device__ Acc operator()(Acc a, Acc b) const { return a + b; }
+};
+
+struct Larger {
+  template <typename Acc>
+  __device__ Acc operator()(Acc a, Acc b) const { return b > a ? b : a; }
+};
+
+// Sum of v over the block; every thread gets the total.
+template <typename Acc>
+__device__ Acc block_sum(Acc v) { return block_reduce(v, Plus()); }
+
+// Largest v over the block (v >= 0, no NaN); called like block_sum.
+template <typename Acc>
+__device__ Acc block_max(Acc v) { return block_reduce(v, Larger()); }
 
 // ||row||_2 over n values by the block, finite for finite values (kdfast::norm_from_sum_sq's
 // rule: where the plain sum of squares overflows, it is redone on row * 2^-e,
