@@ -13,9 +13,10 @@ import contextlib
 
 import torch
 
-from kdfast.reference._numerics import LOW_PRECISION, upcast_low_precision
+from kdfast.reference._numerics import LOW_PRECISION, NORM_EPS, upcast_low_precision, vector_norm
 
-__all__ = ["LOW_PRECISION", "accumulation_dtype", "autocast_off", "upcast_low_precision"]
+__all__ = ["LOW_PRECISION", "NORM_EPS", "accumulation_dtype", "autocast_off",
+           "upcast_low_precision", "vector_norm"]
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 

@@ -3,6 +3,8 @@
 import torch
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+# The eps of every normalisation (F.normalize's default): one value for all cores and backends.
+NORM_EPS = 1e-12
 
 
 def upcast_low_precision(x: torch.Tensor) -> torch.Tensor:

@@ -5,9 +5,8 @@ a(f) = normalise_HW(mean_C |f|^p): a (B, HW) spatial attention map of unit L2 no
 
 import torch
 
-from kdfast.reference._numerics import normalize, upcast_low_precision
+from kdfast.reference._numerics import NORM_EPS, normalize, upcast_low_precision
 
-NORM_EPS = 1e-12
 
 
 def attention_map(features: torch.Tensor, p: float = 2.0) -> torch.Tensor:

@@ -30,9 +30,8 @@ from collections.abc import Sequence
 
 import torch
 
-from kdfast.reference._numerics import normalize, upcast_low_precision
+from kdfast.reference._numerics import NORM_EPS, normalize, upcast_low_precision
 
-NORM_EPS = 1e-12
 KERNELS = ("linear", "poly", "rbf")
 
 

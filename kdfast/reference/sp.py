@@ -7,9 +7,8 @@ loss = ||G_t - G_s||_F^2 / B^2.
 
 import torch
 
-from kdfast.reference._numerics import normalize, upcast_low_precision
+from kdfast.reference._numerics import NORM_EPS, normalize, upcast_low_precision
 
-NORM_EPS = 1e-12
 
 
 def similarity_matrix(features: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,11 @@ import torch
 import triton
 import triton.language as tl  # noqa: F401  (a jit function needs tl in its globals)
 
-NORM_EPS = 1e-12
+from kdfast._precision import NORM_EPS
+
+__all__ = ["INTERPRET", "NORM_EPS", "NO_AUTOTUNE", "as_configs", "configs", "dot_precision",
+           "feature_view", "overflowed", "spatial_offset", "spatial_strides"]
+
 # Under TRITON_INTERPRET=1 (CPU) every kernel uses one fixed configuration: the interpreter
 # runs each program in numpy, so autotuning would only multiply the test time. The same fixed
 # (small) configurations on a GPU with KDFAST_TRITON_NO_AUTOTUNE=1: for compute-sanitizer runs,
@@ -59,9 +63,17 @@ def spatial_strides(x: torch.Tensor) -> tuple[int, int, int]:
 
 
 def feature_view(x: torch.Tensor) -> tuple[int, int, int, int, int]:
-    """(batch stride, channel stride, W, stride over h, stride over w) of a (B, C, H, W)
-    tensor: element (b, c, hw) lives at b·s_B + c·s_C + (hw // W)·s_H + (hw % W)·s_W."""
+    """(stride_b, stride_c, W, stride_h, stride_w) of a (B, C, H, W) tensor: element
+    (b, c, hw) lives at b·stride_b + c·stride_c + :func:`spatial_offset` (hw)."""
     return x.stride(0), x.stride(1), x.shape[3], x.stride(2), x.stride(3)
+
+
+@triton.jit
+def spatial_offset(hw, W, stride_h, stride_w):
+    """Offset of flat spatial index hw = h·W + w in a tensor with strides (stride_h, stride_w):
+    the one place the kernels turn a flat position into strided memory (channels_last and
+    other layouts are then read in place)."""
+    return (hw // W) * stride_h + (hw % W) * stride_w
 
 
 @triton.jit

@@ -1,5 +1,5 @@
-r"""Triton batch-Gram cores: SP (``"similarity"``) and FSP (``"fsp"``), plus the GEMM-shaped
-backward kernel the Gram and MMD cores share.
+r"""Triton batch-Gram cores: SP (``"similarity"``) and FSP (``"fsp"``), their
+backwards run the GEMM kernel of :mod:`kdfast.triton._gemm`.
 
 SP (docs/design.md, "Batch Gram"), Q the features flattened to B × D per network:
 
@@ -9,19 +9,14 @@ SP (docs/design.md, "Batch Gram"), Q the features flattened to B × D per networ
 * ``_sp_rows_kernel``, grid (B,): sums the split slots in a fixed order, row-normalises A_s
   and A_t (``F.normalize``, eps 1e-12) and reduces Σ_j (G_t − G_s)²_ij / B: the per-row loss.
 * backward: dA from the B × B matrices (tiny, closed form), then dQ = (dA + dAᵀ) Q in one
-  ``_rows_gemm_kernel`` launch per network.
+  ``rows_gemm`` launch per network.
 
 FSP, per sample G = X_a X_bᵀ / HW:
 
 * ``_fsp_kernel``, grid (B, C_a tiles × C_b tiles): both Grams of a tile over their own HW,
   the difference G_s − G_t (kept, B·C_a·C_b, for the backward) and the tile's Σ diff².
 * backward: dG = 2 g (G_s − G_t)/(C_a C_b), then dX_a = dG X_b / HW and dX_b = dGᵀ X_a / HW,
-  each one ``_rows_gemm_kernel`` launch (dGᵀ through strides, no copy).
-
-``_rows_gemm_kernel`` computes out[b, i, :] = Σ_j M1[b, i, j] Z1[b, j, :] (+ Σ_j M2 Z2) over
-raw features read through their (C, H, W) strides and writes the gradient in the input's
-dtype and layout. M is scaled by its per-sample max before the cast to float16/bfloat16 (so
-tiny weights are not flushed) and the accumulator scaled back; accumulation is float32.
+  each one ``rows_gemm`` launch (dGᵀ through strides, no copy).
 """
 
 from __future__ import annotations
@@ -33,6 +28,7 @@ import triton.language as tl
 from kdfast._precision import accumulation_dtype
 from kdfast.reference._numerics import vector_norm
 from kdfast.triton._common import NORM_EPS, configs, dot_precision, feature_view, overflowed
+from kdfast.triton._gemm import rows_gemm
 
 _GRAM_TUNED = [{"BLOCK_M": m, "BLOCK_K": k, "num_warps": w, "num_stages": s}
                for m, k, w, s in [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3),
@@ -44,92 +40,8 @@ _FSP_TUNED = [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "num_warps": w,
                                     (64, 128, 32, 4, 3), (32, 32, 128, 4, 4),
                                     (128, 128, 32, 8, 3)]]
 _FSP_CONFIGS = configs({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, _FSP_TUNED)
-_GEMM_TUNED = [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_J": j, "num_warps": w,
-                "num_stages": s}
-               for m, n, j, w, s in [(64, 128, 32, 4, 3), (128, 128, 32, 8, 3),
-                                     (64, 64, 64, 4, 3), (32, 256, 32, 8, 3),
-                                     (128, 64, 64, 4, 4)]]
-_GEMM_CONFIGS = configs({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_J": 16}, _GEMM_TUNED)
 SP_SPLITS_GPU = 8
 SP_SPLITS_CPU = 1  # the interpreter; tests raise it to run the split-K path
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared backward: out = M1 @ Z1 (+ M2 @ Z2), batched, over strided raw features.
-
-
-@triton.jit
-def _accumulate_rows(acc, m_ptr, z_ptr, b, rows, row_ok, cols, col_ok, N, scale,
-                     smb, smi, smj, szb, szr, zw, szh, szw,
-                     DOT_PRECISION: tl.constexpr, BLOCK_J: tl.constexpr):
-    """acc += (M[b, rows, :] / scale) @ Z[b, :, cols] over the N rows of Z (strided)."""
-    z_sp = (cols // zw) * szh + (cols % zw) * szw
-    for j0 in range(0, N, BLOCK_J):
-        j = (j0 + tl.arange(0, BLOCK_J)).to(tl.int64)
-        j_ok = j < N
-        m = tl.load(m_ptr + b * smb + rows[:, None] * smi + j[None, :] * smj,
-                    mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-        z = tl.load(z_ptr + b * szb + j[:, None] * szr + z_sp[None, :],
-                    mask=j_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot((m / scale).to(z.dtype), z, acc, input_precision=DOT_PRECISION,
-                     out_dtype=acc.dtype)
-    return acc
-
-
-@triton.autotune(configs=_GEMM_CONFIGS, key=["R", "N1", "N2", "K"])
-@triton.jit
-def _rows_gemm_kernel(m1_ptr, z1_ptr, m2_ptr, z2_ptr, scale_ptr, out_ptr, R, N1, N2, K,
-                      sm1b, sm1i, sm1j, sz1b, sz1r, z1w, sz1h, sz1w,
-                      sm2b, sm2i, sm2j, sz2b, sz2r, z2w, sz2h, sz2w,
-                      sob, sor, ow, soh, sow,
-                      HAS_SECOND: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    rows = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = (tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    row_ok = rows < R
-    col_ok = cols < K
-    scale = tl.load(scale_ptr + b)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=scale_ptr.dtype.element_ty)
-    acc = _accumulate_rows(acc, m1_ptr, z1_ptr, b, rows, row_ok, cols, col_ok, N1, scale,
-                           sm1b, sm1i, sm1j, sz1b, sz1r, z1w, sz1h, sz1w, DOT_PRECISION, BLOCK_J)
-    if HAS_SECOND:
-        acc = _accumulate_rows(acc, m2_ptr, z2_ptr, b, rows, row_ok, cols, col_ok, N2, scale,
-                               sm2b, sm2i, sm2j, sz2b, sz2r, z2w, sz2h, sz2w, DOT_PRECISION,
-                               BLOCK_J)
-    out_sp = (cols // ow) * soh + (cols % ow) * sow
-    tl.store(out_ptr + b * sob + rows[:, None] * sor + out_sp[None, :],
-             (acc * scale).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-
-
-def rows_gemm(out: torch.Tensor, m1: torch.Tensor, z1: torch.Tensor,
-              m2: torch.Tensor | None = None, z2: torch.Tensor | None = None,
-              z_view=None, out_view=None) -> torch.Tensor:
-    """out[b] = m1[b] @ z1[b] (+ m2[b] @ z2[b]) with z*, out (B, rows, H, W) features.
-
-    ``m1`` (B, R, N1) and ``m2`` (B, R, N2) in the compute dtype, any strides. ``z_view`` /
-    ``out_view`` override the (batch, row, W, h, w) strides (SP passes its flat rows).
-    """
-    batch, rows, n1 = m1.shape
-    z1_view = z_view or feature_view(z1)
-    o_view = out_view or feature_view(out)
-    cols = out.numel() // max(batch * rows, 1)
-    has_second = m2 is not None
-    scale = m1.abs().amax(dim=(1, 2))
-    if has_second:
-        scale = torch.maximum(scale, m2.abs().amax(dim=(1, 2)))
-    scale = scale.clamp_min(torch.finfo(scale.dtype).tiny).contiguous()
-    if not has_second:
-        m2, z2, z2_view, n2 = m1, z1, z1_view, 0
-    else:
-        z2_view, n2 = (z_view or feature_view(z2)), m2.shape[2]
-    grid = lambda meta: (batch, triton.cdiv(rows, meta["BLOCK_M"]),  # noqa: E731
-                         triton.cdiv(cols, meta["BLOCK_N"]))
-    _rows_gemm_kernel[grid](
-        m1, z1, m2, z2, scale, out, rows, n1, n2, cols,
-        *m1.stride(), *z1_view, *m2.stride(), *z2_view, *o_view,
-        HAS_SECOND=has_second, DOT_PRECISION=dot_precision(z1.dtype))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ from kdfast._precision import accumulation_dtype
 from kdfast.reference.nst import as_bandwidths, kernel_slopes
 from kdfast.triton import ops
 from kdfast.triton._common import NORM_EPS, configs, dot_precision, feature_view
-from kdfast.triton.gram import rows_gemm
+from kdfast.triton._gemm import rows_gemm
 
 _KERNELS = {"linear": 0, "poly": 1, "rbf": 2}
 _MMD_TUNED = [{"BLOCK_M": m, "BLOCK_K": k, "num_warps": w, "num_stages": s}
