@@ -29,7 +29,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kdfast.triton import attention, gram, mmd  # noqa: E402
+from kdfast.triton import _gemm, attention, gram, mmd  # noqa: E402
 
 TL = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 # Pointers that carry the input's dtype; every other pointer holds float32 results/weights.
@@ -84,7 +84,7 @@ def cases():
             yield "sp_gram", gram._sp_gram_kernel, dtype, {"SPLITS": 8, **dot}
             yield "fsp", gram._fsp_kernel, dtype, dot
             for second in (False, True):
-                yield (f"rows_gemm two={second}", gram._rows_gemm_kernel, dtype,
+                yield (f"rows_gemm two={second}", _gemm._rows_gemm_kernel, dtype,
                        {"HAS_SECOND": second, **dot, "_out_is_input": True})
             for kernel, symmetric in itertools.product((0, 1, 2), (True, False)):
                 yield (f"mmd_block kernel {kernel} symmetric={symmetric}", mmd._mmd_block_kernel,

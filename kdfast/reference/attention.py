@@ -8,7 +8,6 @@ import torch
 from kdfast.reference._numerics import NORM_EPS, normalize, upcast_low_precision
 
 
-
 def attention_map(features: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     """q_hat = Q / max(||Q||, 1e-12) with Q = mean_C |features|^p, shape (B, H*W).
 

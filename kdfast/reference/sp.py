@@ -10,7 +10,6 @@ import torch
 from kdfast.reference._numerics import NORM_EPS, normalize, upcast_low_precision
 
 
-
 def similarity_matrix(features: torch.Tensor) -> torch.Tensor:
     """G = rownormalise(Q Q^T), shape (B, B), for (B, ...) features (float32 for half inputs).
 

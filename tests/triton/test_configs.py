@@ -20,7 +20,7 @@ pytestmark = pytest.mark.triton_interpret
 
 def _kernels():
     """(name, autotuned kernel, its tuned dicts, a parity check that runs it)."""
-    from kdfast.triton import attention, gram, mmd, ops
+    from kdfast.triton import _gemm, attention, gram, mmd, ops
 
     def at(rand, monkeypatch):
         check_parity(ops.triton_attention_map, attention_map,
@@ -46,7 +46,7 @@ def _kernels():
             ("attention backward", attention._at_backward_kernel, attention._TUNED, at),
             ("sp gram", gram._sp_gram_kernel, gram._GRAM_TUNED, sp),
             ("fsp", gram._fsp_kernel, gram._FSP_TUNED, fsp),
-            ("rows gemm", gram._rows_gemm_kernel, gram._GEMM_TUNED, nst_saved),
+            ("rows gemm", _gemm._rows_gemm_kernel, _gemm._GEMM_TUNED, nst_saved),
             ("mmd block", mmd._mmd_block_kernel, mmd._MMD_TUNED, nst),
             ("mmd recompute backward", mmd._mmd_recompute_backward_kernel, mmd._RECOMPUTE_TUNED,
              nst)]
