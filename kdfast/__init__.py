@@ -5,14 +5,13 @@
 """
 
 import kdfast.triton  # noqa: F401  (registers the "triton" backend)
-from kdfast import functional
+from kdfast import functional, recipes
 from kdfast.backends import available_backends
 from kdfast.distill import Distiller, Term
 from kdfast.losses.ab import ABLoss
-from kdfast.losses.adversarial import AdversarialKD, ConditionalDiscriminator
+from kdfast.losses.adversarial import ConditionalDiscriminator
 from kdfast.losses.attention import ATLoss
-from kdfast.losses.ban import BornAgain, BornAgainEnsemble
-from kdfast.losses.dml import DMLLoss, MutualLearning
+from kdfast.losses.dml import DMLLoss
 from kdfast.losses.fitnet import FitNetLoss, make_connector
 from kdfast.losses.fsp import FSPLoss
 from kdfast.losses.gradient_attention import GradientATLoss
@@ -20,6 +19,7 @@ from kdfast.losses.kd import KDLoss
 from kdfast.losses.nst import NSTLoss
 from kdfast.losses.rkd import RKDLoss
 from kdfast.losses.sp import SPLoss
+from kdfast.recipes import AdversarialKD, BornAgain, BornAgainEnsemble, MutualLearning
 
 __version__ = "0.1.0"
 
@@ -27,5 +27,5 @@ __all__ = [
     "ABLoss", "ATLoss", "AdversarialKD", "BornAgain", "BornAgainEnsemble",
     "ConditionalDiscriminator", "DMLLoss", "Distiller", "FSPLoss", "FitNetLoss",
     "GradientATLoss", "KDLoss", "MutualLearning", "NSTLoss", "RKDLoss", "SPLoss", "Term",
-    "available_backends", "functional", "make_connector",
+    "available_backends", "functional", "make_connector", "recipes",
 ]

@@ -1,5 +1,6 @@
 """KD with conditional adversarial networks (Xu, Hsu & Huang, 2018): the label-conditioned
-discriminator on logits, its loss, the student's loss and the alternating-step helper."""
+discriminator on logits, its loss and the student's loss. The alternating-step driver
+``AdversarialKD`` lives in :mod:`kdfast.recipes`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import torch
 from torch import nn
 
 from kdfast import _checks
-from kdfast.losses._module import OptionAttributes
 from kdfast.losses.kd import check_logit_pair
 from kdfast.reference import adversarial as reference
 from kdfast.reference.adversarial import GAN_KINDS
@@ -20,13 +20,6 @@ def check_adversarial_options(kind: str = "lsgan", l1_weight: float = 1.0,
     _checks.check_choice("kind", kind, GAN_KINDS)
     _checks.check_positive("l1_weight", l1_weight, inclusive=True)
     _checks.check_choice("reduction", reduction, _checks.REDUCTIONS)
-
-
-def check_discriminator_steps(discriminator_steps: int) -> None:
-    if isinstance(discriminator_steps, bool) or not isinstance(discriminator_steps, int) \
-            or discriminator_steps < 1:
-        raise ValueError(f"discriminator_steps must be a positive int, got "
-                         f"{discriminator_steps!r}")
 
 
 class ConditionalDiscriminator(nn.Module):
@@ -167,83 +160,3 @@ def adversarial_student_loss(discriminator: Callable, student_logits: torch.Tens
     per_sample = reference.adversarial_student_loss(scores, student_logits, teacher_logits,
                                                     labels, kind, float(l1_weight))
     return _checks.reduce(per_sample, reduction)
-
-
-class AdversarialKD(OptionAttributes, nn.Module):
-    """Alternating steps of KD with a conditional adversarial network.
-
-    Holds the discriminator and its optimizer. ``step(student_logits, teacher_logits,
-    labels)`` first runs ``discriminator_steps`` updates of the discriminator on
-    :func:`discriminator_loss` (student and teacher detached: no gradient reaches the student),
-    then returns :func:`adversarial_student_loss` under the updated discriminator, for the
-    caller to add to its objective, backward and step the student's optimizer with.
-
-    Args:
-        discriminator: e.g. ``ConditionalDiscriminator(num_classes)``.
-        optimizer: the discriminator's optimizer; default
-            ``Adam(discriminator.parameters(), lr=2e-4, betas=(0.5, 0.999))`` (the usual GAN
-            setting).
-        kind: ``"lsgan"`` (default) | ``"bce"``. l1_weight: default 1.0.
-        discriminator_steps: D updates per call, default 1.
-
-    Attributes:
-        kind, l1_weight, discriminator_steps: the options, checked on assignment.
-        last_discriminator_loss: the (detached) D loss of the last update.
-
-    Example:
-        >>> adv = kdfast.AdversarialKD(kdfast.ConditionalDiscriminator(100))
-        >>> z_s = student(x)
-        >>> with torch.no_grad():
-        ...     z_t = teacher(x)
-        >>> loss = F.cross_entropy(z_s, y) + adv.step(z_s, z_t, y)
-        >>> opt.zero_grad(); loss.backward(); opt.step()  # doctest: +SKIP
-    """
-
-    def __init__(self, discriminator: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                 *, kind: str = "lsgan", l1_weight: float = 1.0,
-                 discriminator_steps: int = 1) -> None:
-        super().__init__()
-        if not isinstance(discriminator, nn.Module):
-            raise TypeError(f"discriminator must be an nn.Module, got "
-                            f"{type(discriminator).__name__}")
-        self._set_options(kind=kind, l1_weight=l1_weight,
-                          discriminator_steps=discriminator_steps)
-        self.discriminator = discriminator
-        self.optimizer = optimizer or torch.optim.Adam(discriminator.parameters(), lr=2e-4,
-                                                       betas=(0.5, 0.999))
-        self.last_discriminator_loss: torch.Tensor | None = None
-
-    def _check_options(self, options: dict) -> None:
-        check_adversarial_options(options["kind"], options["l1_weight"])
-        check_discriminator_steps(options["discriminator_steps"])
-
-    def discriminator_step(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                           labels: torch.Tensor) -> torch.Tensor:
-        """One update of the discriminator; returns its loss before the update (detached)."""
-        loss = discriminator_loss(self.discriminator, student_logits, teacher_logits, labels,
-                                  kind=self.kind)
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
-        self.last_discriminator_loss = loss.detach()
-        return self.last_discriminator_loss
-
-    def student_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                     labels: torch.Tensor) -> torch.Tensor:
-        return adversarial_student_loss(self.discriminator, student_logits, teacher_logits,
-                                        labels, kind=self.kind, l1_weight=self.l1_weight)
-
-    def step(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-             labels: torch.Tensor) -> torch.Tensor:
-        """D update(s), then the student's loss (a scalar with a graph to the student)."""
-        for _ in range(self.discriminator_steps):
-            self.discriminator_step(student_logits, teacher_logits, labels)
-        return self.student_loss(student_logits, teacher_logits, labels)
-
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                labels: torch.Tensor) -> torch.Tensor:
-        return self.step(student_logits, teacher_logits, labels)
-
-    def extra_repr(self) -> str:
-        return (f"kind={self.kind!r}, l1_weight={self.l1_weight}, "
-                f"discriminator_steps={self.discriminator_steps}")
