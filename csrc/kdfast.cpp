@@ -21,16 +21,39 @@ TORCH_LIBRARY(kdfast, m) {
   // mean((G_s - G_t)^2) and the difference G_s - G_t.
   m.def("fsp_forward(Tensor prod_s, Tensor prod_t, float scale_s, float scale_t) -> "
         "(Tensor, Tensor)");
-  // Channel MMD (NST), per sample MMD² (B,) in the accumulation dtype, and the state the
-  // backward needs: (M_ss, M_st, M_tt, s) for poly/rbf (M 0-element where no gradient is
-  // wanted; s (B,) the scale of the rows the M belong to, 1 unless a sample whose squared
-  // channel norms overflow was redone on rows scaled by s), or (Σ x̂, Σ ŷ, 1/ρ_x, 1/ρ_y) for
-  // linear. sigma2 is ignored when sigma_mean.
-  m.def("channel_mmd(Tensor student, Tensor teacher, str kernel, int degree, float coef, "
+  // Channel MMD (NST): three algorithms, one operator pair each. kdfast/ops/mmd.py's
+  // channel_mmd_path picks one (docs/design.md, "Channel MMD"). Each forward returns the
+  // per-sample MMD² (B,) in the accumulation dtype and the four tensors its backward takes;
+  // each backward returns (d student, d teacher), 0-element where not requested.
+  //
+  // C × C Gram of the channels (poly, rbf): m_ss (B, m, m), m_st (B, m, n), m_tt (B, n, n)
+  // are the backward's matrices, dX = g (M_ss X + M_st Y) (m_ss / m_tt 0-element where that
+  // gradient is not requested); row_scale (B,) the scale of the rows the M belong to (1 unless
+  // the CPU kernel redid a sample whose squared channel norms overflow on rows scaled by it).
+  // sigma2 is ignored when sigma_mean.
+  m.def("channel_mmd_gram(Tensor student, Tensor teacher, str kernel, int degree, float coef, "
         "float[] sigma2, bool sigma_mean, bool unbiased, bool teacher_term, bool grad_student, "
-        "bool grad_teacher) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("channel_mmd_backward(Tensor grad, Tensor student, Tensor teacher, Tensor s0, "
-        "Tensor s1, Tensor s2, Tensor s3, str kernel, float coef, bool unbiased, bool teacher_term, "
+        "bool grad_teacher) -> (Tensor loss, Tensor m_ss, Tensor m_st, Tensor m_tt, "
+        "Tensor row_scale)");
+  m.def("channel_mmd_gram_backward(Tensor grad, Tensor student, Tensor teacher, Tensor m_ss, "
+        "Tensor m_st, Tensor m_tt, Tensor row_scale, bool grad_student, bool grad_teacher) -> "
+        "(Tensor, Tensor)");
+  // D × D feature Gram (poly, degree 2, on maps smaller than the Gram rows; CPU only):
+  // feature_weights (B, 2, D, D) = [A_x; A_y] and feature_offsets (B, 2, D) = [v_x; v_y] of
+  // the unit rows' backward u_i = x̂_i A + v − ..., inv_norm_x (B, m), inv_norm_y (B, n) = 1/ρ.
+  m.def("channel_mmd_feature_gram(Tensor student, Tensor teacher, float coef, bool unbiased, "
+        "bool teacher_term) -> (Tensor loss, Tensor feature_weights, Tensor feature_offsets, "
+        "Tensor inv_norm_x, Tensor inv_norm_y)");
+  m.def("channel_mmd_feature_gram_backward(Tensor grad, Tensor student, Tensor teacher, "
+        "Tensor feature_weights, Tensor feature_offsets, Tensor inv_norm_x, Tensor inv_norm_y, "
+        "float coef, bool unbiased, bool teacher_term, bool grad_student, bool grad_teacher) -> "
+        "(Tensor, Tensor)");
+  // Linear kernel, no Gram: sum_x = Σ_i x̂_i (B, D), sum_y = Σ_j ŷ_j (B, D), inv_norm_x (B, m),
+  // inv_norm_y (B, n) = 1/ρ.
+  m.def("channel_mmd_linear(Tensor student, Tensor teacher, bool unbiased, bool teacher_term) "
+        "-> (Tensor loss, Tensor sum_x, Tensor sum_y, Tensor inv_norm_x, Tensor inv_norm_y)");
+  m.def("channel_mmd_linear_backward(Tensor grad, Tensor student, Tensor teacher, Tensor sum_x, "
+        "Tensor sum_y, Tensor inv_norm_x, Tensor inv_norm_y, bool unbiased, bool teacher_term, "
         "bool grad_student, bool grad_teacher) -> (Tensor, Tensor)");
 }
 

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "kdfast/aten_dtype.h"
 #include "kdfast/aten_layout.h"
 #include "kdfast/math.h"
 
@@ -180,10 +181,6 @@ void with_power_grad(double p, const Fn& fn) {
   else fn([e = static_cast<acc_t>(p)](acc_t v) { return kdfast::abs_pow_grad(v, e); });
 }
 
-at::ScalarType acc_type(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 void check_features(const at::Tensor& features, double p) {
   TORCH_CHECK(features.dim() == 4, "features must be (B, C, H, W), got ", features.sizes());
   TORCH_CHECK(p >= 1.0, "p must be >= 1, got ", p);
@@ -193,8 +190,8 @@ std::tuple<at::Tensor, at::Tensor> attention_map_cpu(const at::Tensor& features,
   check_features(features, p);
   at::Tensor x;
   const FeatureLayout l = layout_or_copy(features, /*need_dense=*/false, &x);
-  at::Tensor q = at::empty({l.batch, l.hw}, x.options().dtype(acc_type(x)));
-  at::Tensor norm = at::empty({l.batch}, x.options().dtype(acc_type(x)));
+  at::Tensor q = at::empty({l.batch, l.hw}, x.options().dtype(kdfast::accumulation_type(x)));
+  at::Tensor norm = at::empty({l.batch}, x.options().dtype(kdfast::accumulation_type(x)));
   if (x.numel() == 0) return {q.zero_(), norm.zero_()};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attention_map", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -216,7 +213,7 @@ at::Tensor attention_map_backward_cpu(const at::Tensor& grad_map, const at::Tens
   at::Tensor grad = at::empty_like(x, at::MemoryFormat::Preserve);
   TORCH_CHECK(grad.strides() == x.strides(), "attention_map_backward: stride mismatch");
   if (x.numel() == 0) return grad;
-  const auto acc = acc_type(x);
+  const auto acc = kdfast::accumulation_type(x);
   const at::Tensor g = grad_map.to(acc).contiguous().view({l.batch, l.hw});
   const at::Tensor qh = q_hat.to(acc).contiguous();
   const at::Tensor n = norm.to(acc).contiguous();

@@ -19,18 +19,15 @@
 #include <algorithm>
 #include <cmath>
 
+#include "kdfast/aten_dtype.h"
 #include "kdfast/math.h"
 
 namespace {
 
 constexpr int kLanes = 8;
 
-at::ScalarType acc_type(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // x in the accumulation type, contiguous (a no-op for fp32/fp64 contiguous inputs).
-at::Tensor as_acc(const at::Tensor& x) { return x.to(acc_type(x)).contiguous(); }
+at::Tensor as_acc(const at::Tensor& x) { return x.to(kdfast::accumulation_type(x)).contiguous(); }
 
 template <typename acc_t>
 acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {

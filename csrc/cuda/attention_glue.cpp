@@ -7,6 +7,7 @@
 #include <torch/types.h>
 
 #include "attention.h"
+#include "kdfast/aten_dtype.h"
 #include "kdfast/aten_layout.h"
 
 namespace {
@@ -23,10 +24,6 @@ DType kernel_dtype(const at::Tensor& x) {
   }
 }
 
-at::ScalarType acc_type(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 void check_features(const at::Tensor& features, double p) {
   TORCH_CHECK(features.dim() == 4, "features must be (B, C, H, W), got ", features.sizes());
   TORCH_CHECK(features.is_cuda(), "features must be a CUDA tensor");
@@ -38,8 +35,8 @@ std::tuple<at::Tensor, at::Tensor> attention_map_cuda(const at::Tensor& features
   const c10::cuda::CUDAGuard guard(features.device());
   at::Tensor x;
   const kdfast::FeatureLayout l = kdfast::layout_or_copy(features, false, &x);
-  at::Tensor q = at::empty({l.batch, l.hw}, x.options().dtype(acc_type(x)));
-  at::Tensor norm = at::empty({l.batch}, x.options().dtype(acc_type(x)));
+  at::Tensor q = at::empty({l.batch, l.hw}, x.options().dtype(kdfast::accumulation_type(x)));
+  at::Tensor norm = at::empty({l.batch}, x.options().dtype(kdfast::accumulation_type(x)));
   if (x.numel() == 0) return {q.zero_(), norm.zero_()};
   kdfast::cuda::attention_map_forward(kernel_dtype(x), x.const_data_ptr(), l, p,
                                       q.mutable_data_ptr(), norm.mutable_data_ptr(),
@@ -58,7 +55,7 @@ at::Tensor attention_map_backward_cuda(const at::Tensor& grad_map, const at::Ten
   at::Tensor grad = at::empty_like(x, at::MemoryFormat::Preserve);
   TORCH_CHECK(grad.strides() == x.strides(), "attention_map_backward: stride mismatch");
   if (x.numel() == 0) return grad;
-  const auto acc = acc_type(x);
+  const auto acc = kdfast::accumulation_type(x);
   const at::Tensor g = grad_map.to(acc).contiguous();
   const at::Tensor qh = q_hat.to(acc).contiguous();
   const at::Tensor n = norm.to(acc).contiguous();

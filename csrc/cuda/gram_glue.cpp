@@ -7,15 +7,12 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include "kdfast/aten_dtype.h"
 #include "gram.h"
 
 namespace {
 
-at::ScalarType acc_type(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-at::Tensor as_acc(const at::Tensor& x) { return x.to(acc_type(x)).contiguous(); }
+at::Tensor as_acc(const at::Tensor& x) { return x.to(kdfast::accumulation_type(x)).contiguous(); }
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 

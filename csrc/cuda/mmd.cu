@@ -1,34 +1,22 @@
-// CUDA epilogues of the channel MMD (NST); the math is docs/design.md, "Channel MMD" and the
-// header comments of csrc/cpu/mmd.cpp. The Grams come from cuBLAS (through ATen in the glue);
+// CUDA epilogues of the channel MMD (NST) C × C Gram path (operator kdfast::channel_mmd_gram,
+// glue in mmd_glue.cpp); the math is docs/design.md, "Channel MMD" and the header comment of
+// csrc/cpu/mmd_gram.cpp. The Grams come from cuBLAS (through ATen in the glue);
 // here: the row norms from their diagonals, the "mean" bandwidth, φ of every normalised entry
 // with the three block sums, the backward matrices M_ss, M_st, M_tt, and the per-sample loss.
 //
-// Determinism: every sum is a per-block tree reduction in shared memory into a per-row
-// partial, and the per-sample totals reduce those partials in a fixed order. No atomics.
+// Determinism: every sum is a per-block tree reduction in shared memory (block_sum of
+// block_reduce.cuh) into a per-row partial, and the per-sample totals reduce those partials in
+// a fixed order. No atomics.
 #include <cuda_runtime.h>
 
+#include "block_reduce.cuh"
 #include "kdfast/math.h"
 #include "mmd.h"
 
 namespace kdfast::cuda {
 namespace {
 
-constexpr int kThreads = 256;  // a power of two (the tree reductions halve it)
-
-// Sum of one value per thread, in a fixed order; every thread gets the total.
-template <typename T>
-__device__ T block_sum(T value, T* shared) {
-  const int tid = threadIdx.x;
-  shared[tid] = value;
-  __syncthreads();
-  for (int s = kThreads / 2; s > 0; s >>= 1) {
-    if (tid < s) shared[tid] += shared[tid + s];
-    __syncthreads();
-  }
-  const T total = shared[0];
-  __syncthreads();
-  return total;
-}
+constexpr int kThreads = kBlockThreads;  // every block reduces with block_sum
 
 template <typename T>
 __global__ void row_norms_kernel(const T* squares, int64_t batch, int64_t rows,
@@ -53,7 +41,6 @@ template <typename T>
 __global__ void gram_row_sums_kernel(const T* gram_ss, const T* gram_st, const T* gram_tt,
                                      const T* inv_x, const T* inv_y, int64_t m, int64_t n,
                                      T* row_sums) {
-  __shared__ T shared[kThreads];
   const int64_t b = blockIdx.y, row = blockIdx.x;
   T sum = 0;
   if (row < m) {
@@ -68,22 +55,21 @@ __global__ void gram_row_sums_kernel(const T* gram_ss, const T* gram_st, const T
     for (int64_t k = threadIdx.x; k < n; k += kThreads) sum += tt[k] * inv_y[b * n + k];
     sum *= inv_y[b * n + j];
   }
-  sum = block_sum(sum, shared);
+  sum = block_sum(sum);
   if (threadIdx.x == 0) row_sums[b * (m + n) + row] = sum;
 }
 
 template <typename T>
 __global__ void mean_bandwidth_kernel(const T* row_sums, const T* teacher_sum, const T* sq_x,
                                       const T* sq_y, int64_t m, int64_t n, T* half_inv_sigma2) {
-  __shared__ T shared[kThreads];
   const int64_t b = blockIdx.x;
   T gram_total = 0, sq_total = 0;
   for (int64_t r = threadIdx.x; r < m + n; r += kThreads) {
     gram_total += row_sums[b * (m + n) + r];
     sq_total += r < m ? sq_x[b * m + r] : sq_y[b * n + (r - m)];
   }
-  gram_total = block_sum(gram_total, shared);
-  sq_total = block_sum(sq_total, shared);
+  gram_total = block_sum(gram_total);
+  sq_total = block_sum(sq_total);
   if (threadIdx.x == 0) {
     if (teacher_sum != nullptr) gram_total += teacher_sum[b];
     const double sigma2 = kdfast::mmd_mean_bandwidth(double(sq_total), double(gram_total), m + n);
@@ -105,7 +91,6 @@ struct EpilogueArgs {
 // the teacher's (tt row, and the st column for the teacher's c).
 template <typename T>
 __global__ void epilogue_kernel(EpilogueArgs<T> a, MmdKernelParams<T> p) {
-  __shared__ T shared[kThreads];
   const int64_t b = blockIdx.y, row = blockIdx.x, m = a.m, n = a.n;
   if (a.half_inv_sigma2 != nullptr) {
     p.num_bandwidths = 1;
@@ -144,9 +129,9 @@ __global__ void epilogue_kernel(EpilogueArgs<T> a, MmdKernelParams<T> p) {
       if (out_st != nullptr) out_st[j] = weight * inv_i * inv_y[j];
       c += weight * g;
     }
-    sum_ss = block_sum(sum_ss, shared);
-    sum_st = block_sum(sum_st, shared);
-    c = block_sum(c, shared);
+    sum_ss = block_sum(sum_ss);
+    sum_st = block_sum(sum_st);
+    c = block_sum(c);
     if (threadIdx.x == 0) {
       part[0] = sum_ss;
       part[1] = sum_st;
@@ -182,8 +167,8 @@ __global__ void epilogue_kernel(EpilogueArgs<T> a, MmdKernelParams<T> p) {
       c += T(-2 * w.st) * d * g;
     }
   }
-  sum_tt = block_sum(sum_tt, shared);
-  c = block_sum(c, shared);
+  sum_tt = block_sum(sum_tt);
+  c = block_sum(c);
   if (threadIdx.x == 0) {
     part[0] = T(0);
     part[1] = T(0);
@@ -195,7 +180,6 @@ __global__ void epilogue_kernel(EpilogueArgs<T> a, MmdKernelParams<T> p) {
 template <typename T>
 __global__ void loss_kernel(const T* partials, int64_t m, int64_t n, bool unbiased,
                             bool teacher_term, T* loss) {
-  __shared__ double shared[kThreads];
   const int64_t b = blockIdx.x;
   double ss = 0, st = 0, tt = 0;
   for (int64_t r = threadIdx.x; r < m + n; r += kThreads) {
@@ -204,9 +188,9 @@ __global__ void loss_kernel(const T* partials, int64_t m, int64_t n, bool unbias
     st += part[1];
     tt += part[2];
   }
-  ss = block_sum(ss, shared);
-  st = block_sum(st, shared);
-  tt = block_sum(tt, shared);
+  ss = block_sum(ss);
+  st = block_sum(st);
+  tt = block_sum(tt);
   if (threadIdx.x == 0) {
     const MmdBlockWeights w = mmd_block_weights(m, n, unbiased, teacher_term);
     loss[b] = static_cast<T>(w.ss * ss + w.tt * tt - 2 * w.st * st);

@@ -1,8 +1,13 @@
 // Torch-facing side of the CUDA channel MMD (NST): checks, the Grams and the backward GEMMs
 // through ATen (cuBLAS, fp16/bf16 Grams accumulated and returned in fp32), allocation, the
-// current stream, and the CUDA registrations of kdfast::channel_mmd(_backward). The same
-// contract as csrc/cpu/mmd.cpp: loss (B,) in the accumulation dtype, then the backward state
-// (M_ss, M_st, M_tt, scale = 1) for poly/rbf, (Σ x̂, Σ ŷ, 1/ρ_x, 1/ρ_y) for linear.
+// current stream, and the CUDA registrations of two of the three channel-MMD operators
+// (schemas in csrc/kdfast.cpp, math in docs/design.md, "Channel MMD"):
+//   channel_mmd_gram(_backward): saves (m_ss, m_st, m_tt, row_scale = 1), as
+//     csrc/cpu/mmd_gram.cpp does;
+//   channel_mmd_linear(_backward): saves (sum_x, sum_y, inv_norm_x, inv_norm_y), as
+//     csrc/cpu/mmd_linear.cpp does.
+// channel_mmd_feature_gram has no CUDA kernel: kdfast/ops/mmd.py runs that path on CUDA
+// through torch matmuls (feature_gram_channel_mmd).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -11,8 +16,10 @@
 
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
+#include "kdfast/aten_dtype.h"
 #include "kdfast/aten_mmd.h"
 #include "kdfast/math.h"
 #include "mmd.h"
@@ -23,13 +30,12 @@ using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Te
 
 void* stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-at::ScalarType acc_type_of(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-at::Tensor cuda_channel_rows(const at::Tensor& features) {
-  TORCH_CHECK(features.is_cuda(), "features must be CUDA tensors");
-  return kdfast::channel_rows(features);
+// The checks of every channel-MMD operator (kdfast::checked_channel_rows) on CUDA tensors.
+std::pair<at::Tensor, at::Tensor> cuda_channel_rows(const at::Tensor& student,
+                                                    const at::Tensor& teacher, bool unbiased,
+                                                    bool teacher_term) {
+  TORCH_CHECK(student.is_cuda() && teacher.is_cuda(), "features must be CUDA tensors");
+  return kdfast::checked_channel_rows(student, teacher, unbiased, teacher_term);
 }
 
 // a bᵀ per sample in the accumulation dtype (fp16/bf16 inputs: cuBLAS accumulates in fp32 and
@@ -45,9 +51,13 @@ at::Tensor in_acc(const at::Tensor& x, at::ScalarType acc) {
 
 at::Tensor empty_state(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
-Result linear_forward(const at::Tensor& xs, const at::Tensor& ys, bool unbiased,
+Result linear_forward(const at::Tensor& student, const at::Tensor& teacher, bool unbiased,
                       bool teacher_term) {
-  const auto acc = acc_type_of(xs);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const c10::cuda::CUDAGuard guard(student.device());
+  const auto rows = cuda_channel_rows(student, teacher, unbiased, teacher_term);
+  const at::Tensor &xs = rows.first, &ys = rows.second;
+  const auto acc = kdfast::accumulation_type(xs);
   const int64_t m = xs.size(1), n = ys.size(1);
   const kdfast::MmdBlockWeights w = kdfast::mmd_block_weights(m, n, unbiased, teacher_term);
   auto side = [&](const at::Tensor& z) {
@@ -68,7 +78,7 @@ Result linear_forward(const at::Tensor& xs, const at::Tensor& ys, bool unbiased,
 Result gram_forward(const at::Tensor& xs, const at::Tensor& ys, int kind, int64_t degree,
                     double coef, at::ArrayRef<double> sigma2, bool sigma_mean, bool unbiased,
                     bool teacher_term, bool grad_student, bool grad_teacher) {
-  const auto acc = acc_type_of(xs);
+  const auto acc = kdfast::accumulation_type(xs);
   const int64_t batch = xs.size(0), m = xs.size(1), n = ys.size(1);
   const auto opts = xs.options().dtype(acc);
   const at::Tensor g_ss = gram(xs, xs, acc).contiguous();
@@ -137,32 +147,24 @@ Result gram_forward(const at::Tensor& xs, const at::Tensor& ys, int kind, int64_
   return {loss, m_ss, m_st, m_tt, at::ones({batch}, opts)};
 }
 
-Result channel_mmd_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                        c10::string_view kernel, int64_t degree, double coef,
-                        at::ArrayRef<double> sigma2, bool sigma_mean, bool unbiased,
-                        bool teacher_term, bool grad_student, bool grad_teacher) {
+Result gram_forward_op(const at::Tensor& student, const at::Tensor& teacher,
+                       c10::string_view kernel, int64_t degree, double coef,
+                       at::ArrayRef<double> sigma2, bool sigma_mean, bool unbiased,
+                       bool teacher_term, bool grad_student, bool grad_teacher) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::cuda::CUDAGuard guard(student.device());
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
-              "student and teacher must have one dtype, got ", student.scalar_type(), " and ",
-              teacher.scalar_type());
-  const at::Tensor xs = cuda_channel_rows(student), ys = cuda_channel_rows(teacher);
-  TORCH_CHECK(xs.size(0) == ys.size(0) && xs.size(2) == ys.size(2),
-              "student and teacher must share B, H and W, got ", student.sizes(), " and ",
-              teacher.sizes());
-  TORCH_CHECK(degree >= 1, "degree must be >= 1, got ", degree);
-  TORCH_CHECK(sigma_mean || !sigma2.empty(), "sigma2 must hold at least one bandwidth");
-  TORCH_CHECK(static_cast<int64_t>(sigma2.size()) <= kdfast::kMmdMaxBandwidths, "at most ",
-              kdfast::kMmdMaxBandwidths, " bandwidths, got ", sigma2.size());
-  TORCH_CHECK(!unbiased || (xs.size(1) >= 2 && (!teacher_term || ys.size(1) >= 2)),
-              "unbiased=True needs at least 2 channels in each set it averages");
+  const auto rows = cuda_channel_rows(student, teacher, unbiased, teacher_term);
+  const at::Tensor &xs = rows.first, &ys = rows.second;
+  kdfast::check_gram_kernel_options(degree, sigma2, sigma_mean);
   const int kind = kdfast::mmd_kernel_kind(kernel);
-  if (kind == kdfast::kMmdLinear) return linear_forward(xs, ys, unbiased, teacher_term);
+  TORCH_CHECK(kind != kdfast::kMmdLinear,
+              "channel_mmd_gram takes poly or rbf; the linear kernel is channel_mmd_linear");
   return gram_forward(xs, ys, kind, degree, coef, sigma2, sigma_mean, unbiased, teacher_term,
                       grad_student, grad_teacher);
 }
 
-// Linear gradient rows: g/ρ_i (v − live_i (x̂_iᵀv) x̂_i) − [unbiased] 2 w g (1 − live_i q_i) x_i/ρ_i².
+// Linear gradient rows:
+//   g/ρ_i (v − live_i (x̂_iᵀv) x̂_i) − [unbiased] 2 w g (1 − live_i q_i) x_i/ρ_i².
 at::Tensor linear_grad(const at::Tensor& z, const at::Tensor& inv, const at::Tensor& v,
                        const at::Tensor& g, bool unbiased, double w, at::ScalarType acc) {
   const at::Tensor za = in_acc(z, acc);
@@ -177,43 +179,63 @@ at::Tensor linear_grad(const at::Tensor& z, const at::Tensor& inv, const at::Ten
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> channel_mmd_backward_cuda(
-    const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
-    const at::Tensor& s0, const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& s3,
-    c10::string_view kernel, double coef, bool unbiased, bool teacher_term, bool grad_student,
-    bool grad_teacher) {
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const c10::cuda::CUDAGuard guard(student.device());
-  const at::Tensor xs = cuda_channel_rows(student), ys = cuda_channel_rows(teacher);
-  const auto acc = acc_type_of(xs);
-  const int64_t m = xs.size(1), n = ys.size(1);
-  const at::Tensor g = grad.to(acc);
-  const kdfast::MmdBlockWeights w = kdfast::mmd_block_weights(m, n, unbiased, teacher_term);
-  at::Tensor dx, dy;
-  if (kdfast::mmd_kernel_kind(kernel) == kdfast::kMmdLinear) {
-    if (grad_student) {
-      dx = linear_grad(xs, s2, 2 * w.ss * s0 - 2 * w.st * s1, g, unbiased, w.ss, acc);
-    }
-    if (grad_teacher) {
-      dy = linear_grad(ys, s3, 2 * w.tt * s1 - 2 * w.st * s0, g, unbiased && teacher_term, w.tt,
-                       acc);
-    }
-  } else {
-    const at::Tensor gb = g.view({-1, 1, 1});
-    const at::Tensor xa = in_acc(xs, acc), ya = in_acc(ys, acc);
-    const at::Tensor m_st = s1 * gb;
-    if (grad_student) dx = at::bmm(s0 * gb, xa).baddbmm_(m_st, ya);
-    if (grad_teacher) dy = at::bmm(s2 * gb, ya).baddbmm_(m_st.transpose(1, 2), xa);
-  }
+// The gradients in the inputs' dtype and shape, or empty ones where not wanted.
+std::tuple<at::Tensor, at::Tensor> gradients_or_empty(const at::Tensor& dx, const at::Tensor& dy,
+                                                      const at::Tensor& student,
+                                                      const at::Tensor& teacher) {
   return {dx.defined() ? dx.to(student.scalar_type()).reshape(student.sizes())
                        : at::empty({0}, student.options()),
           dy.defined() ? dy.to(teacher.scalar_type()).reshape(teacher.sizes())
                        : at::empty({0}, teacher.options())};
 }
 
+std::tuple<at::Tensor, at::Tensor> linear_backward_op(
+    const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
+    const at::Tensor& sum_x, const at::Tensor& sum_y, const at::Tensor& inv_norm_x,
+    const at::Tensor& inv_norm_y, bool unbiased, bool teacher_term, bool grad_student,
+    bool grad_teacher) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const c10::cuda::CUDAGuard guard(student.device());
+  const at::Tensor xs = kdfast::channel_rows(student), ys = kdfast::channel_rows(teacher);
+  const auto acc = kdfast::accumulation_type(xs);
+  const at::Tensor g = grad.to(acc);
+  const kdfast::MmdBlockWeights w =
+      kdfast::mmd_block_weights(xs.size(1), ys.size(1), unbiased, teacher_term);
+  at::Tensor dx, dy;
+  if (grad_student) {
+    dx = linear_grad(xs, inv_norm_x, 2 * w.ss * sum_x - 2 * w.st * sum_y, g, unbiased, w.ss,
+                     acc);
+  }
+  if (grad_teacher) {
+    dy = linear_grad(ys, inv_norm_y, 2 * w.tt * sum_y - 2 * w.st * sum_x, g,
+                     unbiased && teacher_term, w.tt, acc);
+  }
+  return gradients_or_empty(dx, dy, student, teacher);
+}
+
+std::tuple<at::Tensor, at::Tensor> gram_backward_op(
+    const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
+    const at::Tensor& m_ss, const at::Tensor& m_st, const at::Tensor& m_tt,
+    const at::Tensor& row_scale, bool grad_student, bool grad_teacher) {
+  // row_scale is 1 on CUDA (gram_forward never rescales rows).
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const c10::cuda::CUDAGuard guard(student.device());
+  const at::Tensor xs = kdfast::channel_rows(student), ys = kdfast::channel_rows(teacher);
+  const auto acc = kdfast::accumulation_type(xs);
+  const at::Tensor gb = grad.to(acc).view({-1, 1, 1});
+  const at::Tensor xa = in_acc(xs, acc), ya = in_acc(ys, acc);
+  const at::Tensor m_st_g = m_st * gb;
+  at::Tensor dx, dy;
+  if (grad_student) dx = at::bmm(m_ss * gb, xa).baddbmm_(m_st_g, ya);
+  if (grad_teacher) dy = at::bmm(m_tt * gb, ya).baddbmm_(m_st_g.transpose(1, 2), xa);
+  return gradients_or_empty(dx, dy, student, teacher);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdfast, CUDA, m) {
-  m.impl("channel_mmd", &channel_mmd_cuda);
-  m.impl("channel_mmd_backward", &channel_mmd_backward_cuda);
+  m.impl("channel_mmd_gram", &gram_forward_op);
+  m.impl("channel_mmd_gram_backward", &gram_backward_op);
+  m.impl("channel_mmd_linear", &linear_forward);
+  m.impl("channel_mmd_linear_backward", &linear_backward_op);
 }

@@ -150,9 +150,10 @@ def _linear_mmd(x_hat: torch.Tensor, y_hat: torch.Tensor, unbiased: bool,
     return loss + within(y_hat) if teacher_term else loss
 
 
-def _poly2_feature_gram_mmd(x_hat: torch.Tensor, y_hat: torch.Tensor, coef: float,
-                            unbiased: bool, teacher_term: bool) -> torch.Tensor:
-    """Poly d=2 through D×D Grams (cheaper than C×C ones when D < m + n); the same math.
+def feature_gram_mmd(x_hat: torch.Tensor, y_hat: torch.Tensor, coef: float, unbiased: bool,
+                     teacher_term: bool) -> torch.Tensor:
+    """Poly d=2 through D×D Grams (cheaper than C×C ones when D < m + n) of the unit rows
+    x̂ (B, m, D), ŷ (B, n, D); the same math, (B,).
 
     Σ_{i,j} (g_ij + c)² = Σ g_ij² + 2c Σ g_ij + c²·count, with Σ_{i,j} (x̂_iᵀŷ_j)² =
     ⟨X̂ᵀX̂, ŶᵀŶ⟩_F and Σ_{i,j} x̂_iᵀŷ_j = (Σ x̂_i)ᵀ(Σ ŷ_j). The unbiased within-set sums
@@ -180,15 +181,6 @@ def _poly2_feature_gram_mmd(x_hat: torch.Tensor, y_hat: torch.Tensor, coef: floa
     return loss + within(feat_y, sum_y, y_hat) if teacher_term else loss
 
 
-def uses_feature_grams(student: torch.Tensor, teacher: torch.Tensor, kernel: str, degree: int,
-                       teacher_term: bool) -> bool:
-    """Whether poly d=2 goes through D × D Grams: when D = H·W < rows = C_s (+ C_t), where
-    they cost about rows·D² flops and D² memory per sample against rows²·D and rows² for the
-    C × C ones (csrc/cpu/mmd.cpp's ``use_feature_gram`` uses the same rule)."""
-    rows = student.shape[1] + (teacher.shape[1] if teacher_term else 0)
-    return kernel == "poly" and degree == 2 and student.shape[2] * student.shape[3] < rows
-
-
 def channel_mmd(student: torch.Tensor, teacher: torch.Tensor, *, kernel: str = "poly",
                 degree: int = 2, coef: float = 0.0,
                 sigma2: Sequence[float] | str = (1.0,), unbiased: bool = False,
@@ -197,13 +189,19 @@ def channel_mmd(student: torch.Tensor, teacher: torch.Tensor, *, kernel: str = "
 
     student (B, C_s, H, W), teacher (B, C_t, H, W) of equal B, H, W (channels may differ).
     Options as in the module docstring; they are assumed validated (``nst_loss`` does it).
+    The algorithm (the same math, chosen for memory) is the one every backend takes:
+    :func:`kdfast.ops.mmd.channel_mmd_path`.
     """
+    # Imported here: kdfast.ops.mmd imports this module.
+    from kdfast.ops.mmd import FEATURE_GRAM, LINEAR, channel_mmd_path
+
     check_unbiased_sizes(student.shape[1], teacher.shape[1], unbiased, teacher_term)
     x_hat, y_hat = unit_channels(student), unit_channels(teacher)
-    if kernel == "linear":
+    path = channel_mmd_path(student, teacher, kernel, degree, teacher_term)
+    if path == LINEAR:
         return _linear_mmd(x_hat, y_hat, unbiased, teacher_term)
-    if uses_feature_grams(student, teacher, kernel, degree, teacher_term):
-        return _poly2_feature_gram_mmd(x_hat, y_hat, coef, unbiased, teacher_term)
+    if path == FEATURE_GRAM:
+        return feature_gram_mmd(x_hat, y_hat, coef, unbiased, teacher_term)
 
     bandwidths = as_bandwidths(sigma2)
     if bandwidths == "mean":

@@ -1,7 +1,8 @@
 """Triton backend: registers the ``"triton"`` implementation of the fused cores.
 
 Cores: ``"attention_map"`` (:mod:`kdfast.triton.attention`), ``"similarity"`` and ``"fsp"``
-(:mod:`kdfast.triton.gram`), ``"channel_mmd"`` (:mod:`kdfast.triton.mmd`).
+(:mod:`kdfast.triton.gram`), ``"channel_mmd"`` (:mod:`kdfast.triton.mmd`; its op layer and
+registration live in :mod:`kdfast.ops.mmd`).
 
 Importing this package never imports ``triton``: the registered functions
 (:mod:`kdfast.triton.ops`, autograd Functions over ``torch.library`` custom operators, so the
@@ -90,7 +91,6 @@ _CORES = {
     "attention_map": (ops.triton_attention_map, supports_without_dot),
     "similarity": (ops.triton_similarity_loss, supports),
     "fsp": (ops.triton_fsp_pair_loss, supports),
-    "channel_mmd": (ops.triton_channel_mmd, supports),
 }
 
 for _core, (_function, _supports) in _CORES.items():

@@ -26,7 +26,7 @@ Per sample, X (m = C_s rows) and Y (n = C_t rows) of D = H·W raw features (docs
   M_xy = diag(1/n) W_st diag(1/n_y): one GEMM-shaped ``_rows_gemm_kernel`` launch over the raw
   features per input (the normalisation backward lives in M), likewise dY.
 
-Backward choice, by map size (``kdfast.triton.ops.MMD_RECOMPUTE_MAX_HW``, 128 positions):
+Backward choice, by map size (``kdfast.ops.mmd.MMD_RECOMPUTE_MAX_HW``, 128 positions):
 
 * small maps (7×7, 8×8, 11×11 ...), where C² ≫ C·HW: ``_mmd_recompute_backward_kernel``,
   flash-style. One program per tile of rows holds the whole map of its rows in registers,
@@ -41,8 +41,11 @@ Backward choice, by map size (``kdfast.triton.ops.MMD_RECOMPUTE_MAX_HW``, 128 po
 The threshold is a count, not a measurement: no GPU has run these kernels yet, and
 ``scripts/gpu_check.sh`` benchmarks both sides of it.
 
-Poly d = 2 on maps smaller than the channel count does not reach these kernels: it takes the
-reference's D × D Grams (:func:`kdfast.triton.ops.triton_channel_mmd`).
+These kernels serve two of channel MMD's three paths (:func:`kdfast.ops.mmd.channel_mmd_path`):
+``GRAM`` (operators ``kdfast_triton::channel_mmd_gram(_backward)``) and ``LINEAR``
+(``kdfast_triton::channel_mmd_linear(_backward)``), both defined in :mod:`kdfast.ops.mmd`.
+``FEATURE_GRAM`` (poly d = 2 on maps smaller than the channel count) runs
+:func:`kdfast.ops.mmd.feature_gram_channel_mmd`, torch's batched matmuls.
 """
 
 from __future__ import annotations
@@ -52,8 +55,8 @@ import triton
 import triton.language as tl
 
 from kdfast._precision import accumulation_dtype
+from kdfast.ops.mmd import kept_gram_blocks, recomputes_grams
 from kdfast.reference.nst import as_bandwidths, kernel_slopes
-from kdfast.triton import ops
 from kdfast.triton._common import NORM_EPS, configs, dot_precision, feature_view
 from kdfast.triton._gemm import rows_gemm
 
@@ -517,7 +520,7 @@ def channel_mmd_forward(x, y, kernel: str, degree: int, coef: float, sigma2, unb
     backward needs — dX needs ss and st, dY st and tt (B·C² each) — unless it recomputes them
     (small maps); the others are (B, 0, 0): an output whose rank changed with the options
     would trip Inductor's fallback for custom operators."""
-    save = ops.kept_gram_blocks(x, need_x, need_y, teacher_term)
+    save = kept_gram_blocks(x, need_x, need_y, teacher_term)
     loss, grams, (sq_x, sq_y), sigmas = mmd_forward(x, y, kernel, degree, coef, sigma2,
                                                     unbiased, teacher_term, save)
     return (loss, sq_x, sq_y, sigmas,
@@ -530,7 +533,7 @@ def channel_mmd_backward(grad_loss, x, y, sq_x, sq_y, sigmas, g_ss, g_st, g_tt, 
                          need_x: bool, need_y: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dX, dY) from the blocks :func:`channel_mmd_forward` saved (empty where not needed),
     or, on small maps, from tiles recomputed by ``_mmd_recompute_backward_kernel``."""
-    if ops.recomputes_grams(x):
+    if recomputes_grams(x):
         return _recomputed_input_grads(grad_loss, x, y, sq_x, sq_y, sigmas, kernel, degree,
                                        coef, unbiased, teacher_term, need_x, need_y)
     grams = {"st": g_st}

@@ -6,7 +6,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kdfast
-from kdfast.ops.mmd import native_channel_mmd
+from kdfast.ops.mmd import (
+    FEATURE_GRAM,
+    GRAM,
+    LINEAR,
+    PATHS,
+    channel_mmd_path,
+    native_channel_mmd,
+)
 from kdfast.reference.nst import channel_mmd
 from tests.helpers import assert_rel_close, randn
 
@@ -409,3 +416,71 @@ def test_non_finite_values_are_not_rescued(options, bad):
     student[0, 2, 1, 1] = bad
     out = native_channel_mmd(student, randn(2, 4, 4, 6).float(), **options)
     assert not torch.isfinite(out[0]) and torch.isfinite(out[1])
+
+
+# --- one operator pair per path ---------------------------------------------------------------
+
+PATH_CASES = {  # path -> (student shape, teacher shape, options)
+    GRAM: ((2, 5, 3, 5), (2, 7, 3, 5), {"kernel": "rbf", "sigma2": (0.5, 2.0)}),
+    FEATURE_GRAM: ((2, 9, 2, 3), (2, 7, 2, 3), {"kernel": "poly", "coef": 0.5}),  # D = 6 < 16
+    LINEAR: ((2, 5, 3, 5), (2, 7, 3, 5), {"kernel": "linear"}),
+}
+FUNCTIONS = {GRAM: "NativeGramMMD", FEATURE_GRAM: "NativeFeatureGramMMD",
+             LINEAR: "NativeLinearMMD"}
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_each_path_runs_its_own_function(path):
+    s_shape, t_shape, options = PATH_CASES[path]
+    student, teacher = randn(*s_shape, requires_grad=True), randn(*t_shape)
+    assert channel_mmd_path(student, teacher, options["kernel"], 2, True) == path
+    out = native_channel_mmd(student, teacher, **options)
+    assert type(out.grad_fn).__name__ == f"{FUNCTIONS[path]}Backward"
+    compare(student, teacher.requires_grad_(), 1e-10, **options)
+
+
+def test_the_path_rule():
+    small, large = randn(1, 9, 2, 3), randn(1, 2, 4, 4)  # D = 6, D = 16
+    assert channel_mmd_path(small, small, "poly", 2, True) == FEATURE_GRAM  # 6 < 18
+    assert channel_mmd_path(small, small, "poly", 3, True) == GRAM
+    assert channel_mmd_path(small, small, "rbf", 2, True) == GRAM
+    assert channel_mmd_path(small, small, "linear", 2, True) == LINEAR
+    assert channel_mmd_path(large, large, "poly", 2, True) == GRAM  # 16 >= 4
+    assert channel_mmd_path(randn(1, 5, 2, 3), randn(1, 4, 2, 3), "poly", 2, False) == GRAM
+    assert channel_mmd_path(randn(1, 5, 2, 3), randn(1, 4, 2, 3), "poly", 2, True) == FEATURE_GRAM
+
+
+def native_operator_cases(path: str, dtype: torch.dtype, grads: tuple[bool, bool]):
+    """(operator, arguments) for the forward and backward operator of ``path``."""
+    s_shape, t_shape, _ = PATH_CASES[path]
+    x, y = randn(*s_shape).to(dtype), randn(*t_shape).to(dtype)
+    grad = randn(s_shape[0])
+    ops = torch.ops.kdfast
+    if path == GRAM:
+        forward = (ops.channel_mmd_gram.default,
+                   (x, y, "rbf", 2, 0.0, [0.5, 2.0], False, True, True, *grads))
+        saved = forward[0](*forward[1])[1:]
+        backward = (ops.channel_mmd_gram_backward.default, (grad, x, y, *saved, *grads))
+    elif path == FEATURE_GRAM:
+        forward = (ops.channel_mmd_feature_gram.default, (x, y, 0.5, True, False))
+        saved = forward[0](*forward[1])[1:]
+        backward = (ops.channel_mmd_feature_gram_backward.default,
+                    (grad, x, y, *saved, 0.5, True, False, *grads))
+    else:
+        forward = (ops.channel_mmd_linear.default, (x, y, True, True))
+        saved = forward[0](*forward[1])[1:]
+        backward = (ops.channel_mmd_linear_backward.default,
+                    (grad, x, y, *saved, True, True, *grads))
+    return [forward, backward]
+
+
+@pytest.mark.parametrize("grads", [(True, True), (True, False), (False, True)],
+                         ids=["both", "student", "teacher"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("path", PATHS)
+def test_every_native_operator_passes_opcheck(path, dtype, grads):
+    # The fakes in kdfast/ops/mmd.py follow each schema of csrc/kdfast.cpp: opcheck compares
+    # their shapes, dtypes and strides with the real outputs.
+    for op, args in native_operator_cases(path, dtype, grads):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor",
+                                                    "test_aot_dispatch_dynamic"))

@@ -1,11 +1,13 @@
 """The Triton cores inside torch.compile(fullgraph=True): their launchers are torch.library
-operators (kdfast.triton.ops), so the graph does not break and values and gradients match
-eager; torch.library.opcheck checks each operator's schema and fake implementation."""
+operators (kdfast.triton.ops, kdfast.ops.mmd), so the graph does not break and values and
+gradients match eager; torch.library.opcheck checks each operator's schema and fake
+implementation."""
 
 import pytest
 import torch
 
 from kdfast.functional import at_loss, fsp_loss, nst_loss, sp_loss
+from kdfast.ops import mmd as mmd_ops
 from kdfast.triton import ops
 from tests.helpers import assert_rel_close
 
@@ -67,9 +69,9 @@ def op_cases(precise):
     loss, grams = ops._similarity(x, y)
     fsp_args = (x, x.flip(1), y[:, :3], y[:, 1:])
     _, diff = ops._fsp(*fsp_args)
-    linear = ops._linear_mmd(x, y, True, True, True, True)
+    linear = mmd_ops._triton_linear(x, y, True, True)
     mmd_args = (x, y, "rbf", 2, 0.0, [0.5, 2.0], False, True, True, True, True)
-    mmd = ops._channel_mmd(*mmd_args)
+    mmd = mmd_ops._triton_gram(*mmd_args)
     return [
         (ops._attention_map, (x_last, 3.0)),
         (ops._attention_map_backward, (precise.randn(2, 20), x_last, q, norm, 3.0)),
@@ -77,13 +79,14 @@ def op_cases(precise):
         (ops._similarity_backward, (grad, x, y, grams, True, False)),
         (ops._fsp, fsp_args),
         (ops._fsp_backward, (grad, *fsp_args, diff, [True, False, True, True])),
-        (ops._linear_mmd, (x, y, True, True, False, True)),
-        (ops._linear_mmd_backward, (grad, x, y, *linear[1:], True, True, True, True)),
-        (ops._channel_mmd, mmd_args),
-        (ops._channel_mmd, (x, y, "poly", 2, 1.0, [], False, False, False, False, True)),
-        (ops._channel_mmd, (x, y, "rbf", 2, 0.0, [], True, False, True, True, False)),
-        (ops._channel_mmd_backward, (grad, x, y, *mmd[1:], "rbf", 2, 0.0, True, True, True,
-                                     True)),
+        (mmd_ops._triton_linear, (x, y, True, False)),
+        (mmd_ops._triton_linear_backward, (grad, x, y, *linear[1:], True, True, True, True)),
+        (mmd_ops._triton_linear_backward, (grad, x, y, *linear[1:], False, True, False, True)),
+        (mmd_ops._triton_gram, mmd_args),
+        (mmd_ops._triton_gram, (x, y, "poly", 2, 1.0, [], False, False, False, False, True)),
+        (mmd_ops._triton_gram, (x, y, "rbf", 2, 0.0, [], True, False, True, True, False)),
+        (mmd_ops._triton_gram_backward, (grad, x, y, *mmd[1:], "rbf", 2, 0.0, True, True, True,
+                                         True)),
     ]
 
 
@@ -92,8 +95,8 @@ def test_every_operator_passes_opcheck(precise):
     assert {op._qualname for op, _ in cases} == {
         f"kdfast_triton::{name}" for name in (
             "attention_map", "attention_map_backward", "similarity", "similarity_backward",
-            "fsp", "fsp_backward", "linear_mmd", "linear_mmd_backward", "channel_mmd",
-            "channel_mmd_backward")}
+            "fsp", "fsp_backward", "channel_mmd_linear", "channel_mmd_linear_backward",
+            "channel_mmd_gram", "channel_mmd_gram_backward")}
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor",
                                                     "test_aot_dispatch_dynamic"))

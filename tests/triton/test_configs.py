@@ -20,6 +20,7 @@ pytestmark = pytest.mark.triton_interpret
 
 def _kernels():
     """(name, autotuned kernel, its tuned dicts, a parity check that runs it)."""
+    from kdfast.ops import mmd as mmd_ops
     from kdfast.triton import _gemm, attention, gram, mmd, ops
 
     def at(rand, monkeypatch):
@@ -35,9 +36,10 @@ def _kernels():
         check_parity(ops.triton_fsp_pair_loss, fsp_pair_loss, [sa, sb, ta, tb], 1e-12)
 
     def nst(rand, monkeypatch, recompute=True):  # rbf, both backward paths
-        monkeypatch.setattr(ops, "MMD_RECOMPUTE_MAX_HW", 1 << 30 if recompute else 0)
-        check_parity(ops.triton_channel_mmd, channel_mmd, [rand(2, 37, 5, 9), rand(2, 70, 5, 9)],
-                     1e-12, kernel="rbf", sigma2=(0.5, 3.0), unbiased=True)
+        monkeypatch.setattr(mmd_ops, "MMD_RECOMPUTE_MAX_HW", 1 << 30 if recompute else 0)
+        check_parity(mmd_ops.triton_channel_mmd, channel_mmd,
+                     [rand(2, 37, 5, 9), rand(2, 70, 5, 9)], 1e-12, kernel="rbf",
+                     sigma2=(0.5, 3.0), unbiased=True)
 
     def nst_saved(rand, monkeypatch):  # the MMD backward through rows_gemm
         nst(rand, monkeypatch, recompute=False)

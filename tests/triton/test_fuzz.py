@@ -45,13 +45,13 @@ def fuzzed_dtypes(loss: str, device: str) -> tuple[torch.dtype, ...]:
 def mmd_backward(keep_blocks: bool):
     """The Triton MMD backward that keeps the forward's Gram blocks (``keep_blocks``) or
     recomputes them (what maps this small get by default)."""
-    from kdfast.triton import ops
-    saved = ops.MMD_RECOMPUTE_MAX_HW
-    ops.MMD_RECOMPUTE_MAX_HW = 0 if keep_blocks else 1 << 30
+    from kdfast.ops import mmd as mmd_ops
+    saved = mmd_ops.MMD_RECOMPUTE_MAX_HW
+    mmd_ops.MMD_RECOMPUTE_MAX_HW = 0 if keep_blocks else 1 << 30
     try:
         yield
     finally:
-        ops.MMD_RECOMPUTE_MAX_HW = saved
+        mmd_ops.MMD_RECOMPUTE_MAX_HW = saved
 
 
 @pytest.mark.parametrize("loss", [loss_param(loss) for loss in LOSSES])

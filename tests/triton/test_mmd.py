@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kdfast import backends
+from kdfast.ops.mmd import FEATURE_GRAM, GRAM, channel_mmd_path, feature_gram_channel_mmd
 from tests.helpers import randn
 from tests.triton.parity import check_parity
 
@@ -15,8 +16,9 @@ nst_reference = pytest.importorskip("kdfast.reference.nst", reason="NST referenc
 def mmd_backward(request, monkeypatch):
     """Every test runs both backward paths: Gram tiles recomputed (small maps) or the
     forward's normalised Gram blocks kept."""
-    from kdfast.triton import ops
-    monkeypatch.setattr(ops, "MMD_RECOMPUTE_MAX_HW", 1 << 30 if request.param == "recompute" else 0)
+    from kdfast.ops import mmd as mmd_ops
+    monkeypatch.setattr(mmd_ops, "MMD_RECOMPUTE_MAX_HW",
+                        1 << 30 if request.param == "recompute" else 0)
     return request.param
 
 
@@ -46,14 +48,15 @@ def test_matches_reference_precise(precise, options):
                                      {"teacher_term": False}])
 def test_poly2_gram_kernel_where_maps_exceed_channels(precise, options):
     s, t = precise.randn(2, 5, 4, 4), precise.randn(2, 9, 4, 4)  # D = 16 >= rows: C × C path
-    assert not nst_reference.uses_feature_grams(s, t, "poly", 2, options.get("teacher_term", 1))
+    assert channel_mmd_path(s, t, "poly", 2, options.get("teacher_term", True)) == GRAM
     check_parity(mmd, nst_reference.channel_mmd, [s, t], precise.tol, kernel="poly", **options)
 
 
 def test_poly2_on_maps_smaller_than_the_channels_takes_the_feature_grams(precise):
     s, t = precise.randn(2, 7, 3, 2), precise.randn(2, 4, 3, 2)  # D = 6 < 11 rows
-    assert nst_reference.uses_feature_grams(s, t, "poly", 2, True)
+    assert channel_mmd_path(s, t, "poly", 2, True) == FEATURE_GRAM
     out = mmd(s, t, kernel="poly", coef=0.3)
+    assert torch.equal(out, feature_gram_channel_mmd(s, t, coef=0.3))
     assert torch.equal(out, nst_reference.channel_mmd(s, t, kernel="poly", coef=0.3))
 
 
