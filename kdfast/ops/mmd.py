@@ -7,21 +7,16 @@ validated and spatially matched by :func:`kdfast.functional.nst_loss`.
 Three algorithms (docs/design.md, "Channel MMD", *Three algorithms, chosen by shape*), picked
 by one rule, :func:`channel_mmd_path`, for every backend and for the reference:
 
-=================  ==========================================  ============================
-path               native (C++ on CPU; CUDA when built)        Triton
-=================  ==========================================  ============================
-``GRAM``           ``kdfast::channel_mmd_gram``                ``kdfast_triton::
-(C × C Grams;      → (loss, m_ss, m_st, m_tt, row_scale)       channel_mmd_gram`` → (loss,
-poly, rbf)                                                     sq_x, sq_y, sigmas, g_ss,
-                                                               g_st, g_tt)
-``FEATURE_GRAM``   ``kdfast::channel_mmd_feature_gram`` (CPU)  :func:`feature_gram_channel_mmd`
-(D × D Grams;      → (loss, feature_weights, feature_offsets,  (torch matmuls)
-poly d = 2, small  inv_norm_x, inv_norm_y); on CUDA
-maps)              :func:`feature_gram_channel_mmd`
-``LINEAR``         ``kdfast::channel_mmd_linear``              ``kdfast_triton::
-(no Gram)          → (loss, sum_x, sum_y, inv_norm_x,          channel_mmd_linear`` → (loss,
-                   inv_norm_y)                                 sq_x, sq_y, sums)
-=================  ==========================================  ============================
+* ``GRAM``, C × C Grams of the channels (poly, rbf): native ``kdfast::channel_mmd_gram`` →
+  (loss, m_ss, m_st, m_tt, row_scale); Triton ``kdfast_triton::channel_mmd_gram`` → (loss,
+  sq_x, sq_y, sigmas, g_ss, g_st, g_tt).
+* ``FEATURE_GRAM``, D × D Grams of the positions (poly d = 2 on maps smaller than the Gram
+  rows): native ``kdfast::channel_mmd_feature_gram`` on CPU → (loss, feature_weights,
+  feature_offsets, inv_norm_x, inv_norm_y); on CUDA and Triton
+  :func:`feature_gram_channel_mmd` (torch matmuls).
+* ``LINEAR``, no Gram (linear kernel): native ``kdfast::channel_mmd_linear`` → (loss, sum_x,
+  sum_y, inv_norm_x, inv_norm_y); Triton ``kdfast_triton::channel_mmd_linear`` → (loss, sq_x,
+  sq_y, sums).
 
 Each forward operator returns the loss and the tensors its ``_backward`` operator takes (the
 schemas in csrc/kdfast.cpp and below name and document them); each (path, backend) pair is one

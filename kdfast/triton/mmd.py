@@ -57,7 +57,13 @@ import triton.language as tl
 from kdfast._precision import accumulation_dtype
 from kdfast.ops.mmd import kept_gram_blocks, recomputes_grams
 from kdfast.reference.nst import as_bandwidths, kernel_slopes
-from kdfast.triton._common import NORM_EPS, configs, dot_precision, feature_view
+from kdfast.triton._common import (
+    NORM_EPS,
+    configs,
+    dot_precision,
+    feature_view,
+    spatial_offset,
+)
 from kdfast.triton._gemm import rows_gemm
 
 _KERNELS = {"linear": 0, "poly": 1, "rbf": 2}
@@ -75,7 +81,8 @@ _RECOMPUTE_CONFIGS = configs({"BLOCK_M": 16, "BLOCK_N": 16}, _RECOMPUTE_TUNED)
 @triton.autotune(configs=_MMD_CONFIGS, key=["RA", "RB", "HW"])
 @triton.jit
 def _mmd_block_kernel(a_ptr, b_ptr, part_ptr, gram_ptr, sq_a_ptr, sq_b_ptr, sigma_ptr, coef_ptr,
-                      RA, RB, HW, saB, saC, aW, saH, saW, sbB, sbC, bW, sbH, sbW,
+                      RA, RB, HW, a_stride_b, a_stride_c, a_W, a_stride_h, a_stride_w,
+                      b_stride_b, b_stride_c, b_W, b_stride_h, b_stride_w,
                       num_slots, slot_offset, eps,
                       KERNEL: tl.constexpr, DEGREE: tl.constexpr, NUM_SIGMA: tl.constexpr,
                       SYMMETRIC: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
@@ -99,14 +106,16 @@ def _mmd_block_kernel(a_ptr, b_ptr, part_ptr, gram_ptr, sq_a_ptr, sq_b_ptr, sigm
     acc = tl.zeros([BLOCK_M, BLOCK_M], dtype=part_ptr.dtype.element_ty)
     sq_a = tl.zeros([BLOCK_M], dtype=part_ptr.dtype.element_ty)
     sq_b = tl.zeros([BLOCK_M], dtype=part_ptr.dtype.element_ty)
-    a_base = a_ptr + b * saB
-    b_base = b_ptr + b * sbB
+    a_base = a_ptr + b * a_stride_b
+    b_base = b_ptr + b * b_stride_b
     for k0 in range(0, k_end, BLOCK_K):
         k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         k_ok = k < HW
-        a = tl.load(a_base + ra[:, None] * saC + ((k // aW) * saH + (k % aW) * saW)[None, :],
+        a_spatial = spatial_offset(k, a_W, a_stride_h, a_stride_w)
+        b_spatial = spatial_offset(k, b_W, b_stride_h, b_stride_w)
+        a = tl.load(a_base + ra[:, None] * a_stride_c + a_spatial[None, :],
                     mask=(ra < RA)[:, None] & k_ok[None, :], other=0.0)
-        bt = tl.load(b_base + rb[None, :] * sbC + ((k // bW) * sbH + (k % bW) * sbW)[:, None],
+        bt = tl.load(b_base + rb[None, :] * b_stride_c + b_spatial[:, None],
                      mask=k_ok[:, None] & (rb < RB)[None, :], other=0.0)
         acc = tl.dot(a, bt, acc, input_precision=DOT_PRECISION,
                      out_dtype=acc.dtype)
@@ -178,17 +187,18 @@ def _kernel_slope(g, rho_a, rho_b, sigma_ptr, coef, KERNEL: tl.constexpr, DEGREE
 
 
 @triton.jit
-def _recompute_block(acc, c, xa, inv_a, rho_a, ra, o_ptr, sq_o_ptr, RO, d, d_ok, soC, oW, soH,
-                     soW, sigma_ptr, coef, factor, eps, KERNEL: tl.constexpr,
+def _recompute_block(acc, c, xa, inv_a, rho_a, ra, o_ptr, sq_o_ptr, RO, d, d_ok, o_stride_c,
+                     o_W, o_stride_h, o_stride_w, sigma_ptr, coef, factor, eps,
+                     KERNEL: tl.constexpr,
                      DEGREE: tl.constexpr, NUM_SIGMA: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """One block's share of a row tile's gradient: over the other rows o_j, recompute
     g = x̂_a·ô_j, the weights w = factor·φ'(g), and add c += Σ_j w g, acc += Σ_j w ô_j."""
-    spatial = (d // oW) * soH + (d % oW) * soW
+    spatial = spatial_offset(d, o_W, o_stride_h, o_stride_w)
     for j0 in range(0, RO, BLOCK_N):
         rj = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         j_ok = rj < RO
-        xo = tl.load(o_ptr + rj[:, None] * soC + spatial[None, :],
+        xo = tl.load(o_ptr + rj[:, None] * o_stride_c + spatial[None, :],
                      mask=j_ok[:, None] & d_ok[None, :], other=0.0)
         sq_o = tl.load(sq_o_ptr + rj, mask=j_ok, other=0.0)
         inv_o = 1.0 / tl.maximum(tl.sqrt(sq_o), eps)
@@ -210,8 +220,10 @@ def _recompute_block(acc, c, xa, inv_a, rho_a, ra, o_ptr, sq_o_ptr, RO, d, d_ok,
 @triton.autotune(configs=_RECOMPUTE_CONFIGS, key=["RA", "RB", "HW"])
 @triton.jit
 def _mmd_recompute_backward_kernel(a_ptr, b_ptr, da_ptr, sq_a_ptr, sq_b_ptr, sigma_ptr, coef_ptr,
-                                   grad_ptr, factor_ptr, RA, RB, HW, saB, saC, aW, saH, saW,
-                                   sbB, sbC, bW, sbH, sbW, daB, daC, daH, daW,
+                                   grad_ptr, factor_ptr, RA, RB, HW,
+                                   a_stride_b, a_stride_c, a_W, a_stride_h, a_stride_w,
+                                   b_stride_b, b_stride_c, b_W, b_stride_h, b_stride_w,
+                                   da_stride_b, da_stride_c, da_stride_h, da_stride_w,
                                    KERNEL: tl.constexpr, DEGREE: tl.constexpr,
                                    NUM_SIGMA: tl.constexpr, HAS_SELF: tl.constexpr,
                                    EXCLUDE_DIAG: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -227,7 +239,8 @@ def _mmd_recompute_backward_kernel(a_ptr, b_ptr, da_ptr, sq_a_ptr, sq_b_ptr, sig
     a_ok = ra < RA
     d = tl.arange(0, BLOCK_D).to(tl.int64)
     d_ok = d < HW
-    xa = tl.load(a_ptr + b * saB + ra[:, None] * saC + ((d // aW) * saH + (d % aW) * saW)[None, :],
+    a_spatial = spatial_offset(d, a_W, a_stride_h, a_stride_w)
+    xa = tl.load(a_ptr + b * a_stride_b + ra[:, None] * a_stride_c + a_spatial[None, :],
                  mask=a_ok[:, None] & d_ok[None, :], other=0.0)
     eps = tl.load(factor_ptr + 3)  # in the compute dtype (a float argument would be float32)
     sq_a = tl.load(sq_a_ptr + b * RA + ra, mask=a_ok, other=0.0)
@@ -239,45 +252,48 @@ def _mmd_recompute_backward_kernel(a_ptr, b_ptr, da_ptr, sq_a_ptr, sq_b_ptr, sig
     coef = tl.load(coef_ptr)
     sigmas = sigma_ptr + b * NUM_SIGMA
     if HAS_SELF:
-        acc, c = _recompute_block(acc, c, xa, inv_a, rho_a, ra, a_ptr + b * saB,
-                                  sq_a_ptr + b * RA, RA, d, d_ok, saC, aW, saH, saW, sigmas,
-                                  coef, tl.load(factor_ptr), eps, KERNEL, DEGREE, NUM_SIGMA,
-                                  EXCLUDE_DIAG, DOT_PRECISION, BLOCK_N)
-    acc, c = _recompute_block(acc, c, xa, inv_a, rho_a, ra, b_ptr + b * sbB, sq_b_ptr + b * RB,
-                              RB, d, d_ok, sbC, bW, sbH, sbW, sigmas, coef,
-                              tl.load(factor_ptr + 1), eps, KERNEL, DEGREE, NUM_SIGMA, False,
-                              DOT_PRECISION, BLOCK_N)
+        acc, c = _recompute_block(acc, c, xa, inv_a, rho_a, ra, a_ptr + b * a_stride_b,
+                                  sq_a_ptr + b * RA, RA, d, d_ok, a_stride_c, a_W, a_stride_h,
+                                  a_stride_w, sigmas, coef, tl.load(factor_ptr), eps, KERNEL,
+                                  DEGREE, NUM_SIGMA, EXCLUDE_DIAG, DOT_PRECISION, BLOCK_N)
+    acc, c = _recompute_block(acc, c, xa, inv_a, rho_a, ra, b_ptr + b * b_stride_b,
+                              sq_b_ptr + b * RB, RB, d, d_ok, b_stride_c, b_W, b_stride_h,
+                              b_stride_w, sigmas, coef, tl.load(factor_ptr + 1), eps, KERNEL,
+                              DEGREE, NUM_SIGMA, False, DOT_PRECISION, BLOCK_N)
     c = tl.where(norm_a > eps, c, 0.0)
     unit_a = xa.to(acc.dtype) * inv_a[:, None]
     scale = tl.load(grad_ptr + b) * tl.load(factor_ptr + 2) * inv_a
     grad = (acc - c[:, None] * unit_a) * scale[:, None]
-    tl.store(da_ptr + b * daB + ra[:, None] * daC + ((d // aW) * daH + (d % aW) * daW)[None, :],
+    da_spatial = spatial_offset(d, a_W, da_stride_h, da_stride_w)
+    tl.store(da_ptr + b * da_stride_b + ra[:, None] * da_stride_c + da_spatial[None, :],
              grad.to(da_ptr.dtype.element_ty), mask=a_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
-def _row_sq_kernel(x_ptr, out_ptr, R, HW, sB, sC, W, sH, sW,
+def _row_sq_kernel(x_ptr, out_ptr, R, HW, stride_b, stride_c, W, stride_h, stride_w,
                    BLOCK_R: tl.constexpr, BLOCK_HW: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     rows = (tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     acc = tl.zeros([BLOCK_R], dtype=out_ptr.dtype.element_ty)
     for k0 in range(0, HW, BLOCK_HW):
         k = (k0 + tl.arange(0, BLOCK_HW)).to(tl.int64)
-        x = tl.load(x_ptr + b * sB + rows[:, None] * sC + ((k // W) * sH + (k % W) * sW)[None, :],
+        spatial = spatial_offset(k, W, stride_h, stride_w)
+        x = tl.load(x_ptr + b * stride_b + rows[:, None] * stride_c + spatial[None, :],
                     mask=(rows < R)[:, None] & (k < HW)[None, :], other=0.0).to(acc.dtype)
         acc += tl.sum(x * x, axis=1)
     tl.store(out_ptr + b * R + rows, acc, mask=rows < R)
 
 
 @triton.jit
-def _unit_rows_sum(x_ptr, sq_ptr, R, k, k_ok, sC, W, sH, sW, acc, eps, BLOCK_R: tl.constexpr):
+def _unit_rows_sum(x_ptr, sq_ptr, R, k, k_ok, stride_c, W, stride_h, stride_w, acc, eps,
+                   BLOCK_R: tl.constexpr):
     """acc[k] += Σ_rows x[row, k] / max(‖x_row‖, eps)."""
-    spatial = (k // W) * sH + (k % W) * sW
+    spatial = spatial_offset(k, W, stride_h, stride_w)
     for r0 in range(0, R, BLOCK_R):
         rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
         r_ok = rows < R
         norm = tl.maximum(tl.sqrt(tl.load(sq_ptr + rows, mask=r_ok, other=1.0)), eps)
-        x = tl.load(x_ptr + rows[:, None] * sC + spatial[None, :],
+        x = tl.load(x_ptr + rows[:, None] * stride_c + spatial[None, :],
                     mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(acc.dtype)
         acc += tl.sum(x / norm[:, None], axis=0)
     return acc
@@ -285,7 +301,8 @@ def _unit_rows_sum(x_ptr, sq_ptr, R, k, k_ok, sC, W, sH, sW, acc, eps, BLOCK_R: 
 
 @triton.jit
 def _unit_sum_kernel(x_ptr, y_ptr, sqx_ptr, sqy_ptr, sums_ptr, part_ptr, M, N, HW, num_slots,
-                     sxB, sxC, xW, sxH, sxW, syB, syC, yW, syH, syW, eps,
+                     x_stride_b, x_stride_c, x_W, x_stride_h, x_stride_w,
+                     y_stride_b, y_stride_c, y_W, y_stride_h, y_stride_w, eps,
                      BLOCK_R: tl.constexpr, BLOCK_HW: tl.constexpr):
     """S_x = Σ_i x̂_i and S_y = Σ_j ŷ_j for one HW block: stored (B, 2, HW) and reduced to the
     per-program partials ‖S_x‖², ‖S_y‖², S_x·S_y (slots (B, 3, num_slots))."""
@@ -294,10 +311,10 @@ def _unit_sum_kernel(x_ptr, y_ptr, sqx_ptr, sqy_ptr, sums_ptr, part_ptr, M, N, H
     k = (blk * BLOCK_HW + tl.arange(0, BLOCK_HW)).to(tl.int64)
     k_ok = k < HW
     zero = tl.zeros([BLOCK_HW], dtype=part_ptr.dtype.element_ty)
-    sum_x = _unit_rows_sum(x_ptr + b * sxB, sqx_ptr + b * M, M, k, k_ok, sxC, xW, sxH, sxW,
-                           zero, eps, BLOCK_R)
-    sum_y = _unit_rows_sum(y_ptr + b * syB, sqy_ptr + b * N, N, k, k_ok, syC, yW, syH, syW,
-                           zero, eps, BLOCK_R)
+    sum_x = _unit_rows_sum(x_ptr + b * x_stride_b, sqx_ptr + b * M, M, k, k_ok, x_stride_c, x_W,
+                           x_stride_h, x_stride_w, zero, eps, BLOCK_R)
+    sum_y = _unit_rows_sum(y_ptr + b * y_stride_b, sqy_ptr + b * N, N, k, k_ok, y_stride_c, y_W,
+                           y_stride_h, y_stride_w, zero, eps, BLOCK_R)
     tl.store(sums_ptr + b * 2 * HW + k, sum_x, mask=k_ok)
     tl.store(sums_ptr + (b * 2 + 1) * HW + k, sum_y, mask=k_ok)
     slot = part_ptr + b * 3 * num_slots + blk
@@ -307,8 +324,10 @@ def _unit_sum_kernel(x_ptr, y_ptr, sqx_ptr, sqy_ptr, sums_ptr, part_ptr, M, N, H
 
 
 @triton.jit
-def _linear_backward_kernel(x_ptr, dx_ptr, v_ptr, inv_ptr, inv3_ptr, R, HW, sB, sC, W, sH, sW,
-                            dB, dC, dH, dW, BLOCK_R: tl.constexpr, BLOCK_HW: tl.constexpr):
+def _linear_backward_kernel(x_ptr, dx_ptr, v_ptr, inv_ptr, inv3_ptr, R, HW,
+                            stride_b, stride_c, W, stride_h, stride_w,
+                            dx_stride_b, dx_stride_c, dx_stride_h, dx_stride_w,
+                            BLOCK_R: tl.constexpr, BLOCK_HW: tl.constexpr):
     """dx_i = v/n_i − (v·x_i) x_i/n_i³ (the F.normalize backward of dL/dx̂_i = v, the same
     vector for every row), with 1/n_i and 1/n_i³ precomputed (1/n³ = 0 for rows with
     ‖x_i‖ ≤ eps, which F.normalize does not project). Reads X twice, writes dX once."""
@@ -322,7 +341,8 @@ def _linear_backward_kernel(x_ptr, dx_ptr, v_ptr, inv_ptr, inv3_ptr, R, HW, sB, 
         k = (k0 + tl.arange(0, BLOCK_HW)).to(tl.int64)
         k_ok = k < HW
         v = tl.load(v_ptr + b * HW + k, mask=k_ok, other=0.0)
-        x = tl.load(x_ptr + b * sB + rows[:, None] * sC + ((k // W) * sH + (k % W) * sW)[None, :],
+        x = tl.load(x_ptr + b * stride_b + rows[:, None] * stride_c
+                    + spatial_offset(k, W, stride_h, stride_w)[None, :],
                     mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(v.dtype)
         along += tl.sum(x * v[None, :], axis=1)
     radial = along * inv3
@@ -331,10 +351,12 @@ def _linear_backward_kernel(x_ptr, dx_ptr, v_ptr, inv_ptr, inv3_ptr, R, HW, sB, 
         k_ok = k < HW
         mask = r_ok[:, None] & k_ok[None, :]
         v = tl.load(v_ptr + b * HW + k, mask=k_ok, other=0.0)
-        x = tl.load(x_ptr + b * sB + rows[:, None] * sC + ((k // W) * sH + (k % W) * sW)[None, :],
+        x = tl.load(x_ptr + b * stride_b + rows[:, None] * stride_c
+                    + spatial_offset(k, W, stride_h, stride_w)[None, :],
                     mask=mask, other=0.0).to(v.dtype)
         grad = v[None, :] * inv[:, None] - radial[:, None] * x
-        tl.store(dx_ptr + b * dB + rows[:, None] * dC + ((k // W) * dH + (k % W) * dW)[None, :],
+        tl.store(dx_ptr + b * dx_stride_b + rows[:, None] * dx_stride_c
+                 + spatial_offset(k, W, dx_stride_h, dx_stride_w)[None, :],
                  grad.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
