@@ -21,7 +21,7 @@ $(VENV)/.deps: requirements-dev.txt | $(PY)
 	$(PY) -m pip install -r requirements-dev.txt
 	touch $@
 
-SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/include/kdfast/*.h)
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh csrc/include/kdfast/*.h)
 
 # Rebuilds the extension only when a source changed.
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)

@@ -83,6 +83,9 @@ class Core:
     registry: str | None = None        # backends.implementations(registry) are benchmarked
     naive: str | None = None           # "module:function" of the naive formulation
     naive_options: Mapping = field(default_factory=dict)
+    # (provider, students, teachers) -> which code that provider runs on these inputs where it
+    # is not the provider's own kernel ("" otherwise); written into the row's note.
+    code_note: Callable[[str, Tensors, Tensors], str] | None = None
 
     def loss(self, students: Tensors, teachers: Tensors, backend: str) -> torch.Tensor:
         """The public loss (mean reduction) on these inputs with ``backend``."""
@@ -103,11 +106,27 @@ class Core:
         return function(*students, *teachers, **self.naive_options).mean()
 
 
+def _nst_code_note(options: Mapping) -> Callable[[str, Tensors, Tensors], str]:
+    """Native CUDA and Triton have no kernel for the feature-Gram path of channel MMD
+    (poly d = 2 on small maps): their rows there time feature_gram_channel_mmd."""
+    def note(provider: str, students: Tensors, teachers: Tensors) -> str:
+        from kdfast.ops.mmd import FEATURE_GRAM, channel_mmd_path
+
+        student, teacher = students[0], teachers[0]
+        path = channel_mmd_path(student, teacher, options["kernel"], options.get("degree", 2),
+                                options.get("teacher_term", True))
+        if path == FEATURE_GRAM and (provider == "triton" or (
+                provider == "native" and student.device.type == "cuda")):
+            return "ran feature_gram_channel_mmd (torch matmuls; no kernel for this path)"
+        return ""
+    return note
+
+
 def _nst(kernel: str, floor) -> Core:
-    return Core(f"nst-{kernel}", "nst_loss", feature_inputs, floor,
-                options={"kernel": kernel, **({"sigma2": 1.0} if kernel == "rbf" else {})},
+    options = {"kernel": kernel, **({"sigma2": 1.0} if kernel == "rbf" else {})}
+    return Core(f"nst-{kernel}", "nst_loss", feature_inputs, floor, options=options,
                 registry="channel_mmd", naive="kdfast.reference.nst:naive_channel_mmd",
-                naive_options={"kernel": kernel})
+                naive_options={"kernel": kernel}, code_note=_nst_code_note(options))
 
 
 CORES: dict[str, Core] = {core.name: core for core in (

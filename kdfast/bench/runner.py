@@ -169,7 +169,9 @@ def _run_shape(core, shape, names, settings, env, extra, progress) -> list[dict]
             status = m.status
             if compiles and status == "error":
                 status = "compile failed"
-            rows.append(_row(env, core, shape, dtype, name, mode, status, m.note, m))
+            ran = core.code_note(name, students, teachers) if core.code_note else ""
+            note = "; ".join(part for part in (m.note, ran) if part)
+            rows.append(_row(env, core, shape, dtype, name, mode, status, note, m))
             progress(1)
     return rows
 
