@@ -31,8 +31,9 @@ def test_snippet_runs(code):
     exec(compile(code, "<snippet>", "exec"), {"__name__": "__snippet__"})
 
 
-README_SECTIONS = ["## Install", "## Quickstart", "## The losses", "## Use it in your training loop",
-                   "## Backends", "## Benchmarks", "## Development"]
+README_SECTIONS = ["## Install", "## Quickstart", "## The losses",
+                   "## Use it in your training loop", "## Backends", "## Benchmarks",
+                   "## Development"]
 
 
 def test_readme_is_short_and_in_order():
