@@ -63,7 +63,7 @@ def attention_map_function(name: str, forward: Callable, backward: Callable) -> 
     return AttentionMap
 
 
-# --- native -----------------------------------------------------------------------------------
+# --- native ----------------------------------------------------------------------------------
 
 NativeAttentionMap = attention_map_function(
     "NativeAttentionMap", lambda features, p: torch.ops.kdfast.attention_map(features, p),
@@ -85,7 +85,7 @@ def _fake_attention_map_backward(grad_map, features, q_hat, norm, p):
     return torch.empty_like(features)
 
 
-# --- triton -----------------------------------------------------------------------------------
+# --- triton ----------------------------------------------------------------------------------
 
 @torch.library.custom_op(f"{TRITON_NAMESPACE}::attention_map", mutates_args=())
 def _triton_attention_map(features: Tensor, p: float) -> tuple[Tensor, Tensor]:
@@ -112,7 +112,7 @@ def triton_attention_map(features: Tensor, p: float = 2.0) -> Tensor:
     return TritonAttentionMap.apply(features, float(p))
 
 
-# --- registration -----------------------------------------------------------------------------
+# --- registration ----------------------------------------------------------------------------
 
 backends.register_native_fake("attention_map", _fake_attention_map)
 backends.register_native_fake("attention_map_backward", _fake_attention_map_backward)

@@ -51,7 +51,7 @@ SIMILARITY = "similarity"
 FSP = "fsp"
 
 
-# --- native ---------------------------------------------------------------------------------
+# --- native ----------------------------------------------------------------------------------
 
 # fp16/bf16 inputs: products accumulate in fp32 through column chunks of this many fp32
 # elements (never a feature-size fp32 copy; a fp16 Q Q^T would overflow at ordinary sizes).
@@ -211,7 +211,7 @@ def _fake_fsp_forward(prod_s: torch.Tensor, prod_t: torch.Tensor, scale_s, scale
                                                                               dtype=dtype)
 
 
-# --- triton: similarity ---------------------------------------------------------------------
+# --- triton: similarity ----------------------------------------------------------------------
 
 @torch.library.custom_op(f"{TRITON_NAMESPACE}::similarity", mutates_args=())
 def _triton_similarity(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
@@ -267,7 +267,7 @@ def triton_similarity_loss(student: Tensor, teacher: Tensor) -> Tensor:
     return TritonSimilarity.apply(student, teacher)
 
 
-# --- triton: FSP ----------------------------------------------------------------------------
+# --- triton: FSP -----------------------------------------------------------------------------
 
 @torch.library.custom_op(f"{TRITON_NAMESPACE}::fsp", mutates_args=())
 def _triton_fsp(student_a: Tensor, student_b: Tensor, teacher_a: Tensor,
@@ -323,7 +323,7 @@ def triton_fsp_pair_loss(student_a: Tensor, student_b: Tensor, teacher_a: Tensor
     return TritonFsp.apply(student_a, student_b, teacher_a, teacher_b)
 
 
-# --- registration -----------------------------------------------------------------------------
+# --- registration ----------------------------------------------------------------------------
 
 backends.register_native_fake("similarity_forward", _fake_similarity_forward)
 backends.register_native_fake("similarity_backward", _fake_similarity_backward)
