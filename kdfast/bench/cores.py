@@ -18,6 +18,7 @@ import torch
 
 from kdfast.bench import floors
 from kdfast.bench.shapes import EmbeddingShape, FeatureShape, LogitShape, Shape
+from kdfast.ops import attention, gram, mmd
 
 Tensors = tuple[torch.Tensor, ...]
 
@@ -106,18 +107,18 @@ class Core:
 def _nst(kernel: str, floor) -> Core:
     return Core(f"nst-{kernel}", "nst_loss", feature_inputs, floor,
                 options={"kernel": kernel, **({"sigma2": 1.0} if kernel == "rbf" else {})},
-                registry="channel_mmd", naive="kdfast.reference.nst:naive_channel_mmd",
+                registry=mmd.CORE, naive="kdfast.reference.nst:naive_channel_mmd",
                 naive_options={"kernel": kernel})
 
 
 CORES: dict[str, Core] = {core.name: core for core in (
     Core("at", "at_loss", feature_inputs, floors.attention, options={"p": 2},
-         registry="attention_map"),
+         registry=attention.CORE),
     _nst("rbf", floors.mmd_gram),
     _nst("poly", floors.mmd_poly),
     _nst("linear", floors.mmd_linear),
-    Core("sp", "sp_loss", feature_inputs, floors.similarity, registry="similarity"),
-    Core("fsp", "fsp_loss", pair_inputs, floors.fsp, pack=as_pairs, registry="fsp",
+    Core("sp", "sp_loss", feature_inputs, floors.similarity, registry=gram.SIMILARITY),
+    Core("fsp", "fsp_loss", pair_inputs, floors.fsp, pack=as_pairs, registry=gram.FSP,
          naive="kdfast.reference.fsp:naive_fsp_pair_loss"),
     Core("kd", "kd_loss", logit_inputs, floors.logit_kd, kind="logits",
          options={"temperature": 4.0}),

@@ -1,12 +1,16 @@
-"""Triton backend: registers the ``"triton"`` implementation of the fused cores.
+"""Triton kernels of the fused cores, and ``supports``: whether they can run given tensors.
 
-Cores: ``"attention_map"`` (:mod:`kdfast.triton.attention`), ``"similarity"`` and ``"fsp"``
-(:mod:`kdfast.triton.gram`), ``"channel_mmd"`` (:mod:`kdfast.triton.mmd`).
+Kernels and their launchers, one module per core family (each imports ``triton``):
+:mod:`kdfast.triton.attention` (core ``"attention_map"``), :mod:`kdfast.triton.gram`
+(``"similarity"``, ``"fsp"``), :mod:`kdfast.triton.mmd` (``"channel_mmd"``), with the shared
+backward GEMM in :mod:`kdfast.triton._gemm` and launch helpers in :mod:`kdfast.triton._common`.
 
-Importing this package never imports ``triton``: the registered functions
-(:mod:`kdfast.triton.ops`, autograd Functions over ``torch.library`` custom operators, so the
-cores trace into ``torch.compile`` graphs) import their kernel module on first use, and
-``supports`` checks that Triton imports (kdfast works without it).
+The op layer of each core (``torch.library`` custom operators over the launchers, their fakes,
+the autograd Function, the ``triton_*`` entry function and its ``backends.register(CORE,
+"triton", ..., supports)``) lives in ``kdfast/ops/<core>.py`` beside the native one. Importing
+this package never imports ``triton``: the operators import their launcher module on first
+use, and :func:`supports` / :func:`supports_without_dot` check that Triton imports (kdfast
+works without it).
 An implementation can run
 
 * CUDA tensors when Triton imports (``backend="auto"`` picks it first for them), or
@@ -30,7 +34,6 @@ import os
 import torch
 
 from kdfast import backends
-from kdfast.triton import ops
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -86,12 +89,7 @@ def supports_without_dot(*tensors: torch.Tensor) -> str | None:
     return _check(tensors, float64_on_cuda=True)
 
 
-_CORES = {
-    "attention_map": (ops.triton_attention_map, supports_without_dot),
-    "similarity": (ops.triton_similarity_loss, supports),
-    "fsp": (ops.triton_fsp_pair_loss, supports),
-    "channel_mmd": (ops.triton_channel_mmd, supports),
-}
+# moved to ops/mmd.py by the MMD split
+from kdfast.triton import ops as _mmd_ops  # noqa: E402  (needs the names above)
 
-for _core, (_function, _supports) in _CORES.items():
-    backends.register(_core, "triton", _function, _supports)
+backends.register("channel_mmd", "triton", _mmd_ops.triton_channel_mmd, supports)
