@@ -4,7 +4,6 @@
     loss = kdfast.NSTLoss(kernel="poly")(student_features, teacher_features)
 """
 
-import kdfast.triton  # noqa: F401  (registers the "triton" backend)
 from kdfast import functional, recipes
 from kdfast.backends import available_backends
 from kdfast.distill import Distiller, Term

@@ -93,7 +93,7 @@ def test_auto_picks_native_inside_compile_and_inductor_matches():
 
 
 def test_auto_keeps_its_order_while_compiling(monkeypatch):
-    # The Triton cores are torch.library operators too (kdfast.triton.ops), so compiling
+    # The Triton cores are torch.library operators too (kdfast/ops/<core>.py), so compiling
     # changes nothing in the choice.
     monkeypatch.setitem(backends._REGISTRY, "probe", {})
     backends.register("probe", "reference", lambda x: x)

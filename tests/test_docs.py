@@ -29,3 +29,30 @@ def test_documents_have_snippets():
 @pytest.mark.parametrize("code", snippets())
 def test_snippet_runs(code):
     exec(compile(code, "<snippet>", "exec"), {"__name__": "__snippet__"})
+
+
+README_SECTIONS = ["## Install", "## Quickstart", "## The losses",
+                   "## Use it in your training loop", "## Backends", "## Benchmarks",
+                   "## Development"]
+
+
+def test_readme_is_short_and_in_order():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 180, "README.md must stay within 180 lines"
+    positions = [text.find(heading + "\n") for heading in README_SECTIONS]
+    assert -1 not in positions, f"README.md lost a section of {README_SECTIONS}"
+    assert positions == sorted(positions), f"README.md sections out of order {README_SECTIONS}"
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda d: d.name)
+def test_no_tracker_numbers(document):
+    found = re.findall(r"\bissue[- ]?#?\d+", document.read_text(), re.I)
+    assert not found, f"{document.name} cites tracker numbers {found}: say what, not where"
+
+
+def test_code_cites_documents_that_exist():
+    cited = set()
+    for path in [*(ROOT / "kdfast").rglob("*.py"), *(ROOT / "csrc").rglob("*.[ch]*")]:
+        cited.update(re.findall(r"\b((?:docs|benchmarks)/[\w./-]+\.md)\b", path.read_text()))
+    missing = sorted(c for c in cited if not (ROOT / c).exists())
+    assert not missing, f"code cites documents that are not in the repository: {missing}"

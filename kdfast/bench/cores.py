@@ -18,6 +18,7 @@ import torch
 
 from kdfast.bench import floors
 from kdfast.bench.shapes import EmbeddingShape, FeatureShape, LogitShape, Shape
+from kdfast.ops import attention, gram, mmd
 
 Tensors = tuple[torch.Tensor, ...]
 
@@ -125,18 +126,18 @@ def _nst_code_note(options: Mapping) -> Callable[[str, Tensors, Tensors], str]:
 def _nst(kernel: str, floor) -> Core:
     options = {"kernel": kernel, **({"sigma2": 1.0} if kernel == "rbf" else {})}
     return Core(f"nst-{kernel}", "nst_loss", feature_inputs, floor, options=options,
-                registry="channel_mmd", naive="kdfast.reference.nst:naive_channel_mmd",
+                registry=mmd.CORE, naive="kdfast.reference.nst:naive_channel_mmd",
                 naive_options={"kernel": kernel}, code_note=_nst_code_note(options))
 
 
 CORES: dict[str, Core] = {core.name: core for core in (
     Core("at", "at_loss", feature_inputs, floors.attention, options={"p": 2},
-         registry="attention_map"),
+         registry=attention.CORE),
     _nst("rbf", floors.mmd_gram),
     _nst("poly", floors.mmd_poly),
     _nst("linear", floors.mmd_linear),
-    Core("sp", "sp_loss", feature_inputs, floors.similarity, registry="similarity"),
-    Core("fsp", "fsp_loss", pair_inputs, floors.fsp, pack=as_pairs, registry="fsp",
+    Core("sp", "sp_loss", feature_inputs, floors.similarity, registry=gram.SIMILARITY),
+    Core("fsp", "fsp_loss", pair_inputs, floors.fsp, pack=as_pairs, registry=gram.FSP,
          naive="kdfast.reference.fsp:naive_fsp_pair_loss"),
     Core("kd", "kd_loss", logit_inputs, floors.logit_kd, kind="logits",
          options={"temperature": 4.0}),

@@ -10,10 +10,7 @@ from torch import nn
 
 from kdfast import _checks, backends
 from kdfast.losses.fitnet import ConnectorLoss, apply_connector, make_connector
-from kdfast.reference.ab import ab_loss as reference_ab_loss
-
-CORE = "ab"  # no fused core: reference only, registered so `backend=` behaves as elsewhere
-backends.register(CORE, "reference", reference_ab_loss)
+from kdfast.ops.ab import CORE
 
 NAMES = ("student_preact", "teacher_preact")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-import kdfast.ops.attention  # noqa: F401  (registers the attention_map implementations)
 from kdfast import _checks, backends
 from kdfast.losses._module import FunctionalLoss
+from kdfast.ops.attention import CORE
 from kdfast.reference.attention import at_loss_from_maps
 
 AT_MODES = ("code", "paper")
@@ -51,7 +51,7 @@ def at_loss(student: torch.Tensor, teacher: torch.Tensor, *, p: float = 2.0,
     _checks.check_same_batch(student, teacher)
     student, teacher = _checks.promote(student, teacher)
     student, teacher = _checks.match_spatial(student, teacher, pool)
-    attention_map = backends.choose("attention_map", backend, student, teacher).fn
+    attention_map = backends.choose(CORE, backend, student, teacher).fn
     p = float(p)
     per_sample = at_loss_from_maps(attention_map(student, p), attention_map(teacher, p), mode)
     return _checks.reduce(per_sample, reduction)

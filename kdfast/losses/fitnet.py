@@ -10,10 +10,7 @@ from torch import nn
 
 from kdfast import _checks, backends
 from kdfast.losses._module import FunctionalLoss
-from kdfast.reference.fitnet import hint_loss
-
-CORE = "fitnet"  # no fused core: reference only, registered so `backend=` behaves as elsewhere
-backends.register(CORE, "reference", hint_loss)
+from kdfast.ops.fitnet import CORE
 
 FEATURE_NDIMS = (2, 3, 4, 5)
 

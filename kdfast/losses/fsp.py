@@ -8,9 +8,9 @@ from collections.abc import Sequence
 
 import torch
 
-import kdfast.ops.gram  # noqa: F401  (registers the fsp implementations)
 from kdfast import _checks, backends
 from kdfast.losses._module import FunctionalLoss
+from kdfast.ops.gram import FSP
 
 Pairs = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
@@ -113,7 +113,7 @@ def fsp_loss(student_pairs: Pairs, teacher_pairs: Pairs, *, pool: bool = True,
                              "compares C_a x C_b matrices, so pick layers with equal channel "
                              "counts or map the student's maps with a 1x1 conv first")
         inputs = _distinct(s_a, s_b, t_a, t_b)
-        pair_loss = backends.choose("fsp", backend, *inputs).fn(*inputs)
+        pair_loss = backends.choose(FSP, backend, *inputs).fn(*inputs)
         total = pair_loss if total is None else total + pair_loss
     return _checks.reduce(total, reduction)
 

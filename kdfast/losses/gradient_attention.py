@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-import kdfast.ops.gradient_attention  # noqa: F401  (registers the "gradient_at" core)
 from kdfast import _checks, backends
 from kdfast.losses._module import FunctionalLoss
 from kdfast.losses.kd import check_logit_pair
+from kdfast.ops.gradient_attention import CORE
 from kdfast.reference.gradient_attention import input_gradient
 
 INPUT_NDIMS = (2, 3, 4, 5)
@@ -77,7 +77,7 @@ def gradient_at_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     teacher_grad = _input_gradient_of("teacher_logits", teacher_logits, inputs, targets,
                                       False).detach()
     student_grad, teacher_grad = (g.to(dtype) for g in (student_grad, teacher_grad))
-    distance = backends.choose("gradient_at", backend, student_grad, teacher_grad).fn
+    distance = backends.choose(CORE, backend, student_grad, teacher_grad).fn
     return _checks.reduce(distance(student_grad, teacher_grad), reduction)
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-import kdfast.ops.kl  # noqa: F401  (registers the "kd" core)
 from kdfast import _checks, backends
 from kdfast.losses._module import FunctionalLoss
+from kdfast.ops.softmax_kl import CORE
 
 
 def check_kd_options(temperature: float = 4.0, reduction: str = "mean") -> None:
@@ -25,8 +25,8 @@ def check_logit_pair(student: torch.Tensor, teacher: torch.Tensor,
 
 def kd_per_sample(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
                   backend: str | None) -> torch.Tensor:
-    """The "kd" core on validated logits, through the backend policy: shape (B,)."""
-    return backends.choose("kd", backend, student, teacher).fn(student, teacher, temperature)
+    """The "softmax_kl" core on validated logits, through the backend policy: shape (B,)."""
+    return backends.choose(CORE, backend, student, teacher).fn(student, teacher, temperature)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,

@@ -6,9 +6,9 @@ import numbers
 
 import torch
 
-import kdfast.ops.mmd  # noqa: F401  (registers the channel_mmd implementations)
 from kdfast import _checks, backends
 from kdfast.losses._module import FunctionalLoss
+from kdfast.ops.mmd import CORE
 from kdfast.reference.nst import KERNELS, check_unbiased_sizes
 
 
@@ -100,7 +100,7 @@ def nst_loss(student: torch.Tensor, teacher: torch.Tensor, *, kernel: str = "pol
     student, teacher = _checks.promote(student, teacher)
     student, teacher = _checks.match_spatial(student, teacher, pool)
     check_unbiased_sizes(student.shape[1], teacher.shape[1], unbiased, teacher_term)
-    channel_mmd = backends.choose("channel_mmd", backend, student, teacher).fn
+    channel_mmd = backends.choose(CORE, backend, student, teacher).fn
     per_sample = channel_mmd(student, teacher, kernel=kernel, degree=int(degree),
                              coef=float(coef), sigma2=bandwidths, unbiased=unbiased,
                              teacher_term=teacher_term)

@@ -8,10 +8,7 @@ import torch
 from kdfast import _checks, backends
 from kdfast.distributed import gather_batch
 from kdfast.losses._module import FunctionalLoss
-from kdfast.reference.rkd import rkd_loss as reference_rkd_loss
-
-CORE = "rkd"  # no fused core yet: reference only, registered so `backend=` behaves as elsewhere
-backends.register(CORE, "reference", reference_rkd_loss)
+from kdfast.ops.rkd import CORE
 
 FEATURE_NDIMS = (2, 3, 4, 5)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-import kdfast.ops.gram  # noqa: F401  (registers the similarity implementations)
 from kdfast import _checks, backends
 from kdfast.distributed import gather_batch
 from kdfast.losses._module import FunctionalLoss
+from kdfast.ops.gram import SIMILARITY
 
 FEATURE_NDIMS = (2, 3, 4, 5)
 
@@ -53,7 +53,7 @@ def sp_loss(student: torch.Tensor, teacher: torch.Tensor, *, reduction: str = "m
     student, teacher = _checks.promote(student, teacher)
     if gather:
         student, teacher = gather_batch(student), gather_batch(teacher)
-    similarity = backends.choose("similarity", backend, student, teacher).fn
+    similarity = backends.choose(SIMILARITY, backend, student, teacher).fn
     return _checks.reduce(similarity(student, teacher), reduction)
 
 

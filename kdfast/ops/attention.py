@@ -3,10 +3,17 @@
 Backward (docs/design.md): with n = max(||Q||, eps),
     dQ = (dq_hat - <dq_hat, q_hat> q_hat) / n      (the projection only where ||Q|| > eps)
     dA = (p / C) |A|^(p-1) sign(A) dQ
-Both directions are native (csrc/cpu/attention.cpp, csrc/cuda/attention.cu): one pass that
-reads A (in place through its strides, channels_last included) and writes q_hat, and one
-pass that reads A and writes dA. A backward with ``create_graph=True`` differentiates the
-reference instead (:mod:`kdfast.ops._higher_order`).
+Every backend runs the same two passes, one that reads A (in place through its strides,
+channels_last included) and writes q_hat, and one that reads A and writes dA:
+
+* native: ``torch.ops.kdfast.attention_map`` / ``attention_map_backward``
+  (csrc/cpu/attention.cpp, csrc/cuda/attention.cu);
+* triton: ``torch.ops.kdfast_triton.attention_map`` / ``attention_map_backward``, custom
+  operators over the launchers of :mod:`kdfast.triton.attention` (imported on first use).
+
+Both go through one autograd Function shape (:func:`attention_map_function`); a backward with
+``create_graph=True`` differentiates the reference instead (:mod:`kdfast.ops._higher_order`).
+All implementations are registered at the bottom of this file.
 """
 
 from __future__ import annotations
@@ -14,11 +21,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import Tensor
 
 from kdfast import backends
 from kdfast._precision import accumulation_dtype
 from kdfast.ops._higher_order import creates_graph, reference_grads
+from kdfast.ops._triton_common import TRITON_NAMESPACE
 from kdfast.reference.attention import attention_map
+from kdfast.triton import supports_without_dot
 
 CORE = "attention_map"
 
@@ -53,16 +63,19 @@ def attention_map_function(name: str, forward: Callable, backward: Callable) -> 
     return AttentionMap
 
 
+# --- native ----------------------------------------------------------------------------------
+
 NativeAttentionMap = attention_map_function(
     "NativeAttentionMap", lambda features, p: torch.ops.kdfast.attention_map(features, p),
     lambda *args: torch.ops.kdfast.attention_map_backward(*args))
 
 
-def native_attention_map(features: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+def native_attention_map(features: Tensor, p: float = 2.0) -> Tensor:
+    """Core ``"attention_map"`` on the native extension: q̂ (B, H·W) for (B, C, H, W)."""
     return NativeAttentionMap.apply(features, float(p))
 
 
-def _fake_attention_map(features: torch.Tensor, p: float):
+def _fake_attention_map(features: Tensor, p: float):
     shape = (features.shape[0], features.shape[2] * features.shape[3])
     dtype = accumulation_dtype(features)
     return features.new_empty(shape, dtype=dtype), features.new_empty(shape[:1], dtype=dtype)
@@ -72,7 +85,37 @@ def _fake_attention_map_backward(grad_map, features, q_hat, norm, p):
     return torch.empty_like(features)
 
 
+# --- triton ----------------------------------------------------------------------------------
+
+@torch.library.custom_op(f"{TRITON_NAMESPACE}::attention_map", mutates_args=())
+def _triton_attention_map(features: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    from kdfast.triton import attention as kernels  # imports Triton, on the first call only
+    return kernels.attention_forward(features, p)
+
+
+@torch.library.custom_op(f"{TRITON_NAMESPACE}::attention_map_backward", mutates_args=())
+def _triton_attention_map_backward(grad_map: Tensor, features: Tensor, q_hat: Tensor,
+                                   norm: Tensor, p: float) -> Tensor:
+    from kdfast.triton import attention as kernels
+    return kernels.attention_backward(grad_map, features, q_hat, norm, p)
+
+
+_triton_attention_map.register_fake(_fake_attention_map)
+_triton_attention_map_backward.register_fake(_fake_attention_map_backward)
+
+TritonAttentionMap = attention_map_function("TritonAttentionMap", _triton_attention_map,
+                                            _triton_attention_map_backward)
+
+
+def triton_attention_map(features: Tensor, p: float = 2.0) -> Tensor:
+    """Core ``"attention_map"`` on Triton: q̂ (B, H·W) for (B, C, H, W) features."""
+    return TritonAttentionMap.apply(features, float(p))
+
+
+# --- registration ----------------------------------------------------------------------------
+
 backends.register_native_fake("attention_map", _fake_attention_map)
 backends.register_native_fake("attention_map_backward", _fake_attention_map_backward)
 backends.register(CORE, "reference", attention_map)
 backends.register(CORE, "native", native_attention_map, backends.native_supports)
+backends.register(CORE, "triton", triton_attention_map, supports_without_dot)

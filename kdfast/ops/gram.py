@@ -11,35 +11,47 @@ Interfaces (inputs already validated and spatially matched; outputs per sample, 
   teacher's (each G uses its own HW).
 
 Both may receive non-contiguous or channels_last tensors, any floating dtype, and teachers
-with or without ``requires_grad``. ``sp_loss`` calls ``backends.choose("similarity", backend,
-student, teacher)`` and ``fsp_loss`` calls ``backends.choose("fsp", backend, student_a,
+with or without ``requires_grad``. ``sp_loss`` calls ``backends.choose(SIMILARITY, backend,
+student, teacher)`` and ``fsp_loss`` calls ``backends.choose(FSP, backend, student_a,
 student_b, teacher_a, teacher_b)`` once per pair, so a ``supports`` predicate receives those
 tensors (and can decline, e.g., student/teacher pairs of different H, W).
 
-The native implementations (below) run the GEMMs through ATen's BLAS/cuBLAS on raw views
-of the features (channels_last read in place) and everything around them in one native
-epilogue (csrc/cpu/gram.cpp, csrc/cuda/gram.cu); SP's backward is the single GEMM
-dQ = (dA + dA^T) Q. A backward with ``create_graph=True`` differentiates the reference instead
-(:mod:`kdfast.ops._higher_order`). Triton ones register against the same names.
+* native: the GEMMs run through ATen's BLAS/cuBLAS on raw views of the features
+  (channels_last read in place) and everything around them in one native epilogue
+  (csrc/cpu/gram.cpp, csrc/cuda/gram.cu); SP's backward is the single GEMM
+  dQ = (dA + dA^T) Q.
+* triton: ``torch.ops.kdfast_triton.similarity`` / ``fsp`` and their ``_backward``s, custom
+  operators over the launchers of :mod:`kdfast.triton.gram` (imported on first use).
+
+A backward with ``create_graph=True`` differentiates the reference instead
+(:mod:`kdfast.ops._higher_order`). All implementations are registered at the bottom of this
+file.
 """
 
+from __future__ import annotations
+
 import torch
+from torch import Tensor
 
 from kdfast import backends
 from kdfast._precision import accumulation_dtype
 from kdfast.ops._higher_order import creates_graph, reference_grads
+from kdfast.ops._triton_common import (
+    TRITON_NAMESPACE,
+    dense_rows,
+    empty_accumulation,
+    grad_or_empty,
+)
 from kdfast.reference._numerics import LOW_PRECISION
 from kdfast.reference.fsp import fsp_pair_loss
 from kdfast.reference.sp import similarity_loss
+from kdfast.triton import supports
 
 SIMILARITY = "similarity"
 FSP = "fsp"
 
-backends.register(SIMILARITY, "reference", similarity_loss)
-backends.register(FSP, "reference", fsp_pair_loss)
 
-
-# --- native ---------------------------------------------------------------------------------
+# --- native ----------------------------------------------------------------------------------
 
 # fp16/bf16 inputs: products accumulate in fp32 through column chunks of this many fp32
 # elements (never a feature-size fp32 copy; a fp16 Q Q^T would overflow at ordinary sizes).
@@ -199,8 +211,126 @@ def _fake_fsp_forward(prod_s: torch.Tensor, prod_t: torch.Tensor, scale_s, scale
                                                                               dtype=dtype)
 
 
+# --- triton: similarity ----------------------------------------------------------------------
+
+@torch.library.custom_op(f"{TRITON_NAMESPACE}::similarity", mutates_args=())
+def _triton_similarity(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+    from kdfast.triton import gram as kernels  # imports Triton, on the first call only
+    return kernels.similarity_forward(student, teacher)
+
+
+@_triton_similarity.register_fake
+def _(student, teacher):
+    batch = student.shape[0]
+    return empty_accumulation(student, batch), empty_accumulation(student, 2, batch, batch)
+
+
+@torch.library.custom_op(f"{TRITON_NAMESPACE}::similarity_backward", mutates_args=())
+def _triton_similarity_backward(grad_loss: Tensor, student: Tensor, teacher: Tensor,
+                                grams: Tensor, need_student: bool,
+                                need_teacher: bool) -> tuple[Tensor, Tensor]:
+    from kdfast.triton import gram as kernels
+    return kernels.similarity_backward(grad_loss, student, teacher, grams, need_student,
+                                       need_teacher)
+
+
+@_triton_similarity_backward.register_fake
+def _(grad_loss, student, teacher, grams, need_student, need_teacher):
+    return grad_or_empty(student, need_student), grad_or_empty(teacher, need_teacher)
+
+
+class TritonSimilarity(torch.autograd.Function):
+    """Saves the inputs (a differentiable backward needs their graph) and takes their dense
+    rows again in the backward (free unless an input is neither contiguous nor
+    channels_last)."""
+
+    @staticmethod
+    def forward(ctx, student: Tensor, teacher: Tensor) -> Tensor:
+        loss, grams = _triton_similarity(dense_rows(student), dense_rows(teacher))
+        ctx.save_for_backward(student, teacher, grams)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        student, teacher, grams = ctx.saved_tensors
+        need_s, need_t = ctx.needs_input_grad
+        if creates_graph():
+            return reference_grads(similarity_loss, (student, teacher), (need_s, need_t),
+                                   grad_loss)
+        ds, dt = _triton_similarity_backward(grad_loss, dense_rows(student),
+                                             dense_rows(teacher), grams, need_s, need_t)
+        return (ds if need_s else None), (dt if need_t else None)
+
+
+def triton_similarity_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Core ``"similarity"`` on Triton: per-row SP loss (B,), mean = ‖G_t − G_s‖²_F / B²."""
+    return TritonSimilarity.apply(student, teacher)
+
+
+# --- triton: FSP -----------------------------------------------------------------------------
+
+@torch.library.custom_op(f"{TRITON_NAMESPACE}::fsp", mutates_args=())
+def _triton_fsp(student_a: Tensor, student_b: Tensor, teacher_a: Tensor,
+                teacher_b: Tensor) -> tuple[Tensor, Tensor]:
+    from kdfast.triton import gram as kernels
+    return kernels.fsp_forward(student_a, student_b, teacher_a, teacher_b)
+
+
+@_triton_fsp.register_fake
+def _(student_a, student_b, teacher_a, teacher_b):
+    batch = student_a.shape[0]
+    return (empty_accumulation(student_a, batch),
+            empty_accumulation(student_a, batch, student_a.shape[1], student_b.shape[1]))
+
+
+@torch.library.custom_op(f"{TRITON_NAMESPACE}::fsp_backward", mutates_args=())
+def _triton_fsp_backward(grad_loss: Tensor, student_a: Tensor, student_b: Tensor,
+                         teacher_a: Tensor, teacher_b: Tensor, diff: Tensor,
+                         needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from kdfast.triton import gram as kernels
+    return kernels.fsp_backward(grad_loss, student_a, student_b, teacher_a, teacher_b, diff,
+                                needs)
+
+
+@_triton_fsp_backward.register_fake
+def _(grad_loss, student_a, student_b, teacher_a, teacher_b, diff, needs):
+    return tuple(grad_or_empty(x, needed) for x, needed
+                 in zip((student_a, student_b, teacher_a, teacher_b), needs, strict=True))
+
+
+class TritonFsp(torch.autograd.Function):
+    """FSP per-sample loss: one Triton launch for both Grams, their difference and its mean;
+    the backward one ``rows_gemm`` launch per needed input."""
+
+    @staticmethod
+    def forward(ctx, student_a, student_b, teacher_a, teacher_b):
+        loss, diff = _triton_fsp(student_a, student_b, teacher_a, teacher_b)
+        ctx.save_for_backward(student_a, student_b, teacher_a, teacher_b, diff)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        needs = list(ctx.needs_input_grad)
+        if creates_graph():
+            return reference_grads(fsp_pair_loss, ctx.saved_tensors[:4], needs, grad_loss)
+        grads = _triton_fsp_backward(grad_loss, *ctx.saved_tensors, needs)
+        return tuple(g if needed else None for g, needed in zip(grads, needs, strict=True))
+
+
+def triton_fsp_pair_loss(student_a: Tensor, student_b: Tensor, teacher_a: Tensor,
+                         teacher_b: Tensor) -> Tensor:
+    """Core ``"fsp"`` on Triton: per-sample mean over C_a·C_b of (G_s − G_t)², (B,)."""
+    return TritonFsp.apply(student_a, student_b, teacher_a, teacher_b)
+
+
+# --- registration ----------------------------------------------------------------------------
+
 backends.register_native_fake("similarity_forward", _fake_similarity_forward)
 backends.register_native_fake("similarity_backward", _fake_similarity_backward)
 backends.register_native_fake("fsp_forward", _fake_fsp_forward)
+backends.register(SIMILARITY, "reference", similarity_loss)
 backends.register(SIMILARITY, "native", native_similarity_loss, backends.native_supports)
+backends.register(SIMILARITY, "triton", triton_similarity_loss, supports)
+backends.register(FSP, "reference", fsp_pair_loss)
 backends.register(FSP, "native", native_fsp_pair_loss, backends.native_supports)
+backends.register(FSP, "triton", triton_fsp_pair_loss, supports)

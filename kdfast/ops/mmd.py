@@ -32,14 +32,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from kdfast import backends
-from kdfast._precision import accumulation_dtype
 from kdfast.ops._higher_order import creates_graph, reference_grads
+from kdfast.ops._triton_common import TRITON_NAMESPACE, empty_accumulation, grad_or_empty
 from kdfast.reference.nst import (
     as_bandwidths,
     channel_mmd,
@@ -47,6 +48,7 @@ from kdfast.reference.nst import (
     feature_gram_mmd,
     unit_channels,
 )
+from kdfast.triton import supports
 
 CORE = "channel_mmd"
 
@@ -144,17 +146,6 @@ def channel_mmd_function(name: str, path: str, forward_op: ForwardOp,
         "forward": staticmethod(forward), "backward": staticmethod(backward), "path": path,
         "__qualname__": name, "__module__": __name__,
         "__doc__": f"Channel MMD, path {path!r}: {forward_op.__name__} / {backward_op.__name__}."})
-
-
-def _new(like: Tensor, *shape: int) -> Tensor:
-    """An empty tensor of ``shape`` in ``like``'s compute (accumulation) dtype."""
-    # TODO(merge): shared helper (kdfast/triton/ops.py has the same one)
-    return like.new_empty(shape, dtype=accumulation_dtype(like))
-
-
-def _grad_or_empty(x: Tensor, needed: bool) -> Tensor:
-    # TODO(merge): shared helper (kdfast/triton/ops.py has the same one)
-    return torch.empty_like(x) if needed else x.new_empty(0)
 
 
 # --- FEATURE_GRAM in torch ------------------------------------------------------------------
@@ -256,10 +247,9 @@ def _fake_native_gram(student, teacher, kernel, degree, coef, sigma2, sigma_mean
     """(loss (B,), m_ss (B, m, m) or (0,), m_st (B, m, n), m_tt (B, n, n) or (0,),
     row_scale (B,)), m_ss / m_tt only where that gradient is wanted."""
     batch, m, n = student.shape[0], student.shape[1], teacher.shape[1]
-    return (_new(student, batch), _new(student, batch, m, m) if grad_student else _new(student, 0),
-            _new(student, batch, m, n),
-            _new(student, batch, n, n) if grad_teacher else _new(student, 0),
-            _new(student, batch))
+    new = partial(empty_accumulation, student)
+    return (new(batch), new(batch, m, m) if grad_student else new(0), new(batch, m, n),
+            new(batch, n, n) if grad_teacher else new(0), new(batch))
 
 
 def _fake_native_feature_gram(student, teacher, coef, unbiased, teacher_term):
@@ -267,16 +257,16 @@ def _fake_native_feature_gram(student, teacher, coef, unbiased, teacher_term):
     inv_norm_y (B, n))."""
     batch, m, n = student.shape[0], student.shape[1], teacher.shape[1]
     hw = student.shape[2] * student.shape[3]
-    return (_new(student, batch), _new(student, batch, 2, hw, hw), _new(student, batch, 2, hw),
-            _new(student, batch, m), _new(student, batch, n))
+    new = partial(empty_accumulation, student)
+    return new(batch), new(batch, 2, hw, hw), new(batch, 2, hw), new(batch, m), new(batch, n)
 
 
 def _fake_native_linear(student, teacher, unbiased, teacher_term):
     """(loss (B,), sum_x (B, D), sum_y (B, D), inv_norm_x (B, m), inv_norm_y (B, n))."""
     batch, m, n = student.shape[0], student.shape[1], teacher.shape[1]
     hw = student.shape[2] * student.shape[3]
-    return (_new(student, batch), _new(student, batch, hw), _new(student, batch, hw),
-            _new(student, batch, m), _new(student, batch, n))
+    new = partial(empty_accumulation, student)
+    return new(batch), new(batch, hw), new(batch, hw), new(batch, m), new(batch, n)
 
 
 def _fake_gradients(student, teacher, grad_student, grad_teacher):
@@ -328,7 +318,7 @@ def kept_gram_blocks(x: Tensor, need_x: bool, need_y: bool, teacher_term: bool) 
                                       ("tt", need_y and teacher_term)] if needed}
 
 
-@torch.library.custom_op("kdfast_triton::channel_mmd_linear", mutates_args=())
+@torch.library.custom_op(f"{TRITON_NAMESPACE}::channel_mmd_linear", mutates_args=())
 def _triton_linear(x: Tensor, y: Tensor, unbiased: bool,
                    teacher_term: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss (B,), sq_x (B, m), sq_y (B, n) squared row norms, sums = [Σ x̂_i; Σ ŷ_j]
@@ -340,11 +330,11 @@ def _triton_linear(x: Tensor, y: Tensor, unbiased: bool,
 @_triton_linear.register_fake
 def _(x, y, unbiased, teacher_term):
     batch, hw = x.shape[0], x.shape[2] * x.shape[3]
-    return _new(x, batch), _new(x, batch, x.shape[1]), _new(x, batch, y.shape[1]), \
-        _new(x, batch, 2, hw)
+    new = partial(empty_accumulation, x)
+    return new(batch), new(batch, x.shape[1]), new(batch, y.shape[1]), new(batch, 2, hw)
 
 
-@torch.library.custom_op("kdfast_triton::channel_mmd_linear_backward", mutates_args=())
+@torch.library.custom_op(f"{TRITON_NAMESPACE}::channel_mmd_linear_backward", mutates_args=())
 def _triton_linear_backward(grad_loss: Tensor, x: Tensor, y: Tensor, sq_x: Tensor,
                             sq_y: Tensor, sums: Tensor, unbiased: bool, teacher_term: bool,
                             need_x: bool, need_y: bool) -> tuple[Tensor, Tensor]:
@@ -355,10 +345,10 @@ def _triton_linear_backward(grad_loss: Tensor, x: Tensor, y: Tensor, sq_x: Tenso
 
 @_triton_linear_backward.register_fake
 def _(grad_loss, x, y, sq_x, sq_y, sums, unbiased, teacher_term, need_x, need_y):
-    return _grad_or_empty(x, need_x), _grad_or_empty(y, need_y)
+    return grad_or_empty(x, need_x), grad_or_empty(y, need_y)
 
 
-@torch.library.custom_op("kdfast_triton::channel_mmd_gram", mutates_args=())
+@torch.library.custom_op(f"{TRITON_NAMESPACE}::channel_mmd_gram", mutates_args=())
 def _triton_gram(x: Tensor, y: Tensor, kernel: str, degree: int, coef: float,
                  bandwidths: list[float], sigma_mean: bool, unbiased: bool, teacher_term: bool,
                  need_x: bool, need_y: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
@@ -378,14 +368,15 @@ def _(x, y, kernel, degree, coef, bandwidths, sigma_mean, unbiased, teacher_term
     batch, m, n = x.shape[0], x.shape[1], y.shape[1]
     num_sigma = len(bandwidths) if kernel == "rbf" and not sigma_mean else 1
     kept = kept_gram_blocks(x, need_x, need_y, teacher_term)
+    new = partial(empty_accumulation, x)
 
     def block(name: str, rows: int, cols: int) -> Tensor:
-        return _new(x, batch, rows, cols) if name in kept else _new(x, batch, 0, 0)
-    return (_new(x, batch), _new(x, batch, m), _new(x, batch, n), _new(x, batch, num_sigma),
+        return new(batch, rows, cols) if name in kept else new(batch, 0, 0)
+    return (new(batch), new(batch, m), new(batch, n), new(batch, num_sigma),
             block("ss", m, m), block("st", m, n), block("tt", n, n))
 
 
-@torch.library.custom_op("kdfast_triton::channel_mmd_gram_backward", mutates_args=())
+@torch.library.custom_op(f"{TRITON_NAMESPACE}::channel_mmd_gram_backward", mutates_args=())
 def _triton_gram_backward(grad_loss: Tensor, x: Tensor, y: Tensor, sq_x: Tensor, sq_y: Tensor,
                           sigmas: Tensor, g_ss: Tensor, g_st: Tensor, g_tt: Tensor, kernel: str,
                           degree: int, coef: float, unbiased: bool, teacher_term: bool,
@@ -399,7 +390,7 @@ def _triton_gram_backward(grad_loss: Tensor, x: Tensor, y: Tensor, sq_x: Tensor,
 @_triton_gram_backward.register_fake
 def _(grad_loss, x, y, sq_x, sq_y, sigmas, g_ss, g_st, g_tt, kernel, degree, coef, unbiased,
       teacher_term, need_x, need_y):
-    return _grad_or_empty(x, need_x), _grad_or_empty(y, need_y)
+    return grad_or_empty(x, need_x), grad_or_empty(y, need_y)
 
 
 def _triton_gram_forward(student, teacher, o: MMDOptions, need_student, need_teacher):
@@ -460,7 +451,4 @@ backends.register_native_fake("channel_mmd_linear_backward", _fake_native_linear
 
 backends.register(CORE, "reference", channel_mmd)
 backends.register(CORE, "native", native_channel_mmd_checked, backends.native_supports)
-
-from kdfast.triton import supports as triton_supports  # noqa: E402  (imports no Triton)
-
-backends.register(CORE, "triton", triton_channel_mmd, triton_supports)
+backends.register(CORE, "triton", triton_channel_mmd, supports)

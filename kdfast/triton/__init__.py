@@ -1,13 +1,16 @@
-"""Triton backend: registers the ``"triton"`` implementation of the fused cores.
+"""Triton kernels of the fused cores, and ``supports``: whether they can run given tensors.
 
-Cores: ``"attention_map"`` (:mod:`kdfast.triton.attention`), ``"similarity"`` and ``"fsp"``
-(:mod:`kdfast.triton.gram`), ``"channel_mmd"`` (:mod:`kdfast.triton.mmd`; its op layer and
-registration live in :mod:`kdfast.ops.mmd`).
+Kernels and their launchers, one module per core family (each imports ``triton``):
+:mod:`kdfast.triton.attention` (core ``"attention_map"``), :mod:`kdfast.triton.gram`
+(``"similarity"``, ``"fsp"``), :mod:`kdfast.triton.mmd` (``"channel_mmd"``), with the shared
+backward GEMM in :mod:`kdfast.triton._gemm` and launch helpers in :mod:`kdfast.triton._common`.
 
-Importing this package never imports ``triton``: the registered functions
-(:mod:`kdfast.triton.ops`, autograd Functions over ``torch.library`` custom operators, so the
-cores trace into ``torch.compile`` graphs) import their kernel module on first use, and
-``supports`` checks that Triton imports (kdfast works without it).
+The op layer of each core (``torch.library`` custom operators over the launchers, their fakes,
+the autograd Function, the ``triton_*`` entry function and its ``backends.register(CORE,
+"triton", ..., supports)``) lives in ``kdfast/ops/<core>.py`` beside the native one. Importing
+this package never imports ``triton``: the operators import their launcher module on first
+use, and :func:`supports` / :func:`supports_without_dot` check that Triton imports (kdfast
+works without it).
 An implementation can run
 
 * CUDA tensors when Triton imports (``backend="auto"`` picks it first for them), or
@@ -29,9 +32,6 @@ from __future__ import annotations
 import os
 
 import torch
-
-from kdfast import backends
-from kdfast.triton import ops
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -85,13 +85,3 @@ def supports(*tensors: torch.Tensor) -> str | None:
 def supports_without_dot(*tensors: torch.Tensor) -> str | None:
     """``supports`` of the attention map, whose kernels have no ``tl.dot``."""
     return _check(tensors, float64_on_cuda=True)
-
-
-_CORES = {
-    "attention_map": (ops.triton_attention_map, supports_without_dot),
-    "similarity": (ops.triton_similarity_loss, supports),
-    "fsp": (ops.triton_fsp_pair_loss, supports),
-}
-
-for _core, (_function, _supports) in _CORES.items():
-    backends.register(_core, "triton", _function, _supports)

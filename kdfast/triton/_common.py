@@ -15,7 +15,7 @@ import triton.language as tl  # noqa: F401  (a jit function needs tl in its glob
 from kdfast._precision import NORM_EPS
 
 __all__ = ["INTERPRET", "NORM_EPS", "NO_AUTOTUNE", "as_configs", "configs", "dot_precision",
-           "feature_view", "overflowed", "spatial_offset", "spatial_strides"]
+           "feature_view", "overflowed", "spatial_offset"]
 
 # Under TRITON_INTERPRET=1 (CPU) every kernel uses one fixed configuration: the interpreter
 # runs each program in numpy, so autotuning would only multiply the test time. The same fixed
@@ -55,11 +55,6 @@ def configs(fixed: dict, tuned: list[dict]) -> list[triton.Config]:
     autotuning candidates ``tuned`` (tests/triton/test_configs.py runs each of them under the
     interpreter too)."""
     return as_configs([fixed] if NO_AUTOTUNE else tuned)
-
-
-def spatial_strides(x: torch.Tensor) -> tuple[int, int, int]:
-    """(width, stride_h, stride_w) of a (B, C, H, W) tensor's spatial index hw = h * W + w."""
-    return x.shape[3], x.stride(2), x.stride(3)
 
 
 def feature_view(x: torch.Tensor) -> tuple[int, int, int, int, int]:

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from kdfast._precision import accumulation_dtype
-from kdfast.triton._common import NORM_EPS, configs, overflowed, spatial_strides
+from kdfast.triton._common import NORM_EPS, configs, feature_view, overflowed, spatial_offset
 
 # P_MODE: 0 for p == 2 (a*a), 1 for p == 1 (|a|), 2 for any other p (exp(p log|a|)).
 _P_SQUARE, _P_ABS, _P_GENERAL = 0, 1, 2
@@ -64,9 +64,12 @@ def _abs_pow_grad(a, p, P_MODE: tl.constexpr):
     return out
 
 
+# Q[b, hw] = (1/C) Σ_c |A[b, c, hw]|^p for one block of positions, and the block's Σ Q² (the
+# partial of ‖Q‖², summed by _at_normalise_kernel in a fixed order).
 @triton.autotune(configs=_CONFIGS, key=["C", "HW"])
 @triton.jit
-def _at_forward_kernel(x_ptr, q_ptr, part_ptr, p_ptr, C, HW, W, sB, sC, sH, sW,
+def _at_forward_kernel(x_ptr, q_ptr, part_ptr, p_ptr, C, HW,
+                       stride_b, stride_c, W, stride_h, stride_w,
                        num_blocks, P_MODE: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_HW: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -74,12 +77,12 @@ def _at_forward_kernel(x_ptr, q_ptr, part_ptr, p_ptr, C, HW, W, sB, sC, sH, sW,
     hw = blk * BLOCK_HW + tl.arange(0, BLOCK_HW)
     hw_ok = hw < HW
     hw64 = hw.to(tl.int64)
-    spatial = (hw64 // W) * sH + (hw64 % W) * sW
+    spatial = spatial_offset(hw64, W, stride_h, stride_w)
     acc = tl.zeros([BLOCK_HW], dtype=q_ptr.dtype.element_ty)
     p = tl.load(p_ptr)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        offs = b * sB + c.to(tl.int64)[:, None] * sC + spatial[None, :]
+        offs = b * stride_b + c.to(tl.int64)[:, None] * stride_c + spatial[None, :]
         mask = (c < C)[:, None] & hw_ok[None, :]
         a = tl.load(x_ptr + offs, mask=mask, other=0.0).to(q_ptr.dtype.element_ty)
         acc += tl.sum(_abs_pow(a, p, P_MODE), axis=0)
@@ -105,6 +108,7 @@ def _rescaled_norm(row_ptr, n, BLOCK: tl.constexpr):
     return peak * tl.sqrt(tl.sum(total, axis=0))
 
 
+# ‖Q‖ = sqrt(Σ partials) (rescaled where Σ Q² overflowed), q̂ = Q / max(‖Q‖, eps) in place.
 @triton.jit
 def _at_normalise_kernel(q_ptr, part_ptr, norm_ptr, HW, num_blocks, eps,
                          BLOCK_HW: tl.constexpr, BLOCKS_POW2: tl.constexpr):
@@ -122,10 +126,13 @@ def _at_normalise_kernel(q_ptr, part_ptr, norm_ptr, HW, num_blocks, eps,
     tl.store(norm_ptr + b, norm, mask=blk == 0)
 
 
+# dQ = (dq̂ − ⟨dq̂, q̂⟩ q̂)/n (the projection only where ‖Q‖ > eps, n = max(‖Q‖, eps)), then
+# dA[c] = (1/C) · d|a|^p/da · dQ for every channel of one block of positions.
 @triton.autotune(configs=_CONFIGS, key=["C", "HW"])
 @triton.jit
-def _at_backward_kernel(x_ptr, dx_ptr, gmap_ptr, qhat_ptr, along_ptr, norm_ptr, p_ptr,
-                        C, HW, W, sB, sC, sH, sW, dB, dC, dH, dW, eps,
+def _at_backward_kernel(x_ptr, dx_ptr, gmap_ptr, qhat_ptr, along_ptr, norm_ptr, p_ptr, C, HW,
+                        x_stride_b, x_stride_c, x_W, x_stride_h, x_stride_w,
+                        dx_stride_b, dx_stride_c, dx_W, dx_stride_h, dx_stride_w, eps,
                         P_MODE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
@@ -137,15 +144,17 @@ def _at_backward_kernel(x_ptr, dx_ptr, gmap_ptr, qhat_ptr, along_ptr, norm_ptr, 
     norm = tl.load(norm_ptr + b)
     p = tl.load(p_ptr)
     grad_q = tl.where(norm > eps, g - along * q_hat, g) / tl.maximum(norm, eps) / C
-    src = (hw64 // W) * sH + (hw64 % W) * sW
-    dst = (hw64 // W) * dH + (hw64 % W) * dW
+    src = spatial_offset(hw64, x_W, x_stride_h, x_stride_w)
+    dst = spatial_offset(hw64, dx_W, dx_stride_h, dx_stride_w)
     for c0 in range(0, C, BLOCK_C):
         c = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
         mask = (c < C)[:, None] & hw_ok[None, :]
-        a = tl.load(x_ptr + b * sB + c[:, None] * sC + src[None, :], mask=mask, other=0.0)
+        a = tl.load(x_ptr + b * x_stride_b + c[:, None] * x_stride_c + src[None, :], mask=mask,
+                    other=0.0)
         local = _abs_pow_grad(a.to(g.dtype), p, P_MODE)
         grad = (local * grad_q[None, :]).to(dx_ptr.dtype.element_ty)
-        tl.store(dx_ptr + b * dB + c[:, None] * dC + dst[None, :], grad, mask=mask)
+        tl.store(dx_ptr + b * dx_stride_b + c[:, None] * dx_stride_c + dst[None, :], grad,
+                 mask=mask)
 
 
 def _exponent(p: float, dtype: torch.dtype, device) -> torch.Tensor:
@@ -168,10 +177,9 @@ def attention_forward(features: torch.Tensor, p: float) -> tuple[torch.Tensor, t
     min_block = min(c.kwargs["BLOCK_HW"] for c in _CONFIGS)
     slots = triton.cdiv(hw, min_block)
     parts = torch.zeros(batch, slots, dtype=dtype, device=features.device)
-    width_, s_h, s_w = spatial_strides(features)
     _at_forward_kernel[_grid(batch, hw)](
-        features, q, parts, _exponent(p, dtype, features.device), channels, hw, width_,
-        features.stride(0), features.stride(1), s_h, s_w, slots, P_MODE=_p_mode(p))
+        features, q, parts, _exponent(p, dtype, features.device), channels, hw,
+        *feature_view(features), slots, P_MODE=_p_mode(p))
     block = 128
     _at_normalise_kernel[(batch, triton.cdiv(hw, block))](
         q, parts, norm, hw, slots, NORM_EPS, BLOCK_HW=block,
@@ -187,10 +195,7 @@ def attention_backward(grad_map: torch.Tensor, features: torch.Tensor, q_hat: to
     grad_map = grad_map.to(q_hat.dtype).contiguous()
     along = (grad_map * q_hat).sum(dim=1).contiguous()
     grad = torch.empty_like(features)
-    width_, s_h, s_w = spatial_strides(features)
     _at_backward_kernel[_grid(batch, hw)](
         features, grad, grad_map, q_hat, along, norm, _exponent(p, q_hat.dtype, features.device),
-        channels, hw, width_, features.stride(0), features.stride(1), s_h, s_w,
-        grad.stride(0), grad.stride(1), grad.stride(2), grad.stride(3),
-        NORM_EPS, P_MODE=_p_mode(p))
+        channels, hw, *feature_view(features), *feature_view(grad), NORM_EPS, P_MODE=_p_mode(p))
     return grad

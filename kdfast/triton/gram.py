@@ -27,7 +27,14 @@ import triton.language as tl
 
 from kdfast._precision import accumulation_dtype
 from kdfast.reference._numerics import vector_norm
-from kdfast.triton._common import NORM_EPS, configs, dot_precision, feature_view, overflowed
+from kdfast.triton._common import (
+    NORM_EPS,
+    configs,
+    dot_precision,
+    feature_view,
+    overflowed,
+    spatial_offset,
+)
 from kdfast.triton._gemm import rows_gemm
 
 _GRAM_TUNED = [{"BLOCK_M": m, "BLOCK_K": k, "num_warps": w, "num_stages": s}
@@ -48,6 +55,8 @@ SP_SPLITS_CPU = 1  # the interpreter; tests raise it to run the split-K path
 # SP
 
 
+# A = Q Qᵀ (B × B) for one network, one upper tile and one D-slice: a split-K partial written
+# to its own slot (and mirrored below the diagonal), summed later in a fixed order.
 @triton.autotune(configs=_GRAM_CONFIGS, key=["B", "D_s", "D_t"])
 @triton.jit
 def _sp_gram_kernel(s_ptr, t_ptr, part_ptr, B, D_s, D_t, SPLITS: tl.constexpr,
@@ -123,6 +132,7 @@ def _rescaled_row_norms(part_ptr, i, B, n_s, n_t, SPLITS: tl.constexpr, BLOCK: t
     return n_s, n_t
 
 
+# Row i: a = Σ_splits A[i, :] per network, G = a / max(‖a‖, eps), loss_i = Σ_j (G_t − G_s)²/B.
 @triton.jit
 def _sp_rows_kernel(part_ptr, gram_ptr, loss_ptr, B, eps, SPLITS: tl.constexpr,
                     BLOCK: tl.constexpr):
@@ -211,27 +221,33 @@ def similarity_backward(grad_loss, student, teacher, grams, need_student: bool,
 
 @triton.jit
 def _tile_gram(a_ptr, b_ptr, rows_a, rows_b, ra, rb, HW,
-               saC, saW, saH, saw, sbC, sbW, sbH, sbw, acc,
-               DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+               a_stride_c, a_W, a_stride_h, a_stride_w, b_stride_c, b_W, b_stride_h, b_stride_w,
+               acc, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc += X_a[ra, :] X_b[rb, :]ᵀ over the HW spatial positions (strided, int64)."""
     for k0 in range(0, HW, BLOCK_K):
         k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         k_ok = k < HW
-        a = tl.load(a_ptr + ra[:, None] * saC + ((k // saW) * saH + (k % saW) * saw)[None, :],
+        a_spatial = spatial_offset(k, a_W, a_stride_h, a_stride_w)
+        b_spatial = spatial_offset(k, b_W, b_stride_h, b_stride_w)
+        a = tl.load(a_ptr + ra[:, None] * a_stride_c + a_spatial[None, :],
                     mask=(ra < rows_a)[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + rb[None, :] * sbC + ((k // sbW) * sbH + (k % sbW) * sbw)[:, None],
+        b = tl.load(b_ptr + rb[None, :] * b_stride_c + b_spatial[:, None],
                     mask=k_ok[:, None] & (rb < rows_b)[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION,
                      out_dtype=acc.dtype)
     return acc
 
 
+# One (C_a, C_b) tile of sample b: G = X_a X_bᵀ / HW for student and teacher (each over its
+# own HW), D = G_s − G_t kept for the backward, and the tile's Σ D² (mean taken by the host).
 @triton.autotune(configs=_FSP_CONFIGS, key=["CA", "CB", "HW_s", "HW_t"])
 @triton.jit
 def _fsp_kernel(sa_ptr, sb_ptr, ta_ptr, tb_ptr, diff_ptr, part_ptr, CA, CB, HW_s, HW_t,
                 num_slots,
-                s_saB, s_saC, s_saW, s_saH, s_saw, s_sbB, s_sbC, s_sbW, s_sbH, s_sbw,
-                s_taB, s_taC, s_taW, s_taH, s_taw, s_tbB, s_tbC, s_tbW, s_tbH, s_tbw,
+                sa_stride_b, sa_stride_c, sa_W, sa_stride_h, sa_stride_w,
+                sb_stride_b, sb_stride_c, sb_W, sb_stride_h, sb_stride_w,
+                ta_stride_b, ta_stride_c, ta_W, ta_stride_h, ta_stride_w,
+                tb_stride_b, tb_stride_c, tb_W, tb_stride_h, tb_stride_w,
                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -240,12 +256,12 @@ def _fsp_kernel(sa_ptr, sb_ptr, ta_ptr, tb_ptr, diff_ptr, part_ptr, CA, CB, HW_s
     ra = ((tile // tiles_b) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rb = ((tile % tiles_b) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=diff_ptr.dtype.element_ty)
-    g_s = _tile_gram(sa_ptr + b * s_saB, sb_ptr + b * s_sbB, CA, CB, ra, rb, HW_s,
-                     s_saC, s_saW, s_saH, s_saw, s_sbC, s_sbW, s_sbH, s_sbw, zero,
-                     DOT_PRECISION, BLOCK_K)
-    g_t = _tile_gram(ta_ptr + b * s_taB, tb_ptr + b * s_tbB, CA, CB, ra, rb, HW_t,
-                     s_taC, s_taW, s_taH, s_taw, s_tbC, s_tbW, s_tbH, s_tbw, zero,
-                     DOT_PRECISION, BLOCK_K)
+    g_s = _tile_gram(sa_ptr + b * sa_stride_b, sb_ptr + b * sb_stride_b, CA, CB, ra, rb, HW_s,
+                     sa_stride_c, sa_W, sa_stride_h, sa_stride_w,
+                     sb_stride_c, sb_W, sb_stride_h, sb_stride_w, zero, DOT_PRECISION, BLOCK_K)
+    g_t = _tile_gram(ta_ptr + b * ta_stride_b, tb_ptr + b * tb_stride_b, CA, CB, ra, rb, HW_t,
+                     ta_stride_c, ta_W, ta_stride_h, ta_stride_w,
+                     tb_stride_c, tb_W, tb_stride_h, tb_stride_w, zero, DOT_PRECISION, BLOCK_K)
     diff = g_s / HW_s - g_t / HW_t  # integer divisors: exact scaling in float64 too
     mask = (ra < CA)[:, None] & (rb < CB)[None, :]
     tl.store(diff_ptr + b * CA * CB + ra[:, None] * CB + rb[None, :], diff, mask=mask)

@@ -1,14 +1,13 @@
 """The Triton cores inside torch.compile(fullgraph=True): their launchers are torch.library
-operators (kdfast.triton.ops, kdfast.ops.mmd), so the graph does not break and values and
-gradients match eager; torch.library.opcheck checks each operator's schema and fake
-implementation."""
+operators (kdfast/ops/<core>.py), so the graph does not break and values and gradients match
+eager; torch.library.opcheck checks each operator's schema and fake implementation."""
 
 import pytest
 import torch
 
 from kdfast.functional import at_loss, fsp_loss, nst_loss, sp_loss
+from kdfast.ops import attention, gram
 from kdfast.ops import mmd as mmd_ops
-from kdfast.triton import ops
 from tests.helpers import assert_rel_close
 
 pytestmark = pytest.mark.triton_interpret
@@ -65,20 +64,21 @@ def op_cases(precise):
     x, y = precise.randn(2, 3, 4, 5), precise.randn(2, 4, 4, 5)
     x_last = x.to(memory_format=torch.channels_last)
     grad = precise.randn(2)
-    q, norm = ops._attention_map(x_last, 3.0)
-    loss, grams = ops._similarity(x, y)
+    q, norm = attention._triton_attention_map(x_last, 3.0)
+    loss, grams = gram._triton_similarity(x, y)
     fsp_args = (x, x.flip(1), y[:, :3], y[:, 1:])
-    _, diff = ops._fsp(*fsp_args)
+    _, diff = gram._triton_fsp(*fsp_args)
     linear = mmd_ops._triton_linear(x, y, True, True)
     mmd_args = (x, y, "rbf", 2, 0.0, [0.5, 2.0], False, True, True, True, True)
     mmd = mmd_ops._triton_gram(*mmd_args)
     return [
-        (ops._attention_map, (x_last, 3.0)),
-        (ops._attention_map_backward, (precise.randn(2, 20), x_last, q, norm, 3.0)),
-        (ops._similarity, (x, y)),
-        (ops._similarity_backward, (grad, x, y, grams, True, False)),
-        (ops._fsp, fsp_args),
-        (ops._fsp_backward, (grad, *fsp_args, diff, [True, False, True, True])),
+        (attention._triton_attention_map, (x_last, 3.0)),
+        (attention._triton_attention_map_backward,
+         (precise.randn(2, 20), x_last, q, norm, 3.0)),
+        (gram._triton_similarity, (x, y)),
+        (gram._triton_similarity_backward, (grad, x, y, grams, True, False)),
+        (gram._triton_fsp, fsp_args),
+        (gram._triton_fsp_backward, (grad, *fsp_args, diff, [True, False, True, True])),
         (mmd_ops._triton_linear, (x, y, True, False)),
         (mmd_ops._triton_linear_backward, (grad, x, y, *linear[1:], True, True, True, True)),
         (mmd_ops._triton_linear_backward, (grad, x, y, *linear[1:], False, True, False, True)),

@@ -21,19 +21,21 @@ pytestmark = pytest.mark.triton_interpret
 def _kernels():
     """(name, autotuned kernel, its tuned dicts, a parity check that runs it)."""
     from kdfast.ops import mmd as mmd_ops
-    from kdfast.triton import _gemm, attention, gram, mmd, ops
+    from kdfast.ops.attention import triton_attention_map
+    from kdfast.ops.gram import triton_fsp_pair_loss, triton_similarity_loss
+    from kdfast.triton import _gemm, attention, gram, mmd
 
     def at(rand, monkeypatch):
-        check_parity(ops.triton_attention_map, attention_map,
+        check_parity(triton_attention_map, attention_map,
                      [rand(2, 37, 9, 13).to(memory_format=torch.channels_last)], 1e-12, p=3.0)
 
     def sp(rand, monkeypatch):
-        check_parity(ops.triton_similarity_loss, similarity_loss,
+        check_parity(triton_similarity_loss, similarity_loss,
                      [rand(70, 3, 5, 3), rand(70, 2, 7, 1)], 1e-12)
 
     def fsp(rand, monkeypatch):
         sa, sb, ta, tb = rand(2, 37, 5, 9), rand(2, 70, 5, 9), rand(2, 37, 3, 4), rand(2, 70, 3, 4)
-        check_parity(ops.triton_fsp_pair_loss, fsp_pair_loss, [sa, sb, ta, tb], 1e-12)
+        check_parity(triton_fsp_pair_loss, fsp_pair_loss, [sa, sb, ta, tb], 1e-12)
 
     def nst(rand, monkeypatch, recompute=True):  # rbf, both backward paths
         monkeypatch.setattr(mmd_ops, "MMD_RECOMPUTE_MAX_HW", 1 << 30 if recompute else 0)

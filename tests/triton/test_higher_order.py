@@ -5,8 +5,8 @@ the Triton kernel (no reference call) with the gradient a create_graph backward 
 import pytest
 
 import kdfast.ops.attention
+import kdfast.ops.gram
 import kdfast.ops.mmd
-from kdfast.triton import ops
 from tests.test_higher_order import (
     CASES,
     PARAMS,
@@ -19,8 +19,8 @@ pytestmark = pytest.mark.triton_interpret
 
 # Where each Triton Function finds the reference it differentiates, by core.
 TRITON_REFERENCES = {"attention_map": (kdfast.ops.attention, "attention_map"),
-                     "similarity": (ops, "similarity_loss"),
-                     "fsp": (ops, "fsp_pair_loss"),
+                     "similarity": (kdfast.ops.gram, "similarity_loss"),
+                     "fsp": (kdfast.ops.gram, "fsp_pair_loss"),
                      "channel_mmd": (kdfast.ops.mmd, "channel_mmd")}
 
 
