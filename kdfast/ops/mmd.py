@@ -152,7 +152,7 @@ def channel_mmd_function(name: str, path: str, forward_op: ForwardOp,
 
 def feature_gram_channel_mmd(student: Tensor, teacher: Tensor, *, coef: float = 0.0,
                              unbiased: bool = False, teacher_term: bool = True) -> Tensor:
-    """The ``FEATURE_GRAM`` path (poly d = 2) in torch operations, (B,): two batched matmuls
+    """The ``FEATURE_GRAM`` path (poly d = 2) in torch operations, (B,): one batched matmul
     per set, X̂ᵀX̂ and ŶᵀŶ (D × D), and the row sums (:func:`kdfast.reference.nst.
     feature_gram_mmd`), differentiated by autograd. What native CUDA and Triton run on maps
     smaller than the channel count: (C_s + C_t)/D times fewer flops than any C × C kernel and
