@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
+
+from kdfast import backends
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -82,3 +85,17 @@ def tf32_matmul(enabled: bool):
         yield
     finally:
         matmul.allow_tf32 = saved
+
+
+def spy_on_backend(monkeypatch, core: str, backend: str) -> list[tuple]:
+    """Replaces the registered ``backend`` implementation of ``core`` by one that records
+    each call's arguments, then runs the original; returns the record, so that a test can
+    assert that this backend (and not the reference) ran."""
+    impl = backends.implementations(core)[backend]
+    calls: list[tuple] = []
+
+    def recorded(*args, **kwargs):
+        calls.append(args)
+        return impl.fn(*args, **kwargs)
+    monkeypatch.setitem(backends._REGISTRY[core], backend, dataclasses.replace(impl, fn=recorded))
+    return calls

@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from kdfast import backends
+from kdfast.reference import fsp as fsp_reference
+from kdfast.reference import sp as sp_reference
 from tests.helpers import randn
 from tests.triton.parity import check_parity
 
 pytestmark = pytest.mark.triton_interpret
-sp_reference = pytest.importorskip("kdfast.reference.sp", reason="SP reference not merged yet")
-fsp_reference = pytest.importorskip("kdfast.reference.fsp", reason="FSP reference not merged")
 
 
 def triton_core(core, *tensors):

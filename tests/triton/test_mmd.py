@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from kdfast import backends
+from kdfast.reference import nst as nst_reference
 from tests.helpers import randn
 from tests.triton.parity import check_parity
 
 pytestmark = pytest.mark.triton_interpret
-nst_reference = pytest.importorskip("kdfast.reference.nst", reason="NST reference not merged")
 
 
 @pytest.fixture(autouse=True, params=["recompute", "saved"])
