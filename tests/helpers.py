@@ -125,8 +125,8 @@ def seeded_grad_output(seed: int = 0):
 
 
 def assert_matches_reference(fast_fn, reference_fn, inputs, *, grad_output=None,
-                             rtol64: float = FLOAT64_RTOL, degenerate=(False, False),
-                             keep_channels_last: bool = False,
+                             rtol64: float = FLOAT64_RTOL, atol: float = 1e-13,
+                             degenerate=(False, False), keep_channels_last: bool = False,
                              what: str = "") -> list[torch.Tensor | None]:
     """``fast_fn(*inputs)`` and its gradients against ``reference_fn`` run in float64: the one
     value-and-gradient comparison of the suite.
@@ -139,9 +139,9 @@ def assert_matches_reference(fast_fn, reference_fn, inputs, *, grad_output=None,
     be within ``rtol64`` relative error, lower dtypes within twice the reference's own error
     in that dtype plus the dtype's floor (LOW_PRECISION_FLOORS). Every output must have the
     dtype the reference gives in that dtype, the gradients the shape of their input (and,
-    with ``keep_channels_last``, the strides of a channels_last one). ``degenerate`` (value,
-    gradients): outputs that are 0 in exact arithmetic, compared with rounding noise
-    (rounding_noise) allowed on top.
+    with ``keep_channels_last``, the strides of a channels_last one). ``atol`` is added to
+    every bound (a reference that is 0 in exact arithmetic); ``degenerate`` (value,
+    gradients) replaces it by the rounding noise (rounding_noise) of such outputs.
     Returns the fast path's outputs."""
     dtype = inputs[0].dtype
     resolve = grad_output or seeded_grad_output()
@@ -176,10 +176,10 @@ def assert_matches_reference(fast_fn, reference_fn, inputs, *, grad_output=None,
         rtol = rtol64
         if dtype != torch.float64:
             rtol = 2.0 * rel_err(low, ref) + LOW_PRECISION_FLOORS[dtype]
-        atol = 1e-13
+        noise = atol
         if degenerate[min(i, 1)]:
-            atol = rounding_noise(dtype, exact, weights[0], value=i == 0)
-        assert_rel_close(out.cpu(), ref, rtol, name, atol)
+            noise = rounding_noise(dtype, exact, weights[0], value=i == 0)
+        assert_rel_close(out.cpu(), ref, rtol, name, noise)
     return got
 
 

@@ -3,13 +3,15 @@ option, the poly-2 feature-Gram path, numerics (tiny bandwidths, overflowing squ
 non-finite inputs). Low precision and random shapes (CPU and CUDA) are in
 tests/test_parity.py."""
 
+import functools
+
 import pytest
 import torch
 
 import kdfast
 from kdfast.ops.mmd import native_channel_mmd
 from kdfast.reference.nst import channel_mmd
-from tests.helpers import assert_rel_close, randn
+from tests.helpers import assert_matches_reference, assert_rel_close, randn
 
 pytestmark = pytest.mark.skipif(not kdfast.available_backends()["native"],
                                 reason="native extension not built")
@@ -29,19 +31,16 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[
 
 
 def compare(student, teacher, tol, atol=1e-13, grad_output=None, **options):
-    """Native vs the float64 reference on the same inputs: value and every gradient."""
-    inputs = [x for x in (student, teacher) if x.requires_grad]
-    ref_inputs = [x.detach().double().requires_grad_(x.requires_grad) for x in (student, teacher)]
-    ref = channel_mmd(*ref_inputs, **options)
-    out = native_channel_mmd(student, teacher, **options)
-    assert_rel_close(out, ref, tol, "value", atol)
-    weights = grad_output if grad_output is not None else torch.linspace(
-        0.5, 2.0, ref.numel(), dtype=torch.float64)
-    got = torch.autograd.grad(out, inputs, weights.to(out))
-    want = torch.autograd.grad(ref, [r for r in ref_inputs if r.requires_grad], weights)
-    for name, g_out, g_ref, x in zip(("student", "teacher"), got, want, inputs, strict=False):
-        assert g_out.dtype == x.dtype and g_out.shape == x.shape
-        assert_rel_close(g_out, g_ref, tol, f"{name} gradient", atol)
+    """Native vs the float64 reference on the same inputs, value and every gradient, by
+    tests.helpers.assert_matches_reference: float64 within ``tol`` (+ ``atol``), lower dtypes
+    by its one rule; ``grad_output`` default 0.5 ... 2.0 over the samples."""
+    def weights(value):
+        if grad_output is not None:
+            return grad_output
+        return torch.linspace(0.5, 2.0, value.numel(), dtype=torch.float64).to(value.dtype)
+    assert_matches_reference(functools.partial(native_channel_mmd, **options),
+                             functools.partial(channel_mmd, **options), [student, teacher],
+                             grad_output=weights, rtol64=tol, atol=atol)
 
 
 @pytest.mark.parametrize("options", KERNELS, ids=KERNEL_IDS)
