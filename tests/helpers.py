@@ -78,15 +78,22 @@ LOW_PRECISION_FLOORS = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16
 NOISE_ULPS = 1e3
 
 
+def low_precision_rtol(reference_in_dtype: torch.Tensor, reference: torch.Tensor,
+                       floor: float) -> float:
+    """The rule's relative tolerance: twice the reference's own relative error in a dtype
+    (``reference_in_dtype`` against the float64 ``reference``) plus ``floor``."""
+    return 2.0 * rel_err(reference_in_dtype, reference) + floor
+
+
 def dtype_tolerance(fn, inputs64, dtype, atol: float = 1e-3) -> float:
     """The relative tolerance of the low-precision rule for ``fn`` (the reference, one tensor
-    out) run in ``dtype``: twice its own relative error there, plus the floor ``atol``."""
+    out) run in ``dtype``, with the floor ``atol``."""
     exact = fn(*inputs64)
-    low = fn(*(x.detach().to(dtype) for x in inputs64))
-    return 2.0 * rel_err(low, exact) + atol
+    return low_precision_rtol(fn(*(x.detach().to(dtype) for x in inputs64)), exact, atol)
 
 
-def rounding_noise(dtype: torch.dtype, inputs, grad_output: torch.Tensor, value: bool) -> float:
+def rounding_noise(dtype: torch.dtype, inputs, grad_output: torch.Tensor | None,
+                   value: bool) -> float:
     """A bound on the rounding noise of an output that is 0 in exact arithmetic: NOISE_ULPS
     ulps of the accumulation dtype (float64 for float64, else float32), times max|grad_output|
     and ||1/x|| for a gradient (the fused losses are scale-invariant, so the noise in their
@@ -175,10 +182,10 @@ def assert_matches_reference(fast_fn, reference_fn, inputs, *, grad_output=None,
                 assert out.stride() == x.stride(), f"{name}: must keep channels_last"
         rtol = rtol64
         if dtype != torch.float64:
-            rtol = 2.0 * rel_err(low, ref) + LOW_PRECISION_FLOORS[dtype]
+            rtol = low_precision_rtol(low, ref, LOW_PRECISION_FLOORS[dtype])
         noise = atol
         if degenerate[min(i, 1)]:
-            noise = rounding_noise(dtype, exact, weights[0], value=i == 0)
+            noise = rounding_noise(dtype, exact, weights[0] if weights else None, value=i == 0)
         assert_rel_close(out.cpu(), ref, rtol, name, noise)
     return got
 
