@@ -45,9 +45,10 @@ check-cuda:
 test-unit: build
 	$(PYTEST) -m "not triton_interpret" tests
 
-# Triton kernels on the CPU interpreter: own process, TRITON_INTERPRET must precede the import.
+# Triton kernels on the CPU interpreter: own process, TRITON_INTERPRET must precede the import
+# (tests/test_parity.py holds the triton params of the per-core parity tables).
 test-triton: build
-	TRITON_INTERPRET=1 $(PYTEST) -m triton_interpret tests/triton
+	TRITON_INTERPRET=1 $(PYTEST) -m triton_interpret tests/triton tests/test_parity.py
 
 # The pytest-benchmark suites once, untimed, on the tiny shapes (without torch.compile), so that
 # they cannot rot.

@@ -1,14 +1,15 @@
-"""Randomised cases of every public loss with a (present or future) fused core, and the one
-comparer that checks a backend against the float64 reference on them.
+"""Randomised cases of every public loss with a (present or future) fused core, and how a
+backend is checked against the float64 reference on them.
 
 One table, :data:`LOSSES`: per loss, the core it dispatches to, a hypothesis draw of its
 shapes and options, and how its flat list of tensors becomes the loss's arguments.
 :func:`fuzz_cases` adds what every case varies: layout per tensor (contiguous,
 channels_last, a channel slice ``x[:, ::2]``, a transposed view, a batch-expanded view),
 dtype, whether the teacher requires grad, ``reduction`` and a random ``grad_output``.
-:func:`assert_matches_reference` runs a case through ``kdfast.functional`` with a backend
-and with ``backend="reference"`` in float64 on the same values, and compares the value and
-every input gradient. Used by tests/test_fuzz.py (CPU) and tests/triton/test_fuzz.py.
+:func:`assert_case_matches_reference` runs a case through ``kdfast.functional`` with a
+backend and with ``backend="reference"`` in float64 on the same values, and compares the
+value and every input gradient (tests.helpers.assert_matches_reference). Used by
+tests/test_fuzz.py (CPU) and tests/triton/test_fuzz.py.
 
 Inputs are finite random values of one dtype per case (mixed dtypes, NaN and degenerate
 inputs are tested elsewhere). ``KDFAST_FUZZ_EXAMPLES=N`` runs N random (not derandomised)
@@ -28,18 +29,11 @@ from hypothesis import strategies as st
 
 import kdfast
 from kdfast import backends
-from tests.helpers import REDUCTIONS, assert_rel_close, dtype_tolerance
+from tests.helpers import REDUCTIONS, assert_matches_reference
 
 FUSED_CORES = ("attention_map", "similarity", "fsp", "channel_mmd")
 
 LAYOUTS = ("contiguous", "channels_last", "sliced", "transposed", "expanded")
-
-# Relative tolerance floors: float64 is compared with this alone; below it, the tolerance
-# is twice the reference's own error in that dtype plus the floor (dtype_tolerance), since
-# a loss with cancellation (a KL, an MMD) loses digits in float32 in torch itself.
-TOLERANCE_FLOORS = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3,
-                    torch.bfloat16: 1e-3}
-NOISE_ULPS = 1e3
 
 
 def fuzz_settings(examples: int, **overrides) -> settings:
@@ -99,12 +93,6 @@ def make_inputs(case: FuzzCase, device: str | torch.device = "cpu") -> list[torc
                                            strict=True)]
 
 
-def exact_copies(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Contiguous float64 CPU leaves holding the same values (the reference's inputs)."""
-    return [x.detach().cpu().double().contiguous().requires_grad_(x.requires_grad)
-            for x in inputs]
-
-
 def grad_output_for(case: FuzzCase, value: torch.Tensor) -> torch.Tensor:
     """The case's grad_output for ``value``, exactly representable in the case's dtype."""
     if case.grad_output is not None:
@@ -115,71 +103,27 @@ def grad_output_for(case: FuzzCase, value: torch.Tensor) -> torch.Tensor:
     return g.to(case.dtype).to(value.device, value.dtype)
 
 
-def outputs(case: FuzzCase, inputs: Sequence[torch.Tensor], backend: str
-            ) -> list[torch.Tensor | None]:
-    """[loss, gradient of each input that requires grad (None where the loss does not
-    depend on it)], the gradients of <loss, grad_output>."""
-    value = LOSSES[case.loss].call(inputs, backend=backend, **case.options)
-    wanted = [x for x in inputs if x.requires_grad]
-    grads = torch.autograd.grad(value, wanted, grad_output_for(case, value),
-                                allow_unused=True)
-    return [value, *grads]
-
-
-def output_names(case: FuzzCase) -> list[str]:
-    return ["value"] + [f"gradient of input {i} {case.layouts[i]} {case.shapes[i]}"
-                        for i, grad in enumerate(case.requires_grad) if grad]
+def output_names(case: FuzzCase) -> str:
+    return " ".join(f"{layout}{shape}" for shape, layout in zip(case.shapes, case.layouts,
+                                                                strict=True))
 
 
 # --- the comparer -----------------------------------------------------------------------
 
-def assert_matches_reference(case: FuzzCase, backend: str,
-                             device: str | torch.device = "cpu") -> None:
-    """``case`` run through ``backend`` against ``backend="reference"`` run in float64 on the
-    same values: the value and every input gradient, within the dtype's tolerance (float64
-    1e-10 relative; below, twice the reference's own error in that dtype plus 1e-5 for
-    float32, 1e-3 for float16/bfloat16). Gradients keep their input's dtype and shape; the
-    value has the dtype the reference gives in the case's dtype."""
-    inputs = make_inputs(case, device)
-    exact = exact_copies(inputs)
-    got = outputs(case, inputs, backend)
-    want = outputs(case, exact, "reference")
-    in_dtype = outputs(case, [x.detach().to(case.dtype).requires_grad_(x.requires_grad)
-                              for x in exact], "reference")
-    dtypes = [in_dtype[0].dtype] + [x.dtype for x in inputs if x.requires_grad]
-    for i, (name, out, ref, dtype) in enumerate(zip(output_names(case), got, want, dtypes,
-                                                    strict=True)):
-        if ref is None or out is None:
-            assert out is None and ref is None, f"{name}: {out} where the reference has {ref}"
-            continue
-        assert out.dtype == dtype, f"{name}: dtype {out.dtype}, not {dtype}"
-        rtol, atol = tolerance(case, i, exact, want, in_dtype)
-        assert_rel_close(out.cpu(), ref, rtol, f"{backend} {name}", atol)
+def assert_case_matches_reference(case: FuzzCase, backend: str,
+                                  device: str | torch.device = "cpu") -> None:
+    """``case`` run through ``backend`` against ``backend="reference"`` in float64 on the same
+    values, by :func:`tests.helpers.assert_matches_reference` (its one dtype rule; the
+    case's grad_output; rounding noise allowed where ``LossCases.degenerate`` says the exact
+    outputs are 0)."""
+    loss = LOSSES[case.loss]
 
-
-def tolerance(case: FuzzCase, i: int, exact, want, in_dtype) -> tuple[float, float]:
-    """(relative, absolute) tolerance of output ``i`` (0 the value, then the gradients) given
-    the reference's outputs in float64 (``want``) and in the case's dtype (``in_dtype``)."""
-    rtol = TOLERANCE_FLOORS[case.dtype]
-    if case.dtype != torch.float64:
-        runs = {torch.float64: want, case.dtype: in_dtype}  # dtype_tolerance's two runs
-        rtol = dtype_tolerance(lambda *xs: runs[xs[0].dtype][i], exact, case.dtype, rtol)
-    if LOSSES[case.loss].degenerate(case)[min(i, 1)]:
-        return rtol, rounding_noise(case, exact, grad_output_for(case, want[0]), value=i == 0)
-    return rtol, 1e-13
-
-
-def rounding_noise(case: FuzzCase, inputs: Sequence[torch.Tensor], grad_output: torch.Tensor,
-                   value: bool) -> float:
-    """A bound on the rounding noise of an output that is 0 in exact arithmetic (see
-    ``LossCases.degenerate``): 1000 ulps of the accumulation dtype, times max|grad_output| and
-    ||1/x|| for a gradient (these losses are scale-invariant, so the noise in their vanishing
-    gradients grows like eps/|x|)."""
-    eps = torch.finfo(torch.float64 if case.dtype == torch.float64 else torch.float32).eps
-    if value:
-        return NOISE_ULPS * eps
-    inverse = torch.cat([x.detach().double().abs().reciprocal().flatten() for x in inputs])
-    return NOISE_ULPS * eps * grad_output.abs().max().item() * inverse.norm().item()
+    def run(name):
+        return lambda *inputs: loss.call(list(inputs), backend=name, **case.options)
+    assert_matches_reference(run(backend), run("reference"), make_inputs(case, device),
+                             grad_output=lambda value: grad_output_for(case, value),
+                             degenerate=loss.degenerate(case),
+                             what=f"{backend} {case.loss} {output_names(case)}")
 
 
 def fuzzed_backends(case: FuzzCase, candidates: Sequence[str], required: Sequence[str],

@@ -92,14 +92,24 @@ def test_auto_picks_native_inside_compile_and_inductor_matches():
     assert_rel_close(grad, ref_grad, 1e-5, "gradient")
 
 
-def test_auto_keeps_its_order_while_compiling(monkeypatch):
+@pytest.mark.parametrize("order", [("triton", "reference"), ("reference", "triton")])
+def test_auto_keeps_its_order_while_compiling(monkeypatch, order):
     # The Triton cores are torch.library operators too (kdfast/ops/<core>.py), so compiling
-    # changes nothing in the choice.
+    # changes nothing in the choice: inside a traced function (where torch.compiler.
+    # is_compiling() is True) ``auto`` walks the same order as in eager.
     monkeypatch.setitem(backends._REGISTRY, "probe", {})
     backends.register("probe", "reference", lambda x: x)
     backends.register("probe", "triton", lambda x: x)  # supports everything
-    monkeypatch.setitem(backends._AUTO_ORDER, "cpu", ("triton", "reference"))
+    monkeypatch.setitem(backends._AUTO_ORDER, "cpu", order)
     x = make(1, 2, 3, 3, seed=4)
-    assert backends.choose("probe", "auto", x).backend == "triton"
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert backends.choose("probe", "auto", x).backend == "triton"
+    assert backends.choose("probe", "auto", x).backend == order[0]
+    chosen = []
+
+    def traced(t):
+        chosen.append((torch.compiler.is_compiling(), backends.choose("probe", "auto", t).backend))
+        return t * 2
+
+    torch._dynamo.reset()
+    torch.compile(traced, fullgraph=True, backend="eager")(x)
+    torch._dynamo.reset()
+    assert chosen == [(True, order[0])]

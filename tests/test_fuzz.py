@@ -16,7 +16,7 @@ from kdfast import backends
 from tests.fuzz_cases import (
     FUSED_CORES,
     LOSSES,
-    assert_matches_reference,
+    assert_case_matches_reference,
     fuzz_cases,
     fuzz_settings,
     fuzzed_backends,
@@ -44,4 +44,4 @@ def test_backends_match_reference(loss, data):
     case = data.draw(fuzz_cases(loss, DTYPES), label="case")
     candidates = [name for name in backends.implementations(case.core) if name != "reference"]
     for backend in fuzzed_backends(case, candidates, required_backends(loss)) or ["reference"]:
-        assert_matches_reference(case, backend)
+        assert_case_matches_reference(case, backend)

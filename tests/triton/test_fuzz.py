@@ -13,7 +13,7 @@ from kdfast import backends
 from tests.fuzz_cases import (
     LOSSES,
     FuzzCase,
-    assert_matches_reference,
+    assert_case_matches_reference,
     fuzz_cases,
     fuzz_settings,
     fuzzed_backends,
@@ -62,7 +62,7 @@ def test_triton_matches_reference(device, loss, data):
     keep_blocks = loss == "nst_loss" and data.draw(st.booleans(), label="keep Gram blocks")
     fuzzed_backends(case, ["triton"], ["triton"], device)
     with mmd_backward(keep_blocks):
-        assert_matches_reference(case, "triton", device)
+        assert_case_matches_reference(case, "triton", device)
 
 
 # Found by test_triton_matches_reference (shrunk): one channel each, x̂ ≈ -ŷ. The gradient
@@ -83,4 +83,4 @@ NST_FLOAT16_CANCELLATION = FuzzCase(
 @pytest.mark.parametrize("keep_blocks", [False, True], ids=["recompute", "kept-blocks"])
 def test_triton_nst_float16_gradient_under_cancellation(device, keep_blocks):
     with mmd_backward(keep_blocks):
-        assert_matches_reference(NST_FLOAT16_CANCELLATION, "triton", device)
+        assert_case_matches_reference(NST_FLOAT16_CANCELLATION, "triton", device)

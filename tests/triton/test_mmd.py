@@ -5,11 +5,11 @@ import torch
 
 from kdfast import backends
 from kdfast.ops.mmd import FEATURE_GRAM, GRAM, channel_mmd_path, feature_gram_channel_mmd
+from kdfast.reference import nst as nst_reference
 from tests.helpers import randn
 from tests.triton.parity import check_parity
 
 pytestmark = pytest.mark.triton_interpret
-nst_reference = pytest.importorskip("kdfast.reference.nst", reason="NST reference not merged")
 
 
 @pytest.fixture(autouse=True, params=["recompute", "saved"])
@@ -85,17 +85,10 @@ def test_more_channels_than_one_tile(precise):
 
 @pytest.mark.parametrize("kernel", ["linear", "rbf"])
 def test_low_precision(device, low_precision, kernel):
-    dtype, tol = low_precision
+    dtype = low_precision
     s, t = randn(2, 6, 4, 5).to(device, dtype), randn(2, 9, 4, 5).to(device, dtype)
-    out = check_parity(mmd, nst_reference.channel_mmd, [s, t], tol, 5 * tol, kernel=kernel,
-                       sigma2="mean")
+    out = check_parity(mmd, nst_reference.channel_mmd, [s, t], kernel=kernel, sigma2="mean")
     assert out.dtype == torch.float32
-
-
-def test_deterministic(device):
-    s, t = randn(2, 20, 4, 4, dtype=torch.float32).to(device), randn(2, 7, 4, 4).float()
-    t = t.to(device)
-    assert torch.equal(mmd(s, t, kernel="rbf"), mmd(s, t, kernel="rbf"))
 
 
 def test_unbiased_needs_two_channels(precise):
@@ -115,7 +108,7 @@ def test_teacher_gradient_alone(precise, kernel, teacher_term):
 def test_rbf_tiny_bandwidths_match_the_reference(device, sigma2):
     # Distinct rows: every off-diagonal kernel exp(−dist/2σ²) is 0 with σ² = 1e-8, 1e-10.
     s, t = randn(2, 6, 4, 5).float().to(device), randn(2, 5, 4, 5).float().to(device)
-    check_parity(mmd, nst_reference.channel_mmd, [s, t], 1e-5, 1e-4, kernel="rbf",
+    check_parity(mmd, nst_reference.channel_mmd, [s, t], 1e-5, kernel="rbf",
                  sigma2=sigma2, unbiased=True)
 
 
