@@ -30,7 +30,7 @@ import kdfast
 from kdfast import backends
 from tests.helpers import REDUCTIONS, assert_rel_close, dtype_tolerance
 
-FUSED_CORES = ("attention_map", "similarity", "fsp", "channel_mmd")
+FUSED_CORES = ("attention_map", "similarity", "fsp", "channel_mmd", "softmax_kl")
 
 LAYOUTS = ("contiguous", "channels_last", "sliced", "transposed", "expanded")
 
@@ -384,9 +384,9 @@ LOSSES = {
     "fsp_loss": LossCases("fsp", fsp_draft, fsp_arguments),
     "nst_loss": LossCases("channel_mmd", nst_draft,
                           student_teacher(kdfast.functional.nst_loss), nst_degenerate),
-    "kd_loss": LossCases("kd", kd_draft, student_teacher(kdfast.functional.kd_loss),
+    "kd_loss": LossCases("softmax_kl", kd_draft, student_teacher(kdfast.functional.kd_loss),
                          kd_degenerate),
-    "dml_loss": LossCases("kd", dml_draft, dml_arguments, kd_degenerate),
+    "dml_loss": LossCases("softmax_kl", dml_draft, dml_arguments, kd_degenerate),
 }
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-import kdfast.ops.kl  # noqa: F401  (registers the "kd" core)
 from kdfast import _checks, backends
 from kdfast.losses._module import FunctionalLoss
+from kdfast.ops.softmax_kl import CORE
 
 
 def check_kd_options(temperature: float = 4.0, reduction: str = "mean") -> None:
@@ -25,8 +25,9 @@ def check_logit_pair(student: torch.Tensor, teacher: torch.Tensor,
 
 def kd_per_sample(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
                   backend: str | None) -> torch.Tensor:
-    """The "kd" core on validated logits, through the backend policy: shape (B,)."""
-    return backends.choose("kd", backend, student, teacher).fn(student, teacher, temperature)
+    """The forward-KL ``"softmax_kl"`` core on validated logits, through the backend policy:
+    shape (B,)."""
+    return backends.choose(CORE, backend, student, teacher).fn(student, teacher, temperature)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
@@ -50,9 +51,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
         teacher_logits: (B, num_classes), same shape and device.
         temperature: T > 0, default 4.0.
         reduction: ``"mean"`` (batch mean, default) | ``"sum"`` | ``"none"`` for (B,) losses.
-        backend: ``None`` (``KDFAST_BACKEND`` or auto), ``"auto"`` or ``"reference"``; no fused
-            KD core exists yet, so an explicit ``"native"``/``"triton"`` raises ``ValueError``
-            (through the environment variable it falls back with one warning).
+        backend: ``None`` (``KDFAST_BACKEND`` or auto), ``"auto"``, ``"native"`` or
+            ``"reference"``. The fused ``"softmax_kl"`` core computes the loss and the
+            gradient in one pass per row, keeping only the gradient; ``auto`` runs it natively
+            on CPU tensors (the reference elsewhere, and under ``torch.func`` transforms).
+            One that cannot run the inputs raises ``ValueError`` (through the environment
+            variable it falls back to ``auto`` with one warning).
 
     Example:
         >>> s, t = torch.randn(8, 100), torch.randn(8, 100)
