@@ -51,10 +51,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
         teacher_logits: (B, num_classes), same shape and device.
         temperature: T > 0, default 4.0.
         reduction: ``"mean"`` (batch mean, default) | ``"sum"`` | ``"none"`` for (B,) losses.
-        backend: ``None`` (``KDFAST_BACKEND`` or auto), ``"auto"``, ``"native"`` or
-            ``"reference"``. The fused ``"softmax_kl"`` core computes the loss and the
+        backend: ``None`` (``KDFAST_BACKEND`` or auto), ``"auto"``, ``"native"``, ``"triton"``
+            or ``"reference"``. The fused ``"softmax_kl"`` core computes the loss and the
             gradient in one pass per row, keeping only the gradient; ``auto`` runs it natively
-            on CPU tensors (the reference elsewhere, and under ``torch.func`` transforms).
+            on CPU tensors and on Triton for CUDA ones (the reference under ``torch.func``
+            transforms).
             One that cannot run the inputs raises ``ValueError`` (through the environment
             variable it falls back to ``auto`` with one warning).
 

@@ -10,10 +10,14 @@ when it requires grad) in one pass per row and keeps only those gradients (in th
 accumulation dtype: fp32 for fp16/bf16 inputs), so the backward is
 ``grad_output[:, None] * saved_gradient``: nothing else of row size is stored or recomputed.
 A backward with ``create_graph=True`` differentiates the reference instead
-(:mod:`kdfast.ops._higher_order`).
+(:mod:`kdfast.ops._higher_order`). Backends: ``reference``, ``native`` (CPU:
+csrc/cpu/softmax_kl.cpp) and ``triton`` (kdfast/triton/softmax_kl.py, the custom operator
+``kdfast_triton::softmax_kl``).
 """
 
 from __future__ import annotations
+
+import importlib
 
 import torch
 
@@ -21,6 +25,7 @@ from kdfast import backends
 from kdfast._precision import accumulation_dtype
 from kdfast.ops._higher_order import creates_graph, reference_grads
 from kdfast.reference.softmax_kl import softmax_kl
+from kdfast.triton import supports_without_dot
 
 CORE = "softmax_kl"
 
@@ -80,6 +85,28 @@ def fake_softmax_kl(student, teacher, temperature, divergence, beta, grad_studen
             gradient(teacher, grad_teacher))
 
 
+@torch.library.custom_op("kdfast_triton::softmax_kl", mutates_args=())
+def triton_softmax_kl_op(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                         divergence: str, beta: float, grad_student: bool, grad_teacher: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton launcher (:mod:`kdfast.triton.softmax_kl`, imported with Triton on the
+    first call, so registering the backend never imports Triton)."""
+    launchers = importlib.import_module("kdfast.triton.softmax_kl")
+    return launchers.softmax_kl_forward(student, teacher, temperature, divergence, beta,
+                                        grad_student, grad_teacher)
+
+
+triton_softmax_kl_op.register_fake(fake_softmax_kl)
+
+TritonSoftmaxKL = softmax_kl_function("TritonSoftmaxKL", triton_softmax_kl_op)
+
+
+def triton_softmax_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                      divergence: str = "forward", beta: float = 0.5) -> torch.Tensor:
+    """Core ``"softmax_kl"`` on Triton (kdfast/triton/softmax_kl.py): (N,)."""
+    return TritonSoftmaxKL.apply(student, teacher, float(temperature), divergence, float(beta))
+
+
 def native_supports_cpu(*tensors: torch.Tensor) -> str | None:
     """:func:`kdfast.backends.native_supports` for CPU tensors (no CUDA kernel is built yet)."""
     if any(t.device.type != "cpu" for t in tensors):
@@ -90,3 +117,4 @@ def native_supports_cpu(*tensors: torch.Tensor) -> str | None:
 backends.register_native_fake("softmax_kl", fake_softmax_kl)
 backends.register(CORE, "reference", softmax_kl)
 backends.register(CORE, "native", native_softmax_kl, native_supports_cpu)
+backends.register(CORE, "triton", triton_softmax_kl, supports_without_dot)

@@ -1,7 +1,8 @@
 """Triton backend: registers the ``"triton"`` implementation of the fused cores.
 
 Cores: ``"attention_map"`` (:mod:`kdfast.triton.attention`), ``"similarity"`` and ``"fsp"``
-(:mod:`kdfast.triton.gram`), ``"channel_mmd"`` (:mod:`kdfast.triton.mmd`).
+(:mod:`kdfast.triton.gram`), ``"channel_mmd"`` (:mod:`kdfast.triton.mmd`); ``"softmax_kl"``
+(:mod:`kdfast.triton.softmax_kl`) is registered by its op layer, :mod:`kdfast.ops.softmax_kl`.
 
 Importing this package never imports ``triton``: the registered functions
 (:mod:`kdfast.triton.ops`, autograd Functions over ``torch.library`` custom operators, so the
