@@ -11,8 +11,8 @@ accumulation dtype: fp32 for fp16/bf16 inputs), so the backward is
 ``grad_output[:, None] * saved_gradient``: nothing else of row size is stored or recomputed.
 A backward with ``create_graph=True`` differentiates the reference instead
 (:mod:`kdfast.ops._higher_order`). Backends: ``reference``, ``native`` (CPU:
-csrc/cpu/softmax_kl.cpp) and ``triton`` (kdfast/triton/softmax_kl.py, the custom operator
-``kdfast_triton::softmax_kl``).
+csrc/cpu/softmax_kl.cpp; CUDA: csrc/cuda/softmax_kl.cu) and ``triton``
+(kdfast/triton/softmax_kl.py, the custom operator ``kdfast_triton::softmax_kl``).
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ NativeSoftmaxKL = softmax_kl_function(
 
 def native_softmax_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
                       divergence: str = "forward", beta: float = 0.5) -> torch.Tensor:
-    """Core ``"softmax_kl"`` on the native kernels (csrc/cpu/softmax_kl.cpp): (N,)."""
+    """Core ``"softmax_kl"`` on the native kernels (csrc/cpu/softmax_kl.cpp; CUDA tensors in a
+    CUDA build: csrc/cuda/softmax_kl.cu): (N,)."""
     return NativeSoftmaxKL.apply(student, teacher, float(temperature), divergence, float(beta))
 
 
@@ -107,14 +108,7 @@ def triton_softmax_kl(student: torch.Tensor, teacher: torch.Tensor, temperature:
     return TritonSoftmaxKL.apply(student, teacher, float(temperature), divergence, float(beta))
 
 
-def native_supports_cpu(*tensors: torch.Tensor) -> str | None:
-    """:func:`kdfast.backends.native_supports` for CPU tensors (no CUDA kernel is built yet)."""
-    if any(t.device.type != "cpu" for t in tensors):
-        return "the native softmax_kl kernels run CPU tensors only (no CUDA kernel yet)"
-    return backends.native_supports(*tensors)
-
-
 backends.register_native_fake("softmax_kl", fake_softmax_kl)
 backends.register(CORE, "reference", softmax_kl)
-backends.register(CORE, "native", native_softmax_kl, native_supports_cpu)
+backends.register(CORE, "native", native_softmax_kl, backends.native_supports)
 backends.register(CORE, "triton", triton_softmax_kl, supports_without_dot)
