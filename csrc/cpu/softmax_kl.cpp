@@ -139,8 +139,12 @@ KDFAST_SIMD_CLONES void add_block(OnlineLogSumExp<acc_t>& lse, acc_t* v, int64_t
     lse.max = peak;
   }
   const acc_t m = lse.max;
-  // An entry −inf contributes 0 (also while every entry so far is −inf: no −inf − −inf).
-  for (int64_t i = 0; i < n; ++i) v[i] = v[i] == kNegInf<acc_t> ? acc_t(0) : exp_of(v[i] - m);
+  // An entry −inf contributes 0 (also while every entry so far is −inf: the NaN of −inf − −inf
+  // is selected away). exp is evaluated unconditionally so that the loop has no branch.
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t e = exp_of(v[i] - m);
+    v[i] = v[i] == kNegInf<acc_t> ? acc_t(0) : e;
+  }
   lse.sum += block_sum(v, n);
 }
 
