@@ -28,7 +28,9 @@ def _want_cuda():
 def _extension():
     sources = ["csrc/kdfast.cpp", *_sources("csrc/cpu/*.cpp")]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    # -fno-trapping-math: loops with floating-point selects vectorise on AVX2 too (GCC may
+    # then speculate comparisons; only FP exception flags, never read, can differ).
+    cxx = ["-O3", "-fopenmp", "-std=c++17", "-fno-trapping-math"]
     if _want_cuda():
         sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
         return cpp_extension.CUDAExtension(

@@ -55,6 +55,11 @@ TORCH_LIBRARY(kdfast, m) {
   m.def("channel_mmd_linear_backward(Tensor grad, Tensor student, Tensor teacher, Tensor sum_x, "
         "Tensor sum_y, Tensor inv_norm_x, Tensor inv_norm_y, bool unbiased, bool teacher_term, "
         "bool grad_student, bool grad_teacher) -> (Tensor, Tensor)");
+  // Row-wise softmax divergence of (N, L) logits softened by T (divergence forward | reverse
+  // | jsd with beta): the per-row loss T² D (N,) and dL/ds, dL/dt (N, L), contiguous (0 x 0
+  // where not requested), all in the accumulation dtype.
+  m.def("softmax_kl(Tensor student, Tensor teacher, float temperature, str divergence, "
+        "float beta, bool grad_student, bool grad_teacher) -> (Tensor, Tensor, Tensor)");
 }
 
 static bool built_with_cuda() {

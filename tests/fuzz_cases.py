@@ -31,7 +31,7 @@ import kdfast
 from kdfast import backends
 from tests.helpers import REDUCTIONS, assert_matches_reference
 
-FUSED_CORES = ("attention_map", "similarity", "fsp", "channel_mmd")
+FUSED_CORES = ("attention_map", "similarity", "fsp", "channel_mmd", "softmax_kl")
 
 LAYOUTS = ("contiguous", "channels_last", "sliced", "transposed", "expanded")
 

@@ -1,9 +1,9 @@
 """Randomised parity of every registered CPU backend of every loss with the float64 reference
 (shapes, layouts, dtypes, options, grad_output: see tests/fuzz_cases.py).
 
-The native backend must run the four fused cores; a core with no fast backend yet (the logit
-KD core) runs the reference in the case's dtype instead, so its cases stay exercised until
-a fused core registers and is fuzzed here with no change to this file.
+The native backend must run the fused cores (FUSED_CORES); a core with no fast backend runs
+the reference in the case's dtype instead, so its cases stay exercised until a fused core
+registers and is fuzzed here with no change to this file.
 """
 
 import pytest

@@ -22,16 +22,7 @@
 #include "kdfast/aten_mmd.h"
 #include "kdfast/math.h"
 
-// Hot loops are compiled for AVX-512 and AVX2 as well as the baseline ISA and picked at load
-// time (GCC/Clang on x86-64); elsewhere they are plain functions.
-#if defined(__x86_64__) && defined(__has_attribute)
-#if __has_attribute(target_clones)
-#define KDFAST_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
-#endif
-#ifndef KDFAST_SIMD_CLONES
-#define KDFAST_SIMD_CLONES
-#endif
+#include "kdfast/simd.h"  // KDFAST_SIMD_CLONES: hot loops also built for AVX-512 and AVX2
 
 namespace kdfast::cpu {
 

@@ -6,11 +6,9 @@
 // norm with a fixed-order tree reduction and scales the row. Backward: one block per sample
 // turns dq_hat into dQ (B x HW, small), then an elementwise pass reads A and writes dA with
 // A's strides. fp32 accumulation (fp64 for fp64), int64 offsets, no atomics: deterministic.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include "attention.h"
 #include "block_reduce.cuh"
+#include "element.cuh"
 #include "kdfast/math.h"
 
 namespace kdfast {
@@ -19,31 +17,6 @@ namespace {
 
 constexpr int kThreads = kBlockThreads;
 constexpr int kWarp = 32;
-
-template <typename Acc>
-__device__ __forceinline__ Acc to_acc(float v) { return static_cast<Acc>(v); }
-template <typename Acc>
-__device__ __forceinline__ Acc to_acc(double v) { return static_cast<Acc>(v); }
-template <typename Acc>
-__device__ __forceinline__ Acc to_acc(__half v) { return static_cast<Acc>(__half2float(v)); }
-template <typename Acc>
-__device__ __forceinline__ Acc to_acc(__nv_bfloat16 v) {
-  return static_cast<Acc>(__bfloat162float(v));
-}
-
-template <typename T>
-struct Store {
-  template <typename Acc>
-  __device__ __forceinline__ static T from(Acc v) { return static_cast<T>(v); }
-};
-template <>
-struct Store<__half> {
-  __device__ __forceinline__ static __half from(float v) { return __float2half(v); }
-};
-template <>
-struct Store<__nv_bfloat16> {
-  __device__ __forceinline__ static __nv_bfloat16 from(float v) { return __float2bfloat16(v); }
-};
 
 // |v|^p and its derivative, specialised for p = 2 and p = 1.
 template <typename Acc>

@@ -7,13 +7,11 @@
 
 #include <cstdint>
 
+#include "dtype.h"
 #include "kdfast/layout.h"
 
 namespace kdfast {
 namespace cuda {
-
-// Element type of the features; the accumulation type is double for kF64, else float.
-enum class DType { kF32, kF64, kF16, kBF16 };
 
 // q_hat (B x HW, contiguous, accumulation type) and norm (B) of mean_C |x|^p.
 void attention_map_forward(DType dtype, const void* features, const FeatureLayout& layout,

@@ -140,6 +140,6 @@ CORES: dict[str, Core] = {core.name: core for core in (
     Core("fsp", "fsp_loss", pair_inputs, floors.fsp, pack=as_pairs, registry=gram.FSP,
          naive="kdfast.reference.fsp:naive_fsp_pair_loss"),
     Core("kd", "kd_loss", logit_inputs, floors.logit_kd, kind="logits",
-         options={"temperature": 4.0}),
+         options={"temperature": 4.0}, registry="softmax_kl"),
     Core("rkd", "rkd_loss", embedding_inputs, floors.relational, kind="embeddings"),
 )}

@@ -148,7 +148,7 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
           features=_features(8, stages=((256, 128), (256, 256)),
                              spatial_sweep=(256, (8, 16, 32, 64, 128, 256)),
                              channel_sweep=(64, (64, 128, 256, 512))),
-          logits=(LogitShape(4096, 32000), LogitShape(8192, 32000)),
+          logits=(LogitShape(128, 32000), LogitShape(4096, 32000), LogitShape(8192, 32000)),
           embeddings=(EmbeddingShape(1024, 512, 2048), EmbeddingShape(2048, 512, 2048))),
 )}
 

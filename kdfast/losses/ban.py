@@ -41,7 +41,8 @@ def ban_generation_loss(student_logits: torch.Tensor, previous_logits: torch.Ten
         targets: optional (B,) integer class indices.
         temperature: T > 0, default 1.0. label_weight: lambda >= 0, default 0.0.
         reduction: ``"mean"`` (default) | ``"sum"`` | ``"none"`` for (B,) losses.
-        backend: ``None`` / ``"auto"`` / ``"reference"`` (the KD core's policy).
+        backend: ``None`` / ``"auto"`` / ``"native"`` / ``"triton"`` / ``"reference"`` (the
+            policy of :func:`kd_loss`, on its fused core).
 
     Example:
         >>> z_k, z_prev, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(10, (8,))

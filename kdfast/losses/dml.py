@@ -50,7 +50,8 @@ def dml_loss(logits: torch.Tensor, peer_logits: torch.Tensor | Sequence[torch.Te
         peer_logits: one (B, num_classes) tensor or a list/tuple of K of them (averaged).
         temperature: T > 0, default 1.0.
         reduction: ``"mean"`` (default) | ``"sum"`` | ``"none"`` for (B,) losses.
-        backend: ``None`` / ``"auto"`` / ``"reference"`` (same policy as :func:`kd_loss`).
+        backend: ``None`` / ``"auto"`` / ``"native"`` / ``"triton"`` / ``"reference"`` (the
+            policy of :func:`kd_loss`, whose fused core this loss runs once per peer).
 
     Example:
         >>> z1, z2, z3 = (torch.randn(8, 10) for _ in range(3))

@@ -25,7 +25,8 @@ def check_logit_pair(student: torch.Tensor, teacher: torch.Tensor,
 
 def kd_per_sample(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
                   backend: str | None) -> torch.Tensor:
-    """The "softmax_kl" core on validated logits, through the backend policy: shape (B,)."""
+    """The forward-KL ``"softmax_kl"`` core on validated logits, through the backend policy:
+    shape (B,)."""
     return backends.choose(CORE, backend, student, teacher).fn(student, teacher, temperature)
 
 
@@ -50,9 +51,13 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
         teacher_logits: (B, num_classes), same shape and device.
         temperature: T > 0, default 4.0.
         reduction: ``"mean"`` (batch mean, default) | ``"sum"`` | ``"none"`` for (B,) losses.
-        backend: ``None`` (``KDFAST_BACKEND`` or auto), ``"auto"`` or ``"reference"``; no fused
-            KD core exists yet, so an explicit ``"native"``/``"triton"`` raises ``ValueError``
-            (through the environment variable it falls back with one warning).
+        backend: ``None`` (``KDFAST_BACKEND`` or auto), ``"auto"``, ``"native"``, ``"triton"``
+            or ``"reference"``. The fused ``"softmax_kl"`` core computes the loss and the
+            gradient in one pass per row, keeping only the gradient; ``auto`` runs it natively
+            on CPU tensors and on Triton for CUDA ones (the reference under ``torch.func``
+            transforms).
+            One that cannot run the inputs raises ``ValueError`` (through the environment
+            variable it falls back to ``auto`` with one warning).
 
     Example:
         >>> s, t = torch.randn(8, 100), torch.randn(8, 100)

@@ -2,8 +2,9 @@
 
 Kernels and their launchers, one module per core family (each imports ``triton``):
 :mod:`kdfast.triton.attention` (core ``"attention_map"``), :mod:`kdfast.triton.gram`
-(``"similarity"``, ``"fsp"``), :mod:`kdfast.triton.mmd` (``"channel_mmd"``), with the shared
-backward GEMM in :mod:`kdfast.triton._gemm` and launch helpers in :mod:`kdfast.triton._common`.
+(``"similarity"``, ``"fsp"``), :mod:`kdfast.triton.mmd` (``"channel_mmd"``),
+:mod:`kdfast.triton.softmax_kl` (``"softmax_kl"``), with the shared backward GEMM in
+:mod:`kdfast.triton._gemm` and launch helpers in :mod:`kdfast.triton._common`.
 
 The op layer of each core (``torch.library`` custom operators over the launchers, their fakes,
 the autograd Function, the ``triton_*`` entry function and its ``backends.register(CORE,

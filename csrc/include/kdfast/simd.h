@@ -1,0 +1,13 @@
+// KDFAST_SIMD_CLONES: marks a CPU hot loop to be compiled for AVX-512 and AVX2 as well as the
+// baseline ISA, the variant picked at load time (GCC/Clang on x86-64); elsewhere a plain
+// function. Inline helpers it calls are compiled into each variant.
+#pragma once
+
+#if defined(__x86_64__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define KDFAST_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+#endif
+#ifndef KDFAST_SIMD_CLONES
+#define KDFAST_SIMD_CLONES
+#endif

@@ -1,0 +1,105 @@
+"""Triton softmax-KL core against the reference: every divergence, both gradients, awkward
+row lengths (the interpreter's block is 16 columns), masked and extreme logits, float16,
+non-contiguous inputs and torch.compile. Tiny shapes: the interpreter is slow."""
+
+import pytest
+import torch
+
+import kdfast
+from kdfast import backends
+from kdfast.ops.softmax_kl import CORE
+from kdfast.reference.softmax_kl import softmax_kl
+from tests.helpers import assert_rel_close, dtype_tolerance, randn
+
+pytestmark = pytest.mark.triton_interpret
+
+NEG_INF = float("-inf")
+DIVERGENCES = [("forward", 0.5), ("reverse", 0.5), ("jsd", 0.3), ("jsd", 0.0), ("jsd", 1.0)]
+
+
+def triton_softmax_kl(s, t, *options):
+    return backends.choose(CORE, "triton", s, t).fn(s, t, *options)
+
+
+def run(fn, student, teacher, grad_output, *options):
+    s = student.detach().requires_grad_(True)
+    t = teacher.detach().requires_grad_(True)
+    loss = fn(s, t, *options)
+    return (loss, *torch.autograd.grad(loss, (s, t), grad_output))
+
+
+def assert_matches_reference(student, teacher, *options, tol=1e-12):
+    grad_output = torch.rand(student.shape[0], dtype=torch.float64,
+                             device=student.device) + 0.5
+    got = run(triton_softmax_kl, student, teacher, grad_output, *options)
+    want = run(softmax_kl, student, teacher, grad_output, *options)
+    for what, out, ref in zip(("value", "student gradient", "teacher gradient"), got, want,
+                              strict=True):
+        assert out.dtype == ref.dtype
+        assert_rel_close(out, ref, tol, what)
+
+
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3), (3, 37)])
+def test_matches_reference_float64(device, shape, divergence, beta):
+    student, teacher = randn(*shape, seed=0).to(device) * 3, randn(*shape, seed=1).to(device) * 3
+    assert_matches_reference(student, teacher, 1.7, divergence, beta)
+
+
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES[:3])
+def test_masked_and_extreme_logits(device, divergence, beta):
+    student, teacher = randn(3, 21, seed=2) * 1e4, randn(3, 21, seed=3) * 1e4
+    student[:, 0], teacher[:, 0] = 2e4, 2e4  # a shared peak: the KLs stay finite
+    student[:, [4, 17]] = NEG_INF  # masked in both rows
+    teacher[:, [4, 17]] = NEG_INF
+    assert_matches_reference(student.to(device), teacher.to(device), 3.0, divergence, beta)
+    s = student.to(device).requires_grad_(True)
+    grad = torch.autograd.grad(triton_softmax_kl(s, teacher.to(device), 3.0, divergence,
+                                                 beta).sum(), s)[0]
+    assert torch.all(grad[:, [4, 17]] == 0)
+
+
+def test_non_finite_logits_give_nan(device):
+    student, teacher = randn(3, 5, seed=4), randn(3, 5, seed=5)
+    teacher[0, 1], teacher[1, 2] = float("nan"), float("inf")
+    loss = triton_softmax_kl(student.to(device), teacher.to(device), 1.0)
+    assert torch.isnan(loss[:2]).all() and torch.isfinite(loss[2])
+
+
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES[:3])
+def test_float16_within_the_reference_rule(device, divergence, beta):
+    s64, t64 = randn(3, 19, seed=6) * 2, randn(3, 19, seed=7) * 2
+    s, t = s64.to(device, torch.float16), t64.to(device, torch.float16)
+    exact = (s.double(), t.double())
+    grad_output = torch.rand(3, device=device) + 0.5
+    got = run(triton_softmax_kl, s, t, grad_output, 2.0, divergence, beta)
+    want = run(softmax_kl, *exact, grad_output.double(), 2.0, divergence, beta)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float16
+    for i in range(3):
+        tol = dtype_tolerance(
+            lambda a, b, i=i: run(softmax_kl, a, b, grad_output.to(
+                torch.float64 if a.dtype == torch.float64 else torch.float32), 2.0,
+                divergence, beta)[i], exact, torch.float16)
+        assert_rel_close(got[i], want[i], tol)
+
+
+def test_non_contiguous_inputs(device):
+    student = randn(9, 4, seed=8).to(device).t()
+    teacher = randn(4, 27, seed=9).to(device)[:, ::3]
+    assert not student.is_contiguous() and not teacher.is_contiguous()
+    assert_matches_reference(student, teacher, 2.0, "forward", 0.5)
+
+
+def test_kd_loss_on_triton_and_compiled(device):
+    student, teacher = randn(4, 10, seed=10).to(device), randn(4, 10, seed=11).to(device)
+    s = student.requires_grad_(True)
+
+    def loss(a, b):
+        return kdfast.functional.kd_loss(a, b, temperature=2.0, backend="triton")
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    out = compiled(s, teacher)
+    ref = kdfast.functional.kd_loss(s, teacher, temperature=2.0, backend="reference")
+    assert_rel_close(out, ref, 1e-12, "value")
+    assert_rel_close(torch.autograd.grad(out, s)[0], torch.autograd.grad(ref, s)[0], 1e-12,
+                     "gradient")
