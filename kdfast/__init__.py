@@ -20,6 +20,13 @@ from kdfast.losses.rkd import RKDLoss
 from kdfast.losses.sp import SPLoss
 from kdfast.recipes import AdversarialKD, BornAgain, BornAgainEnsemble, MutualLearning
 
+# isort: split
+# zoo-logit losses
+from kdfast.losses.dist import DISTLoss
+from kdfast.losses.dkd import DKDLoss
+from kdfast.losses.lskd import LSKDLoss
+from kdfast.losses.wsld import WSLDLoss
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -27,4 +34,6 @@ __all__ = [
     "ConditionalDiscriminator", "DMLLoss", "Distiller", "FSPLoss", "FitNetLoss",
     "GradientATLoss", "KDLoss", "MutualLearning", "NSTLoss", "RKDLoss", "SPLoss", "Term",
     "available_backends", "functional", "make_connector", "recipes",
+    # zoo-logit losses
+    "DISTLoss", "DKDLoss", "LSKDLoss", "WSLDLoss",
 ]

@@ -190,3 +190,11 @@ def check_labels(name: str, labels, batch: int, num_classes: int,
             raise ValueError(f"{name} must be class indices in [0, {num_classes - 1}] "
                              f"(num_classes={num_classes}), got values in [{low}, {high}]")
     return labels.long()
+
+
+def check_min_classes(name: str, logits: torch.Tensor, minimum: int, why: str) -> None:
+    """(B, num_classes) ``logits`` must have at least ``minimum`` classes; ``why`` says what
+    needs them."""
+    if logits.shape[1] < minimum:
+        raise ValueError(f"{name} has {logits.shape[1]} class(es) but {why} needs at least "
+                         f"{minimum}; pass logits over {minimum} or more classes")

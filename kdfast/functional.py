@@ -18,8 +18,17 @@ from kdfast.losses.nst import nst_loss
 from kdfast.losses.rkd import rkd_loss
 from kdfast.losses.sp import sp_loss
 
+# isort: split
+# zoo-logit losses
+from kdfast.losses.dist import dist_loss
+from kdfast.losses.dkd import dkd_loss
+from kdfast.losses.lskd import lskd_loss
+from kdfast.losses.wsld import wsld_loss
+
 __all__ = [
     "ab_loss", "adversarial_student_loss", "at_loss", "ban_generation_loss", "discriminator_loss",
     "dml_loss", "fitnet_loss", "fsp_loss", "gradient_at_loss", "kd_loss", "nst_loss", "rkd_loss",
     "sp_loss",
+    # zoo-logit losses
+    "dist_loss", "dkd_loss", "lskd_loss", "wsld_loss",
 ]
