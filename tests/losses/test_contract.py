@@ -39,6 +39,13 @@ from kdfast.losses.rkd import rkd_loss
 from kdfast.losses.sp import sp_loss
 from tests.helpers import REDUCTIONS, assert_rel_close, randn, reduced
 
+# isort: split
+# zoo-logit losses
+from kdfast.losses.dist import dist_loss
+from kdfast.losses.dkd import dkd_loss
+from kdfast.losses.lskd import lskd_loss
+from kdfast.losses.wsld import wsld_loss
+
 FEATURES = "4-D (B, C, H, W)"
 LOGITS = "2-D (B, num_classes)"
 ANY_RANK = "2-D or 3-D or 4-D or 5-D (B, ...)"
@@ -241,6 +248,39 @@ CASES = [
          relayout=(0, 1),  # the logits must be computed from the inputs as given
          module=kdfast.GradientATLoss, module_options={"reduction": "none"},
          core="gradient_at", reference_only=True),
+    # zoo-logit losses
+    Case("dkd", dkd_loss, two((3, 5), (3, 5)), LOGIT_PAIR, (LOGITS, LOGITS),
+         arguments=lambda s, t: (s, t, labels_for(s)),
+         mismatch=fragments("student_logits and teacher_logits must have the same shape"),
+         bad_options=(*positive("temperature"), *non_negative("alpha"), *non_negative("beta"),
+                      *non_negative("warmup_factor")),
+         numbers=(("temperature", 2, {}), ("alpha", 2, {}), ("beta", 3, {}),
+                  ("warmup_factor", 0, {})),
+         module=kdfast.DKDLoss,
+         module_options={"temperature": 2.0, "alpha": 0.5, "beta": 2.0, "warmup_factor": 0.5,
+                         "reduction": "sum"},
+         core="softmax_kl"),
+    Case("lskd", lskd_loss, two((3, 5), (3, 5)), LOGIT_PAIR, (LOGITS, LOGITS),
+         mismatch=fragments("student_logits and teacher_logits must have the same shape"),
+         bad_options=(*positive("temperature"), *positive("eps")),
+         numbers=(("temperature", 3, {}), ("eps", 1, {})),
+         module=kdfast.LSKDLoss, module_options={"temperature": 4.0, "reduction": "none"},
+         core="softmax_kl"),
+    Case("dist", dist_loss, two((3, 5), (3, 5)), LOGIT_PAIR, (LOGITS, LOGITS),
+         mismatch=fragments("student_logits and teacher_logits must have the same shape"),
+         bad_options=(*positive("temperature"), *non_negative("beta"), *non_negative("gamma"),
+                      *positive("eps")),
+         numbers=(("temperature", 2, {}), ("beta", 2, {}), ("gamma", 0, {})),
+         module=kdfast.DISTLoss,
+         module_options={"temperature": 4.0, "beta": 2.0, "gamma": 0.5, "reduction": "sum"},
+         core="dist", reference_only=True),
+    Case("wsld", wsld_loss, two((3, 5), (3, 5)), LOGIT_PAIR, (LOGITS, LOGITS),
+         arguments=lambda s, t: (s, t, labels_for(s)),
+         mismatch=fragments("student_logits and teacher_logits must have the same shape"),
+         bad_options=positive("temperature"),
+         numbers=(("temperature", 2, {}),),
+         module=kdfast.WSLDLoss, module_options={"temperature": 2.0, "reduction": "none"},
+         core="softmax_kl"),
 ]
 
 
