@@ -63,6 +63,14 @@ def flat(students: Tensors, teachers: Tensors) -> tuple:
     return (*students, *teachers)
 
 
+def with_targets(students: Tensors, teachers: Tensors) -> tuple:
+    """DKD's public signature: the logits and (B,) class indices, made here (cycling through
+    the classes, B int64s) so that the float inputs alone reach the backends' ``supports``."""
+    student = students[0]
+    targets = torch.arange(student.shape[0], device=student.device) % student.shape[1]
+    return (*students, *teachers, targets)
+
+
 def naive_broadcast_bytes(students: Tensors, teachers: Tensors) -> float:
     """The naive formulation's largest tensor, B·C·C·HW (C the most channels of any input),
     times 6: what must fit before the naive provider is run. Measured on CPU (cifar suite):
@@ -142,4 +150,6 @@ CORES: dict[str, Core] = {core.name: core for core in (
     Core("kd", "kd_loss", logit_inputs, floors.logit_kd, kind="logits",
          options={"temperature": 4.0}, registry="softmax_kl"),
     Core("rkd", "rkd_loss", embedding_inputs, floors.relational, kind="embeddings"),
+    Core("dkd", "dkd_loss", logit_inputs, floors.logit_kd, kind="logits",
+         options={"temperature": 4.0}, pack=with_targets, registry="softmax_kl"),
 )}

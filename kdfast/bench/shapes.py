@@ -7,7 +7,7 @@ Three kinds of input, one per family of loss:
   FSP reads C_s and C_t as the channels of the two layers a and b of one pair (student and
   teacher both get (B, C_s, H, W) and (B, C_t, H, W)), since FSP needs equal channels per
   layer.
-* :class:`LogitShape` (KD): student and teacher logits (B, classes).
+* :class:`LogitShape` (KD, DKD): student and teacher logits (B, classes).
 * :class:`EmbeddingShape` (RKD): student (B, D_s), teacher (B, D_t).
 
 Every suite holds ResNet-style stage shapes plus two sweeps (feature-map size at fixed

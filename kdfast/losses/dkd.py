@@ -8,7 +8,7 @@ import torch
 from kdfast import _checks
 from kdfast.losses._module import FunctionalLoss
 from kdfast.losses.kd import check_logit_pair, kd_per_sample
-from kdfast.reference.dkd import gold_mask, tckd, without_gold
+from kdfast.reference.dkd import tckd, without_gold
 
 
 def check_dkd_options(temperature: float = 4.0, alpha: float = 1.0, beta: float = 8.0,
@@ -75,10 +75,11 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     targets = _checks.check_labels("targets", targets, batch, num_classes,
                                    student_logits.device)
     temperature = float(temperature)
-    gold = gold_mask(student_logits, targets)
-    non_target = kd_per_sample(without_gold(student_logits, gold),
-                               without_gold(teacher_logits, gold), temperature, backend)
-    target = tckd(student_logits, teacher_logits, gold, temperature)
+    student_others = without_gold(student_logits, targets)
+    teacher_others = without_gold(teacher_logits, targets)
+    non_target = kd_per_sample(student_others, teacher_others, temperature, backend)
+    target = tckd(student_logits, teacher_logits, student_others, teacher_others, targets,
+                  temperature)
     per_sample = float(warmup_factor) * (float(alpha) * target + float(beta) * non_target)
     return _checks.reduce(per_sample, reduction)
 

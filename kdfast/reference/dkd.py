@@ -26,38 +26,39 @@ from kdfast.reference._numerics import upcast_low_precision
 from kdfast.reference.softmax_kl import NEG_INF, kl_terms, softmax_kl
 
 
-def gold_mask(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(B, C) bool, True at each sample's gold class ``targets[b]``."""
-    return torch.nn.functional.one_hot(targets, logits.shape[1]).bool()
+def without_gold(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The (B, C) logits with each sample's gold column ``targets[b]`` at −inf: it then has
+    probability 0 and gradient 0 in the ``"softmax_kl"`` core (an entry −inf in both rows
+    contributes nothing), and the logsumexp of the row is that of the other classes."""
+    return logits.scatter(1, targets[:, None], NEG_INF)
 
 
-def without_gold(logits: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
-    """The logits with the gold column at −inf: it then has probability 0 and gradient 0 in
-    the ``"softmax_kl"`` core (an entry −inf in both rows contributes nothing)."""
-    return logits.masked_fill(gold, NEG_INF)
-
-
-def log_binary(logits: torch.Tensor, gold: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(B, 2) log-probabilities (log p_g, log(1 − p_g)) of p = softmax(logits / T)."""
-    scaled = upcast_low_precision(logits) / temperature
-    log_total = torch.logsumexp(scaled, dim=1, keepdim=True)
-    log_gold = torch.where(gold, scaled, 0.0).sum(dim=1, keepdim=True)  # z_g / T
-    log_others = torch.logsumexp(without_gold(scaled, gold), dim=1, keepdim=True)
+def log_binary(logits: torch.Tensor, others: torch.Tensor, targets: torch.Tensor,
+               temperature: float) -> torch.Tensor:
+    """(B, 2) log-probabilities (log p_g, log(1 − p_g)) of p = softmax(logits / T);
+    ``others`` is ``without_gold(logits, targets)``."""
+    logits, others = upcast_low_precision(logits), upcast_low_precision(others)
+    log_total = torch.logsumexp(logits / temperature, dim=1, keepdim=True)
+    log_gold = logits.gather(1, targets[:, None]) / temperature
+    log_others = torch.logsumexp(others / temperature, dim=1, keepdim=True)
     return torch.cat([log_gold, log_others], dim=1) - log_total
 
 
-def tckd(student: torch.Tensor, teacher: torch.Tensor, gold: torch.Tensor,
+def tckd(student: torch.Tensor, teacher: torch.Tensor, student_others: torch.Tensor,
+         teacher_others: torch.Tensor, targets: torch.Tensor,
          temperature: float) -> torch.Tensor:
-    """T² · KL((p_t,g, 1 − p_t,g) ‖ (p_s,g, 1 − p_s,g)) per sample: (B,)."""
-    log_b_s = log_binary(student, gold, temperature)
-    log_b_t = log_binary(teacher, gold, temperature)
+    """T² · KL((p_t,g, 1 − p_t,g) ‖ (p_s,g, 1 − p_s,g)) per sample, (B,); the ``*_others``
+    are the logits :func:`without_gold`."""
+    log_b_s = log_binary(student, student_others, targets, temperature)
+    log_b_t = log_binary(teacher, teacher_others, targets, temperature)
     return temperature**2 * kl_terms(log_b_t, log_b_s).sum(dim=1)
 
 
-def nckd(student: torch.Tensor, teacher: torch.Tensor, gold: torch.Tensor,
+def nckd(student_others: torch.Tensor, teacher_others: torch.Tensor,
          temperature: float) -> torch.Tensor:
-    """T² · KL(p̂_t ‖ p̂_s) over the non-gold classes per sample: (B,)."""
-    return softmax_kl(without_gold(student, gold), without_gold(teacher, gold), temperature)
+    """T² · KL(p̂_t ‖ p̂_s) over the non-gold classes per sample, (B,), from the logits
+    :func:`without_gold`."""
+    return softmax_kl(student_others, teacher_others, temperature)
 
 
 def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -65,6 +66,8 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
              beta: float = 8.0) -> torch.Tensor:
     """α · TCKD + β · NCKD per sample, (B,); ``targets`` are int64 class indices and the
     logits have at least two classes."""
-    gold = gold_mask(student_logits, targets)
-    return (alpha * tckd(student_logits, teacher_logits, gold, temperature)
-            + beta * nckd(student_logits, teacher_logits, gold, temperature))
+    student_others = without_gold(student_logits, targets)
+    teacher_others = without_gold(teacher_logits, targets)
+    return (alpha * tckd(student_logits, teacher_logits, student_others, teacher_others,
+                         targets, temperature)
+            + beta * nckd(student_others, teacher_others, temperature))

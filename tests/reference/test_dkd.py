@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdfast.reference.dkd import dkd_loss, gold_mask, nckd, tckd
+from kdfast.reference.dkd import dkd_loss, nckd, tckd, without_gold
 from kdfast.reference.kd import kd_loss
 from tests.helpers import assert_rel_close, randn
 
@@ -34,14 +34,14 @@ def test_hand_computed_three_classes():
     s = torch.zeros(1, 3, dtype=torch.float64)
     t = torch.tensor([[0.0, math.log(2.0), 0.0]], dtype=torch.float64)
     y = torch.tensor([0])
-    gold = gold_mask(s, y)
+    s_others, t_others = without_gold(s, y), without_gold(t, y)
     # b_s = (1/3, 2/3), b_t = (1/4, 3/4); p̂_s = (1/2, 1/2), p̂_t = (2/3, 1/3).
     expected_tckd = 0.25 * math.log(0.75) + 0.75 * math.log(9 / 8)
     expected_nckd = 2 / 3 * math.log(4 / 3) + 1 / 3 * math.log(2 / 3)
-    torch.testing.assert_close(tckd(s, t, gold, 1.0), torch.tensor([expected_tckd],
-                                                                   dtype=torch.float64))
-    torch.testing.assert_close(nckd(s, t, gold, 1.0), torch.tensor([expected_nckd],
-                                                                   dtype=torch.float64))
+    torch.testing.assert_close(tckd(s, t, s_others, t_others, y, 1.0),
+                               torch.tensor([expected_tckd], dtype=torch.float64))
+    torch.testing.assert_close(nckd(s_others, t_others, 1.0),
+                               torch.tensor([expected_nckd], dtype=torch.float64))
     torch.testing.assert_close(dkd_loss(s, t, y, 1.0, 2.0, 3.0),
                                torch.tensor([2 * expected_tckd + 3 * expected_nckd],
                                             dtype=torch.float64))
@@ -52,19 +52,19 @@ def test_kd_is_tckd_plus_teacher_non_target_mass_times_nckd(temperature):
     # The decomposition of the paper: KD = TCKD + (1 - p_t,g) * NCKD.
     s, t = randn(5, 7, seed=0) * 2, randn(5, 7, seed=1) * 2
     y = torch.tensor([0, 3, 6, 2, 2])
-    gold = gold_mask(s, y)
+    s_others, t_others = without_gold(s, y), without_gold(t, y)
     p_t_gold = F.softmax(t / temperature, 1).gather(1, y[:, None]).squeeze(1)
     torch.testing.assert_close(kd_loss(s, t, temperature),
-                               tckd(s, t, gold, temperature)
-                               + (1 - p_t_gold) * nckd(s, t, gold, temperature))
+                               tckd(s, t, s_others, t_others, y, temperature)
+                               + (1 - p_t_gold) * nckd(s_others, t_others, temperature))
 
 
 def test_two_classes_is_kd():
     # One non-gold class: NCKD = 0 and the binary distributions are the softmaxes themselves.
     s, t = randn(4, 2, seed=2), randn(4, 2, seed=3)
     y = torch.tensor([0, 1, 1, 0])
-    torch.testing.assert_close(nckd(s, t, gold_mask(s, y), 4.0), torch.zeros(4,
-                                                                              dtype=s.dtype))
+    torch.testing.assert_close(nckd(without_gold(s, y), without_gold(t, y), 4.0),
+                               torch.zeros(4, dtype=s.dtype))
     torch.testing.assert_close(dkd_loss(s, t, y, 4.0, 1.0, 8.0), kd_loss(s, t, 4.0))
 
 
@@ -96,14 +96,15 @@ def test_confident_logits_stay_finite_where_mdistiller_overflows():
     y = torch.tensor([0])
     # b_t = (1/3, 2/3); log b_s = (-200, 0) to float32 precision.
     expected = 1 / 3 * (math.log(1 / 3) + 200.0) + 2 / 3 * math.log(2 / 3)
-    torch.testing.assert_close(tckd(s, t, gold_mask(s, y), 1.0), torch.tensor([expected]))
+    torch.testing.assert_close(tckd(s, t, without_gold(s, y), without_gold(t, y), y, 1.0),
+                               torch.tensor([expected]))
     assert torch.isinf(mdistiller_dkd(s, t, y, 1.0, 0.0, 1.0)).all()
 
 
 def test_gradients_do_not_reach_the_gold_logit_through_nckd():
     s, t = randn(3, 5, seed=7, requires_grad=True), randn(3, 5, seed=8)
     y = torch.tensor([4, 0, 2])
-    (grad,) = torch.autograd.grad(nckd(s, t, gold_mask(s, y), 2.0).sum(), s)
+    (grad,) = torch.autograd.grad(nckd(without_gold(s, y), without_gold(t, y), 2.0).sum(), s)
     assert torch.all(grad[torch.arange(3), y] == 0)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
