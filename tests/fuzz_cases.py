@@ -263,6 +263,14 @@ def dml_draft(draw) -> Draft:
                  {"temperature": draw(TEMPERATURE)})
 
 
+@st.composite
+def two_class_kd_draft(draw) -> Draft:
+    """KD's draw with at least two classes (DKD's gold and others, LSKD's standard
+    deviation)."""
+    shape = (draw(BATCH), draw(CHANNELS.filter(lambda classes: classes >= 2)))
+    return Draft((shape, shape), (False, True), {"temperature": draw(TEMPERATURE)})
+
+
 def one_pixel(case: FuzzCase) -> bool:
     """The smaller map of a (student, teacher) pair, which both are pooled to, is 1 x 1."""
     return min(shape[2] * shape[3] for shape in case.shapes) == 1
@@ -295,8 +303,23 @@ def kd_degenerate(case):  # one class: both softmaxes are [1]
     return one_class(case), one_class(case)
 
 
+def lskd_degenerate(case):
+    """Two classes: both standardised rows are +-(1, -1)/sqrt(2), equal for logits of the same
+    order, and then the value and the gradients are 0."""
+    return case.shapes[0][1] == 2, case.shapes[0][1] == 2
+
+
 def student_teacher(fn):
     return lambda tensors, **kw: fn(*tensors, **kw)
+
+
+def with_targets(fn):
+    """A labelled loss on (student, teacher): the targets cycle through the classes."""
+    def call(tensors, **kw):
+        student = tensors[0]
+        targets = torch.arange(student.shape[0], device=student.device) % student.shape[1]
+        return fn(*tensors, targets, **kw)
+    return call
 
 
 def fsp_arguments(tensors, **kw):
@@ -331,6 +354,13 @@ LOSSES = {
     "kd_loss": LossCases("softmax_kl", kd_draft, student_teacher(kdfast.functional.kd_loss),
                          kd_degenerate),
     "dml_loss": LossCases("softmax_kl", dml_draft, dml_arguments, kd_degenerate),
+    # zoo-logit losses
+    "dkd_loss": LossCases("softmax_kl", two_class_kd_draft,
+                          with_targets(kdfast.functional.dkd_loss)),
+    "lskd_loss": LossCases("softmax_kl", two_class_kd_draft,
+                           student_teacher(kdfast.functional.lskd_loss), lskd_degenerate),
+    "wsld_loss": LossCases("softmax_kl", kd_draft, with_targets(kdfast.functional.wsld_loss),
+                           kd_degenerate),
 }
 
 
