@@ -40,9 +40,10 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     relations. Defaults follow torchdistill's ``DISTLoss`` and mmrazor's (inter/intra weights
     1, τ = 1): ``beta=1.0``, ``gamma=1.0``, ``temperature=1.0``, ``eps=1e-8`` (the cosine's,
     each norm clamped to at least eps as ``F.cosine_similarity`` does, torchdistill's; mmrazor
-    adds eps to the product of the norms, a relative difference of about eps/‖·‖²). The paper
-    trains with β = γ = 2 on ImageNet: pass them. The teacher is not detached (torchdistill;
-    mmrazor detaches it by default): run it under ``torch.no_grad()``.
+    adds eps to the product of the norms, a relative difference of about eps/‖·‖²). mmrazor's
+    ImageNet config keeps these and weights the loss by 2: scale the result. The teacher is
+    not detached (torchdistill; mmrazor detaches it by default): run it under
+    ``torch.no_grad()``.
 
     ``reduction="mean"`` gives the loss above; ``"sum"`` and ``"none"`` act on the (B,)
     per-sample values τ²(β(1 − ρ_b) + γ·intra), whose mean is the loss: the intra-class term
@@ -61,7 +62,7 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
 
     Example:
         >>> s, t = torch.randn(32, 100), torch.randn(32, 100)
-        >>> kdfast.functional.dist_loss(s, t, beta=2.0, gamma=2.0)  # doctest: +SKIP
+        >>> 2.0 * kdfast.functional.dist_loss(s, t)  # doctest: +SKIP
     """
     check_dist_options(temperature, beta, gamma, eps, reduction)
     check_logit_pair(student_logits, teacher_logits)
@@ -85,8 +86,8 @@ class DISTLoss(FunctionalLoss):
     ``eps=1e-8``, ``reduction="mean"``.
 
     Example:
-        >>> criterion = kdfast.DISTLoss(beta=2.0, gamma=2.0)
-        >>> loss = criterion(student(x), teacher(x).detach())  # doctest: +SKIP
+        >>> criterion = kdfast.DISTLoss(beta=1.0, gamma=1.0, temperature=1.0)
+        >>> loss = 2.0 * criterion(student(x), teacher(x).detach())  # doctest: +SKIP
     """
 
     function = staticmethod(dist_loss)

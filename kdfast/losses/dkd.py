@@ -63,6 +63,7 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
     Example:
         >>> s, t, y = torch.randn(8, 100), torch.randn(8, 100), torch.randint(100, (8,))
+        >>> epoch = 5
         >>> warmup = min(epoch / 20, 1.0)  # mdistiller's DKD.WARMUP = 20
         >>> kdfast.functional.dkd_loss(s, t, y, warmup_factor=warmup)  # doctest: +SKIP
     """

@@ -29,7 +29,7 @@ def wsld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     with the label cross-entropies at temperature 1 on detached logits (w is a constant of
     the gradient), as mmrazor's ``WSLD`` and the paper's code compute it; H is the soft
     cross-entropy −Σ p_t log p_s. ``temperature=1.0`` is mmrazor's default (its ImageNet config
-    and the paper use T = 2 and a loss weight of 2.5: pass the temperature, scale the loss).
+    uses T = 2 and a loss weight of 2.5: pass the temperature, scale the loss).
     mmrazor's ``num_classes`` is the logits' width here. ``reduction="mean"`` is the batch mean
     (mmrazor's).
 
