@@ -94,6 +94,14 @@ CASES = [
          lambda x, b: KF.adversarial_student_loss(
              discriminator(torch.promote_types(x[0].dtype, x[1].dtype)), *x, LABELS),
          (None,)),
+    # zoo-logit losses
+    Case("dkd", ((3, 4), (3, 4)), PAIR, lambda x, b: KF.dkd_loss(*x, LABELS, backend=b),
+         ("reference", "native")),
+    Case("lskd", ((3, 4), (3, 4)), PAIR, lambda x, b: KF.lskd_loss(*x, backend=b),
+         ("reference", "native")),
+    Case("dist", ((3, 4), (3, 4)), PAIR, lambda x, b: KF.dist_loss(*x, backend=b)),
+    Case("wsld", ((3, 4), (3, 4)), PAIR, lambda x, b: KF.wsld_loss(*x, LABELS, backend=b),
+         ("reference", "native")),
 ]
 
 
