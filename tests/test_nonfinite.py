@@ -104,6 +104,13 @@ LOSSES = [
          LOGITS, LOGITS),
     Loss("adversarial-student", lambda s, t, b: kf.adversarial_student_loss(
         DISCRIMINATOR, s, t, labels(len(s))), LOGITS, LOGITS),
+    # zoo-logit losses
+    Loss("dkd", lambda s, t, b: kf.dkd_loss(s, t, labels(len(s)), backend=b), LOGITS, LOGITS,
+         True),
+    Loss("lskd", lambda s, t, b: kf.lskd_loss(s, t, backend=b), LOGITS, LOGITS, True),
+    Loss("dist", lambda s, t, b: kf.dist_loss(s, t, backend=b), LOGITS, LOGITS),
+    Loss("wsld", lambda s, t, b: kf.wsld_loss(s, t, labels(len(s)), backend=b), LOGITS,
+         LOGITS, True),
 ]
 
 
