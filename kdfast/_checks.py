@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from kdfast._precision import upcast_low_precision
 from kdfast.backends import BACKENDS
-from kdfast.reference._numerics import upcast_low_precision
 
 REDUCTIONS = ("mean", "sum", "none")
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdfast import _checks
-from kdfast.losses._module import OptionAttributes
+from kdfast._options import OptionAttributes
 from kdfast.losses.adversarial import (
     adversarial_student_loss,
     check_adversarial_options,
