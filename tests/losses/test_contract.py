@@ -37,6 +37,10 @@ from kdfast.losses.kd import kd_loss
 from kdfast.losses.nst import nst_loss
 from kdfast.losses.rkd import rkd_loss
 from kdfast.losses.sp import sp_loss
+
+# zoo-memory losses (isort: split keeps this block apart for the merge)
+# isort: split
+from kdfast.losses.ofd import ofd_loss
 from tests.helpers import REDUCTIONS, assert_rel_close, randn, reduced
 
 FEATURES = "4-D (B, C, H, W)"
@@ -129,6 +133,7 @@ def two(shape_s, shape_t, seed=0):
 
 
 LOGIT_PAIR = ("student_logits", "teacher_logits")
+OFD_MARGIN = torch.tensor([-0.5, -1.0, -0.1], dtype=torch.float64)  # zoo-memory: one per channel
 
 CASES = [
     Case("at", at_loss, two((2, 3, 4, 6), (2, 5, 4, 6)), ("student", "teacher"),
@@ -241,6 +246,13 @@ CASES = [
          relayout=(0, 1),  # the logits must be computed from the inputs as given
          module=kdfast.GradientATLoss, module_options={"reduction": "none"},
          core="gradient_at", reference_only=True),
+    # zoo-memory losses
+    Case("ofd", ofd_loss, two((2, 3, 4, 6), (2, 3, 4, 6)), ("student", "teacher"),
+         (FEATURES, FEATURES),
+         arguments=lambda s, t: (s, t, OFD_MARGIN),
+         mismatch=fragments("student and teacher must have the same shape, got (2, 3, 4, 6) "
+                            "and (2, 4, 4, 6)", "connector"),
+         core="ofd", reference_only=True),
 ]
 
 
