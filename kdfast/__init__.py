@@ -23,6 +23,7 @@ from kdfast.recipes import AdversarialKD, BornAgain, BornAgainEnsemble, MutualLe
 # zoo-memory losses (isort: split keeps this block apart for the merge)
 # isort: split
 from kdfast.losses.ofd import OFDLoss, make_ofd_connector
+from kdfast.losses.reviewkd import AttentionBasedFusion, ReviewKD, ReviewKDLoss
 
 __version__ = "0.1.0"
 
@@ -32,5 +33,5 @@ __all__ = [
     "GradientATLoss", "KDLoss", "MutualLearning", "NSTLoss", "RKDLoss", "SPLoss", "Term",
     "available_backends", "functional", "make_connector", "recipes",
     # zoo-memory losses
-    "OFDLoss", "make_ofd_connector",
+    "AttentionBasedFusion", "OFDLoss", "ReviewKD", "ReviewKDLoss", "make_ofd_connector",
 ]

@@ -41,6 +41,7 @@ from kdfast.losses.sp import sp_loss
 # zoo-memory losses (isort: split keeps this block apart for the merge)
 # isort: split
 from kdfast.losses.ofd import ofd_loss
+from kdfast.losses.reviewkd import hcl_loss
 from tests.helpers import REDUCTIONS, assert_rel_close, randn, reduced
 
 FEATURES = "4-D (B, C, H, W)"
@@ -253,6 +254,20 @@ CASES = [
          mismatch=fragments("student and teacher must have the same shape, got (2, 3, 4, 6) "
                             "and (2, 4, 4, 6)", "connector"),
          core="ofd", reference_only=True),
+    Case("hcl", hcl_loss,
+         lambda: [randn(2, 3, 8, 8, seed=0), randn(2, 4, 4, 4, seed=1),
+                  randn(2, 3, 8, 8, seed=2), randn(2, 4, 4, 4, seed=3)],
+         ("student_feats[0]", "student_feats[1]", "teacher_feats[0]", "teacher_feats[1]"),
+         (FEATURES,) * 4,
+         arguments=lambda s0, s1, t0, t1: ([s0, s1], [t0, t1]),
+         batched=((0, 1), (0, 2), (1, 3)),
+         mismatch=fragments("student_feats[1] and teacher_feats[1] must have the same shape",
+                            "kdfast.ReviewKD"),
+         bad_options=(({"levels": (4, 0)}, ValueError, r"levels\[1\] must be an int >= 1"),
+                      ({"levels": 4}, TypeError, "levels must be a tuple"),
+                      ({"levels": (2.0,)}, TypeError, r"levels\[0\] must be an int")),
+         module=kdfast.ReviewKDLoss, module_options={"levels": (2, 1), "reduction": "sum"},
+         core="hcl", reference_only=True),
 ]
 
 
