@@ -22,6 +22,7 @@ from kdfast.recipes import AdversarialKD, BornAgain, BornAgainEnsemble, MutualLe
 
 # zoo-memory losses (isort: split keeps this block apart for the merge)
 # isort: split
+from kdfast.losses.crd import CRDLoss, EmbeddingHead
 from kdfast.losses.ofd import OFDLoss, make_ofd_connector
 from kdfast.losses.reviewkd import AttentionBasedFusion, ReviewKD, ReviewKDLoss
 
@@ -33,5 +34,6 @@ __all__ = [
     "GradientATLoss", "KDLoss", "MutualLearning", "NSTLoss", "RKDLoss", "SPLoss", "Term",
     "available_backends", "functional", "make_connector", "recipes",
     # zoo-memory losses
-    "AttentionBasedFusion", "OFDLoss", "ReviewKD", "ReviewKDLoss", "make_ofd_connector",
+    "AttentionBasedFusion", "CRDLoss", "EmbeddingHead", "OFDLoss", "ReviewKD", "ReviewKDLoss",
+    "make_ofd_connector",
 ]

@@ -20,6 +20,7 @@ from kdfast.losses.sp import sp_loss
 
 # zoo-memory losses (isort: split keeps this block apart for the merge)
 # isort: split
+from kdfast.losses.crd import crd_loss
 from kdfast.losses.ofd import ofd_loss, ofd_margin
 from kdfast.losses.reviewkd import hcl_loss
 
@@ -28,5 +29,5 @@ __all__ = [
     "dml_loss", "fitnet_loss", "fsp_loss", "gradient_at_loss", "kd_loss", "nst_loss", "rkd_loss",
     "sp_loss",
     # zoo-memory losses
-    "hcl_loss", "ofd_loss", "ofd_margin",
+    "crd_loss", "hcl_loss", "ofd_loss", "ofd_margin",
 ]

@@ -40,6 +40,7 @@ from kdfast.losses.sp import sp_loss
 
 # zoo-memory losses (isort: split keeps this block apart for the merge)
 # isort: split
+from kdfast.losses.crd import crd_loss
 from kdfast.losses.ofd import ofd_loss
 from kdfast.losses.reviewkd import hcl_loss
 from tests.helpers import REDUCTIONS, assert_rel_close, randn, reduced
@@ -268,6 +269,20 @@ CASES = [
                       ({"levels": (2.0,)}, TypeError, r"levels\[0\] must be an int")),
          module=kdfast.ReviewKDLoss, module_options={"levels": (2, 1), "reduction": "sum"},
          core="hcl", reference_only=True),
+    Case("crd", crd_loss,
+         lambda: [randn(2, 3, seed=0), randn(2, 3, seed=1), randn(2, 4, 3, seed=2),
+                  randn(2, 4, 3, seed=3)],
+         ("student", "teacher", "student_bank", "teacher_bank"),
+         ("2-D (B, feat_dim)",) * 2 + ("3-D (B, K + 1, feat_dim)",) * 2,
+         arguments=lambda s, t, s_bank, t_bank: (s, t, s_bank, t_bank, 10),
+         batched=((0, 1), (0, 2), (0, 3)),
+         mismatch=fragments("student and teacher must have the same shape", "feat_dim"),
+         bad_options=(*positive("temperature"),
+                      ({"normalizers": (1.0,)}, TypeError,
+                       "normalizers must be None .* or a pair"),
+                      ({"normalizers": (1.0, 0.0)}, ValueError, r"normalizers\[1\] must be > 0")),
+         numbers=(("temperature", 2, {}),),
+         core="crd", reference_only=True),
 ]
 
 
