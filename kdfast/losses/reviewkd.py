@@ -51,8 +51,9 @@ def hcl_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torc
     map's height (k = 1, 2, ... counting only those), mse the mean over (C, H, W) of one
     sample. Defaults as in the authors' ``hcl``: levels (4, 2, 1), so weights 1, 1/2, 1/4,
     1/8 and a divisor of 1.875 for maps larger than 4. ``reduction="mean"`` gives their value;
-    their training scripts weight it (CIFAR-100: 1.0 to 8.0 depending on the pair, with a
-    linear warm-up over the first 20 epochs) — weight it yourself.
+    their CIFAR-100 script weights it by 0.6 to 8.0 depending on the pair, times the warm-up
+    ``min(1, epoch / 20)``, and compares with the teacher's pre-activation features — weight
+    it yourself (e.g. in a :class:`kdfast.Term`).
 
     Args:
         student_feats: list of (B, C, H, W) student maps, one per stage (usually the output
