@@ -20,6 +20,12 @@ from kdfast.losses.rkd import RKDLoss
 from kdfast.losses.sp import SPLoss
 from kdfast.recipes import AdversarialKD, BornAgain, BornAgainEnsemble, MutualLearning
 
+# zoo-memory losses (isort: split keeps this block apart for the merge)
+# isort: split
+from kdfast.losses.crd import CRDLoss, EmbeddingHead
+from kdfast.losses.ofd import OFDLoss, make_ofd_connector
+from kdfast.losses.reviewkd import AttentionBasedFusion, ReviewKD, ReviewKDLoss
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -27,4 +33,7 @@ __all__ = [
     "ConditionalDiscriminator", "DMLLoss", "Distiller", "FSPLoss", "FitNetLoss",
     "GradientATLoss", "KDLoss", "MutualLearning", "NSTLoss", "RKDLoss", "SPLoss", "Term",
     "available_backends", "functional", "make_connector", "recipes",
+    # zoo-memory losses
+    "AttentionBasedFusion", "CRDLoss", "EmbeddingHead", "OFDLoss", "ReviewKD", "ReviewKDLoss",
+    "make_ofd_connector",
 ]

@@ -18,8 +18,16 @@ from kdfast.losses.nst import nst_loss
 from kdfast.losses.rkd import rkd_loss
 from kdfast.losses.sp import sp_loss
 
+# zoo-memory losses (isort: split keeps this block apart for the merge)
+# isort: split
+from kdfast.losses.crd import crd_loss
+from kdfast.losses.ofd import ofd_loss, ofd_margin
+from kdfast.losses.reviewkd import hcl_loss
+
 __all__ = [
     "ab_loss", "adversarial_student_loss", "at_loss", "ban_generation_loss", "discriminator_loss",
     "dml_loss", "fitnet_loss", "fsp_loss", "gradient_at_loss", "kd_loss", "nst_loss", "rkd_loss",
     "sp_loss",
+    # zoo-memory losses
+    "crd_loss", "hcl_loss", "ofd_loss", "ofd_margin",
 ]

@@ -37,6 +37,12 @@ from kdfast.losses.kd import kd_loss
 from kdfast.losses.nst import nst_loss
 from kdfast.losses.rkd import rkd_loss
 from kdfast.losses.sp import sp_loss
+
+# zoo-memory losses (isort: split keeps this block apart for the merge)
+# isort: split
+from kdfast.losses.crd import crd_loss
+from kdfast.losses.ofd import ofd_loss
+from kdfast.losses.reviewkd import hcl_loss
 from tests.helpers import REDUCTIONS, assert_rel_close, randn, reduced
 
 FEATURES = "4-D (B, C, H, W)"
@@ -129,6 +135,7 @@ def two(shape_s, shape_t, seed=0):
 
 
 LOGIT_PAIR = ("student_logits", "teacher_logits")
+OFD_MARGIN = torch.tensor([-0.5, -1.0, -0.1], dtype=torch.float64)  # zoo-memory: one per channel
 
 CASES = [
     Case("at", at_loss, two((2, 3, 4, 6), (2, 5, 4, 6)), ("student", "teacher"),
@@ -241,6 +248,41 @@ CASES = [
          relayout=(0, 1),  # the logits must be computed from the inputs as given
          module=kdfast.GradientATLoss, module_options={"reduction": "none"},
          core="gradient_at", reference_only=True),
+    # zoo-memory losses
+    Case("ofd", ofd_loss, two((2, 3, 4, 6), (2, 3, 4, 6)), ("student", "teacher"),
+         (FEATURES, FEATURES),
+         arguments=lambda s, t: (s, t, OFD_MARGIN),
+         mismatch=fragments("student and teacher must have the same shape, got (2, 3, 4, 6) "
+                            "and (2, 4, 4, 6)", "connector"),
+         core="ofd", reference_only=True),
+    Case("hcl", hcl_loss,
+         lambda: [randn(2, 3, 8, 8, seed=0), randn(2, 4, 4, 4, seed=1),
+                  randn(2, 3, 8, 8, seed=2), randn(2, 4, 4, 4, seed=3)],
+         ("student_feats[0]", "student_feats[1]", "teacher_feats[0]", "teacher_feats[1]"),
+         (FEATURES,) * 4,
+         arguments=lambda s0, s1, t0, t1: ([s0, s1], [t0, t1]),
+         batched=((0, 1), (0, 2), (1, 3)),
+         mismatch=fragments("student_feats[1] and teacher_feats[1] must have the same shape",
+                            "kdfast.ReviewKD"),
+         bad_options=(({"levels": (4, 0)}, ValueError, r"levels\[1\] must be an int >= 1"),
+                      ({"levels": 4}, TypeError, "levels must be a tuple"),
+                      ({"levels": (2.0,)}, TypeError, r"levels\[0\] must be an int")),
+         module=kdfast.ReviewKDLoss, module_options={"levels": (2, 1), "reduction": "sum"},
+         core="hcl", reference_only=True),
+    Case("crd", crd_loss,
+         lambda: [randn(2, 3, seed=0), randn(2, 3, seed=1), randn(2, 4, 3, seed=2),
+                  randn(2, 4, 3, seed=3)],
+         ("student", "teacher", "student_bank", "teacher_bank"),
+         ("2-D (B, feat_dim)",) * 2 + ("3-D (B, K + 1, feat_dim)",) * 2,
+         arguments=lambda s, t, s_bank, t_bank: (s, t, s_bank, t_bank, 10),
+         batched=((0, 1), (0, 2), (0, 3)),
+         mismatch=fragments("student and teacher must have the same shape", "feat_dim"),
+         bad_options=(*positive("temperature"),
+                      ({"normalizers": (1.0,)}, TypeError,
+                       "normalizers must be None .* or a pair"),
+                      ({"normalizers": (1.0, 0.0)}, ValueError, r"normalizers\[1\] must be > 0")),
+         numbers=(("temperature", 2, {}),),
+         core="crd", reference_only=True),
 ]
 
 
