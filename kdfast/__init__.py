@@ -20,6 +20,15 @@ from kdfast.losses.rkd import RKDLoss
 from kdfast.losses.sp import SPLoss
 from kdfast.recipes import AdversarialKD, BornAgain, BornAgainEnsemble, MutualLearning
 
+# isort: split
+# zoo-relation losses
+from kdfast.losses.cc import CCLoss
+from kdfast.losses.ft import FTLoss, Paraphraser, Translator
+from kdfast.losses.kdsvd import KDSVDLoss
+from kdfast.losses.pkt import PKTLoss
+from kdfast.losses.srd import SRDLoss
+from kdfast.losses.vid import VIDLoss
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -27,4 +36,7 @@ __all__ = [
     "ConditionalDiscriminator", "DMLLoss", "Distiller", "FSPLoss", "FitNetLoss",
     "GradientATLoss", "KDLoss", "MutualLearning", "NSTLoss", "RKDLoss", "SPLoss", "Term",
     "available_backends", "functional", "make_connector", "recipes",
+    # zoo-relation losses
+    "CCLoss", "FTLoss", "KDSVDLoss", "PKTLoss", "Paraphraser", "SRDLoss", "Translator",
+    "VIDLoss",
 ]

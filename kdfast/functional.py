@@ -18,8 +18,20 @@ from kdfast.losses.nst import nst_loss
 from kdfast.losses.rkd import rkd_loss
 from kdfast.losses.sp import sp_loss
 
+# isort: split
+# zoo-relation losses
+from kdfast.losses.cc import cc_loss
+from kdfast.losses.ft import ft_loss, paraphraser_reconstruction_loss
+from kdfast.losses.kdsvd import kdsvd_loss
+from kdfast.losses.pkt import pkt_loss
+from kdfast.losses.srd import srd_loss
+from kdfast.losses.vid import vid_loss
+
 __all__ = [
     "ab_loss", "adversarial_student_loss", "at_loss", "ban_generation_loss", "discriminator_loss",
     "dml_loss", "fitnet_loss", "fsp_loss", "gradient_at_loss", "kd_loss", "nst_loss", "rkd_loss",
     "sp_loss",
+    # zoo-relation losses
+    "cc_loss", "ft_loss", "kdsvd_loss", "paraphraser_reconstruction_loss", "pkt_loss",
+    "srd_loss", "vid_loss",
 ]
