@@ -58,10 +58,12 @@ def srd_loss(student: torch.Tensor, teacher: torch.Tensor, student_logits: torch
     check_srd_options(exponent, temperature, reduction)
     _checks.check_tensor("student", student, FEATURE_NDIMS, "(B, D) or (B, ...)")
     _checks.check_tensor("teacher", teacher, FEATURE_NDIMS, "(B, D) or (B, ...)")
+    _checks.check_logits("student_logits", student_logits)
+    _checks.check_logits("teacher_logits", teacher_logits)
+    _checks.check_same_batch(student, student_logits, ("student", "student_logits"))
     _checks.check_same_shape(student, teacher, fix=(
         "project the student's features to the teacher's shape first (SRD's projector)"))
     check_logit_pair(student_logits, teacher_logits)
-    _checks.check_same_batch(student, student_logits, ("student", "student_logits"))
     student, teacher, student_logits, teacher_logits = _checks.promote(
         student, teacher, student_logits, teacher_logits)
     temperature = float(temperature)
