@@ -19,7 +19,7 @@ def check_cc_options(variant: str = "torchdistill", kernel: str = "gaussian",
     _checks.check_choice("variant", variant, VARIANTS)
     _checks.check_choice("kernel", kernel, KERNELS)
     _checks.check_positive("gamma", gamma)
-    _checks.check_int("order", order, minimum=0)
+    _checks.check_int("order", order)
     _checks.check_flag("squared", squared)
     _checks.check_choice("reduction", reduction, _checks.REDUCTIONS)
 
@@ -56,7 +56,7 @@ def cc_loss(student: torch.Tensor, teacher: torch.Tensor, *, variant: str = "tor
         kernel: ``"gaussian"`` (default) or ``"bilinear"``.
         gamma: γ of the Gaussian kernel, > 0, default 0.4.
         order: P, the highest power of the Taylor expansion (torchdistill's ``max_p``), an
-            int >= 0, default 2.
+            int >= 1, default 2 (0 would make K a constant).
         squared: the paper's squared norm instead of torchdistill's norm (default False).
         reduction: ``"mean"`` (default) gives the loss above; ``"sum"`` and ``"none"`` act on
             (B,) per-row values whose mean is the loss: ``‖D_i‖² / (B ‖D‖_F)`` for row i of
