@@ -55,7 +55,8 @@ def ft_loss(student_factor: torch.Tensor, teacher_factor: torch.Tensor, *,
         student_factor: (B, C_s, H_s, W_s) the translator's output on the student features.
         teacher_factor: (B, C_t, H_t, W_t) the paraphraser's factor of the teacher features.
         mode: ``"repdistiller"`` (default) or ``"paper"``.
-        power: the exponent of the channel mean, > 0, default 2 (RepDistiller's ``p1``).
+        power: the exponent of the channel mean, > 0, default 2 (RepDistiller's ``p1``); a
+            non-integer power of a negative entry is NaN, as in ``torch.pow``.
         pool: average-pool the larger factor to the smaller one's size (default True;
             RepDistiller pools adaptively, here the sizes must be whole multiples).
         reduction: ``"mean"`` | ``"sum"`` over the batch, or ``"none"`` for (B,) losses.
@@ -110,11 +111,11 @@ def _factor_channels(channels: int, rate) -> int:
 
 
 def _conv_stage(conv: type, in_channels: int, out_channels: int, batch_norm: bool) -> list:
-    """3x3 conv (stride 1, padding 1: the size is kept), BatchNorm if asked, LeakyReLU(0.1)."""
-    layers = [conv(in_channels, out_channels, 3, 1, 1)]
-    if batch_norm:
-        layers.append(nn.BatchNorm2d(out_channels))
-    return [*layers, nn.LeakyReLU(0.1)]
+    """3x3 conv (stride 1, padding 1: the size is kept), BatchNorm (an identity without
+    ``batch_norm``, so that the layer indices, and the state-dict keys, are RepDistiller's
+    either way), LeakyReLU(0.1)."""
+    norm = nn.BatchNorm2d(out_channels) if batch_norm else nn.Identity()
+    return [conv(in_channels, out_channels, 3, 1, 1), norm, nn.LeakyReLU(0.1)]
 
 
 def _encoder(channels: int, factor: int, batch_norm: bool) -> nn.Sequential:
@@ -130,7 +131,7 @@ class Paraphraser(nn.Module):
     Encoder: three 3x3 convs C_t → C_t → k·C_t → k·C_t, decoder: three 3x3 transposed convs
     back to C_t; each followed by BatchNorm (if ``batch_norm``) and LeakyReLU(0.1). The size
     is kept throughout. ``forward(x)`` returns ``(factor, reconstruction)``, ``encode(x)`` the
-    factor only.
+    factor only. The state-dict keys are those of RepDistiller's ``Paraphraser``.
 
     Args:
         channels: C_t of the teacher's (B, C_t, H, W) map.
@@ -167,8 +168,8 @@ class Translator(nn.Module):
     """FT's translator: maps the student's features to a factor of the paraphraser's width.
 
     Three 3x3 convs C_s → C_s → k·C_t → k·C_t, each followed by BatchNorm (if
-    ``batch_norm``) and LeakyReLU(0.1) (RepDistiller's ``Translator``). Trained with the
-    student.
+    ``batch_norm``) and LeakyReLU(0.1) (RepDistiller's ``Translator``, with its state-dict
+    keys). Trained with the student.
 
     Args:
         student_channels: C_s. teacher_channels: C_t (of the paraphraser's input).

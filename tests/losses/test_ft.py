@@ -20,6 +20,16 @@ def test_paraphraser_and_translator_shapes_and_layers():
     assert kdfast.Paraphraser(8, rate=0.25).encode(torch.randn(1, 8, 2, 2)).shape[1] == 2
 
 
+def test_state_dict_keys_are_repdistillers():
+    # RepDistiller's layers: conv, BatchNorm or an empty nn.Sequential(), LeakyReLU, x 3.
+    weights = {f"{part}.{i}.{name}" for part in ("encoder", "decoder") for i in (0, 3, 6)
+               for name in ("weight", "bias")}
+    assert set(kdfast.Paraphraser(8).state_dict()) == weights
+    translator_keys = set(kdfast.Translator(4, 8).state_dict())
+    assert {k for k in translator_keys if k.endswith(".weight")} == {
+        f"encoder.{i}.weight" for i in (0, 1, 3, 4, 6, 7)}
+
+
 def test_module_arguments_are_checked():
     with pytest.raises(ValueError, match="leaves no factor channel"):
         kdfast.Paraphraser(1, rate=0.5)
