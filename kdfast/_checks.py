@@ -190,3 +190,12 @@ def check_labels(name: str, labels, batch: int, num_classes: int,
             raise ValueError(f"{name} must be class indices in [0, {num_classes - 1}] "
                              f"(num_classes={num_classes}), got values in [{low}, {high}]")
     return labels.long()
+
+
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int: a whole number type (Python or NumPy, not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return int(value)

@@ -29,20 +29,23 @@ from kdfast.losses.ab import ab_loss
 from kdfast.losses.adversarial import adversarial_student_loss, discriminator_loss
 from kdfast.losses.attention import at_loss
 from kdfast.losses.ban import ban_generation_loss
+from kdfast.losses.cc import cc_loss
+from kdfast.losses.crd import crd_loss
 from kdfast.losses.dml import dml_loss
 from kdfast.losses.fitnet import fitnet_loss
 from kdfast.losses.fsp import fsp_loss
+from kdfast.losses.ft import ft_loss
 from kdfast.losses.gradient_attention import gradient_at_loss
 from kdfast.losses.kd import kd_loss
+from kdfast.losses.kdsvd import kdsvd_loss
 from kdfast.losses.nst import nst_loss
+from kdfast.losses.ofd import ofd_loss
+from kdfast.losses.pkt import pkt_loss
+from kdfast.losses.reviewkd import hcl_loss
 from kdfast.losses.rkd import rkd_loss
 from kdfast.losses.sp import sp_loss
-
-# zoo-memory losses (isort: split keeps this block apart for the merge)
-# isort: split
-from kdfast.losses.crd import crd_loss
-from kdfast.losses.ofd import ofd_loss
-from kdfast.losses.reviewkd import hcl_loss
+from kdfast.losses.srd import srd_loss
+from kdfast.losses.vid import vid_loss
 from tests.helpers import REDUCTIONS, assert_rel_close, randn, reduced
 
 FEATURES = "4-D (B, C, H, W)"
@@ -136,6 +139,8 @@ def two(shape_s, shape_t, seed=0):
 
 LOGIT_PAIR = ("student_logits", "teacher_logits")
 OFD_MARGIN = torch.tensor([-0.5, -1.0, -0.1], dtype=torch.float64)  # zoo-memory: one per channel
+VID_RANK = "2-D or 3-D or 4-D or 5-D (B, C, ...)"
+VID_VARIANCE = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
 
 CASES = [
     Case("at", at_loss, two((2, 3, 4, 6), (2, 5, 4, 6)), ("student", "teacher"),
@@ -248,7 +253,6 @@ CASES = [
          relayout=(0, 1),  # the logits must be computed from the inputs as given
          module=kdfast.GradientATLoss, module_options={"reduction": "none"},
          core="gradient_at", reference_only=True),
-    # zoo-memory losses
     Case("ofd", ofd_loss, two((2, 3, 4, 6), (2, 3, 4, 6)), ("student", "teacher"),
          (FEATURES, FEATURES),
          arguments=lambda s, t: (s, t, OFD_MARGIN),
@@ -283,6 +287,59 @@ CASES = [
                       ({"normalizers": (1.0, 0.0)}, ValueError, r"normalizers\[1\] must be > 0")),
          numbers=(("temperature", 2, {}),),
          core="crd", reference_only=True),
+    Case("pkt", pkt_loss, two((3, 3, 4, 6), (3, 5, 2, 3)), ("student", "teacher"),
+         (EMBEDDINGS, EMBEDDINGS),
+         bad_options=positive("eps"), numbers=(("eps", 1, {}),),
+         module=kdfast.PKTLoss, module_options={"eps": 1e-6, "reduction": "sum"},
+         core="pkt", reference_only=True),
+    Case("cc", cc_loss, two((3, 4), (3, 6)), ("student", "teacher"), (EMBEDDINGS, EMBEDDINGS),
+         bad_options=(
+             ({"variant": "crd"}, ValueError, "variant must be one of"),
+             ({"kernel": "rbf"}, ValueError, "kernel must be one of"),
+             *positive("gamma"),
+             ({"order": 0}, ValueError, "order must be an int >= 1"),
+             ({"order": 2.0}, TypeError, "order must be an int >= 1"),
+             *flag("squared")),
+         numbers=(("gamma", 1, {}),),
+         module=kdfast.CCLoss,
+         module_options={"kernel": "bilinear", "squared": True, "reduction": "sum"},
+         core="cc", reference_only=True),
+    Case("vid", vid_loss, two((2, 3, 4, 6), (2, 3, 4, 6)), ("predicted_mean", "teacher"),
+         (VID_RANK, VID_RANK), arguments=lambda mean, t: (mean, t, VID_VARIANCE),
+         mismatch=fragments("predicted_mean and teacher must have the same shape",
+                            "the regressor must map"),
+         core="vid", reference_only=True),
+    Case("ft", ft_loss, two((2, 3, 4, 6), (2, 5, 4, 6)), ("student_factor", "teacher_factor"),
+         (FEATURES, FEATURES), spatial=((0, 1),),
+         bad_options=(({"mode": "torchdistill"}, ValueError, "mode must be one of"),
+                      *positive("power"), *flag("pool")),
+         numbers=(("power", 1, {}),),
+         module=kdfast.FTLoss, module_options={"power": 1.0, "reduction": "sum"},
+         core="ft", reference_only=True),
+    Case("kdsvd", kdsvd_loss,
+         lambda: [randn(2, 3, 4, 4, seed=0), randn(2, 4, 2, 2, seed=1),
+                  randn(2, 3, 4, 4, seed=2), randn(2, 4, 2, 2, seed=3)],
+         ("student_features[0]", "student_features[1]", "teacher_features[0]",
+          "teacher_features[1]"), (FEATURES,) * 4,
+         arguments=lambda s0, s1, t0, t1: ([s0, s1], [t0, t1]),
+         batched=((0, 1), (0, 2), (1, 3)),
+         mismatch=fragments("student_features[1] has 5 channels but teacher_features[1] has 4",
+                            "1x1 conv"),
+         bad_options=(({"k": 0}, ValueError, "k must be an int >= 1"),
+                      ({"k": 1.0}, TypeError, "k must be an int >= 1")),
+         module=kdfast.KDSVDLoss, module_options={"k": 2, "reduction": "sum"},
+         core="kdsvd", reference_only=True),
+    Case("srd", srd_loss,
+         lambda: [randn(3, 4, seed=0), randn(3, 4, seed=1), randn(3, 5, seed=2),
+                  randn(3, 5, seed=3)],
+         ("student", "teacher", *LOGIT_PAIR), (EMBEDDINGS, EMBEDDINGS, LOGITS, LOGITS),
+         batched=((0, 1), (0, 2), (2, 3)),
+         mismatch=fragments("student and teacher must have the same shape", "projector"),
+         bad_options=(*positive("exponent"), *positive("temperature")),
+         numbers=(("exponent", 2, {}), ("temperature", 2, {})),
+         module=kdfast.SRDLoss,
+         module_options={"exponent": 2.0, "temperature": 3.0, "reduction": "sum"},
+         core="softmax_kl"),
 ]
 
 
