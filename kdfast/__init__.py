@@ -10,14 +10,23 @@ from kdfast.distill import Distiller, Term
 from kdfast.losses.ab import ABLoss
 from kdfast.losses.adversarial import ConditionalDiscriminator
 from kdfast.losses.attention import ATLoss
+from kdfast.losses.cc import CCLoss
+from kdfast.losses.crd import CRDLoss, EmbeddingHead
 from kdfast.losses.dml import DMLLoss
 from kdfast.losses.fitnet import FitNetLoss, make_connector
 from kdfast.losses.fsp import FSPLoss
+from kdfast.losses.ft import FTLoss, Paraphraser, Translator
 from kdfast.losses.gradient_attention import GradientATLoss
 from kdfast.losses.kd import KDLoss
+from kdfast.losses.kdsvd import KDSVDLoss
 from kdfast.losses.nst import NSTLoss
+from kdfast.losses.ofd import OFDLoss, make_ofd_connector
+from kdfast.losses.pkt import PKTLoss
+from kdfast.losses.reviewkd import AttentionBasedFusion, ReviewKD, ReviewKDLoss
 from kdfast.losses.rkd import RKDLoss
 from kdfast.losses.sp import SPLoss
+from kdfast.losses.srd import SRDLoss
+from kdfast.losses.vid import VIDLoss
 from kdfast.recipes import AdversarialKD, BornAgain, BornAgainEnsemble, MutualLearning
 
 # isort: split
@@ -34,6 +43,10 @@ __all__ = [
     "ConditionalDiscriminator", "DMLLoss", "Distiller", "FSPLoss", "FitNetLoss",
     "GradientATLoss", "KDLoss", "MutualLearning", "NSTLoss", "RKDLoss", "SPLoss", "Term",
     "available_backends", "functional", "make_connector", "recipes",
+    "AttentionBasedFusion", "CRDLoss", "EmbeddingHead", "OFDLoss", "ReviewKD", "ReviewKDLoss",
+    "make_ofd_connector",
+    "CCLoss", "FTLoss", "KDSVDLoss", "PKTLoss", "Paraphraser", "SRDLoss", "Translator",
+    "VIDLoss",
     # zoo-logit losses
     "DISTLoss", "DKDLoss", "LSKDLoss", "WSLDLoss",
 ]

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from kdfast._precision import upcast_low_precision
 from kdfast.backends import BACKENDS
-from kdfast.reference._numerics import upcast_low_precision
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -190,6 +190,15 @@ def check_labels(name: str, labels, batch: int, num_classes: int,
             raise ValueError(f"{name} must be class indices in [0, {num_classes - 1}] "
                              f"(num_classes={num_classes}), got values in [{low}, {high}]")
     return labels.long()
+
+
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int: a whole number type (Python or NumPy, not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return int(value)
 
 
 def check_min_classes(name: str, logits: torch.Tensor, minimum: int, why: str) -> None:

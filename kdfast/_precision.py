@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-from kdfast.reference._numerics import LOW_PRECISION, NORM_EPS, upcast_low_precision, vector_norm
+from kdfast.reference.numerics import LOW_PRECISION, NORM_EPS, upcast_low_precision, vector_norm
 
 __all__ = ["LOW_PRECISION", "NORM_EPS", "accumulation_dtype", "autocast_off",
            "upcast_low_precision", "vector_norm"]

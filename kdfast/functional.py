@@ -9,14 +9,23 @@ from kdfast.losses.ab import ab_loss
 from kdfast.losses.adversarial import adversarial_student_loss, discriminator_loss
 from kdfast.losses.attention import at_loss
 from kdfast.losses.ban import ban_generation_loss
+from kdfast.losses.cc import cc_loss
+from kdfast.losses.crd import crd_loss
 from kdfast.losses.dml import dml_loss
 from kdfast.losses.fitnet import fitnet_loss
 from kdfast.losses.fsp import fsp_loss
+from kdfast.losses.ft import ft_loss, paraphraser_reconstruction_loss
 from kdfast.losses.gradient_attention import gradient_at_loss
 from kdfast.losses.kd import kd_loss
+from kdfast.losses.kdsvd import kdsvd_loss
 from kdfast.losses.nst import nst_loss
+from kdfast.losses.ofd import ofd_loss, ofd_margin
+from kdfast.losses.pkt import pkt_loss
+from kdfast.losses.reviewkd import hcl_loss
 from kdfast.losses.rkd import rkd_loss
 from kdfast.losses.sp import sp_loss
+from kdfast.losses.srd import srd_loss
+from kdfast.losses.vid import vid_loss
 
 # isort: split
 # zoo-logit losses
@@ -29,6 +38,9 @@ __all__ = [
     "ab_loss", "adversarial_student_loss", "at_loss", "ban_generation_loss", "discriminator_loss",
     "dml_loss", "fitnet_loss", "fsp_loss", "gradient_at_loss", "kd_loss", "nst_loss", "rkd_loss",
     "sp_loss",
+    "crd_loss", "hcl_loss", "ofd_loss", "ofd_margin",
+    "cc_loss", "ft_loss", "kdsvd_loss", "paraphraser_reconstruction_loss", "pkt_loss",
+    "srd_loss", "vid_loss",
     # zoo-logit losses
     "dist_loss", "dkd_loss", "lskd_loss", "wsld_loss",
 ]

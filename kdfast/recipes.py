@@ -7,6 +7,9 @@
 * :class:`AdversarialKD` — the alternating discriminator/student steps of KD with conditional
   adversarial networks (Xu et al., 2018), on :func:`kdfast.functional.discriminator_loss` and
   :func:`kdfast.functional.adversarial_student_loss`.
+* :func:`pretrain_paraphraser` — factor transfer's first stage (Kim et al., NeurIPS 2018): the
+  paraphraser trained alone to reconstruct the teacher's features, on
+  :func:`kdfast.functional.paraphraser_reconstruction_loss`.
 
 The losses themselves (functions and ``nn.Module`` criteria) live in :mod:`kdfast.losses`;
 everything here is re-exported as ``kdfast.<Name>``.
@@ -14,14 +17,14 @@ everything here is re-exported as ``kdfast.<Name>``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kdfast import _checks
-from kdfast.losses._module import OptionAttributes
+from kdfast._options import OptionAttributes
 from kdfast.losses.adversarial import (
     adversarial_student_loss,
     check_adversarial_options,
@@ -29,9 +32,11 @@ from kdfast.losses.adversarial import (
 )
 from kdfast.losses.ban import ban_generation_loss, check_ban_options
 from kdfast.losses.dml import DML_MODES, check_dml_options, dml_loss
+from kdfast.losses.ft import paraphraser_reconstruction_loss
 from kdfast.losses.kd import check_logit_pair
 
-__all__ = ["AdversarialKD", "BornAgain", "BornAgainEnsemble", "MutualLearning"]
+__all__ = ["AdversarialKD", "BornAgain", "BornAgainEnsemble", "MutualLearning",
+           "pretrain_paraphraser"]
 
 
 # --- deep mutual learning --------------------------------------------------------------------
@@ -350,3 +355,41 @@ class AdversarialKD(OptionAttributes, nn.Module):
     def extra_repr(self) -> str:
         return (f"kind={self.kind!r}, l1_weight={self.l1_weight}, "
                 f"discriminator_steps={self.discriminator_steps}")
+
+
+# --- factor transfer: the paraphraser's pre-training -----------------------------------------
+
+def pretrain_paraphraser(paraphraser: nn.Module, teacher_batches: Iterable[torch.Tensor],
+                         optimizer: torch.optim.Optimizer, epochs: int = 1) -> list[float]:
+    """Trains ``paraphraser`` to reconstruct the teacher's feature maps (FT's first stage).
+
+    One optimiser step per batch of ``teacher_batches`` (the (B, C_t, H, W) maps of the
+    teacher layer, e.g. computed under ``torch.no_grad``; an iterable re-read each epoch, such
+    as a list or a generator function's result per epoch) on
+    :func:`kdfast.functional.paraphraser_reconstruction_loss` (MSE, RepDistiller's init
+    stage). The paraphraser is put in train mode first and in eval mode at the end, ready to
+    give the factors of the second stage. Returns the mean loss of each epoch.
+
+    Example:
+        >>> paraphraser = kdfast.Paraphraser(64)
+        >>> optimizer = torch.optim.SGD(paraphraser.parameters(), lr=0.01, momentum=0.9)
+        >>> kdfast.recipes.pretrain_paraphraser(paraphraser, teacher_maps, optimizer)
+        ... # doctest: +SKIP
+    """
+    epochs = _checks.check_int("epochs", epochs)
+    paraphraser.train()
+    history = []
+    for _ in range(epochs):
+        total, count = 0.0, 0
+        for teacher in teacher_batches:
+            loss = paraphraser_reconstruction_loss(paraphraser, teacher)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total, count = total + loss.item(), count + 1
+        if count == 0:
+            raise ValueError("teacher_batches gave no batch; pass a list (or another "
+                             "iterable that can be read once per epoch) of teacher maps")
+        history.append(total / count)
+    paraphraser.eval()
+    return history

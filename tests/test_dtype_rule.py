@@ -94,6 +94,20 @@ CASES = [
          lambda x, b: KF.adversarial_student_loss(
              discriminator(torch.promote_types(x[0].dtype, x[1].dtype)), *x, LABELS),
          (None,)),
+    # zoo-relation losses
+    Case("pkt", ((3, 4), (3, 6)), PAIR, lambda x, b: KF.pkt_loss(*x, backend=b)),
+    Case("cc", ((3, 4), (3, 6)), PAIR, lambda x, b: KF.cc_loss(*x, backend=b)),
+    Case("cc-repdistiller", ((3, 4), (3, 4)), PAIR,
+         lambda x, b: KF.cc_loss(*x, variant="repdistiller", backend=b)),
+    Case("vid", (FEATURES_S, FEATURES_S), PAIR,  # variances exact in every dtype
+         lambda x, b: KF.vid_loss(*x, torch.tensor([0.5, 1.0, 2.0], dtype=x[0].dtype),
+                                  backend=b)),
+    Case("ft", (FEATURES_S, FEATURES_T), PAIR, lambda x, b: KF.ft_loss(*x, backend=b)),
+    Case("kdsvd", ((2, 3, 4, 4), (2, 4, 2, 2), (2, 3, 4, 4), (2, 4, 2, 2)),
+         (False, False, True, True),
+         lambda x, b: KF.kdsvd_loss(x[:2], x[2:], backend=b)),
+    Case("srd", ((3, 4), (3, 4), (3, 5), (3, 5)), (False, True, False, True),
+         lambda x, b: KF.srd_loss(*x, backend=b), ("reference", "native")),
     # zoo-logit losses
     Case("dkd", ((3, 4), (3, 4)), PAIR, lambda x, b: KF.dkd_loss(*x, LABELS, backend=b),
          ("reference", "native")),

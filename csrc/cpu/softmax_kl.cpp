@@ -42,11 +42,13 @@
 #include <string>
 #include <tuple>
 
+#include "kdfast/aten_dtype.h"
+#include "kdfast/aten_softmax_kl.h"
 #include "kdfast/simd.h"
 
 namespace {
 
-enum class Divergence { kForward, kReverse, kJsd };
+using kdfast::Divergence;
 
 constexpr int64_t kBlock = 512;        // columns per block (the block buffers stay in L1)
 constexpr int kLanes = 16;             // independent partial sums (vectorisable, fixed order)
@@ -283,35 +285,15 @@ acc_t softmax_kl_row(const scalar_t* s, const scalar_t* t, int64_t n, const Opti
   return T * T * divergence;
 }
 
-Divergence parse_divergence(c10::string_view name, double beta) {
-  TORCH_CHECK(beta >= 0.0 && beta <= 1.0, "softmax_kl: beta must be in [0, 1], got ", beta);
-  if (name == "forward") return Divergence::kForward;
-  if (name == "reverse") return Divergence::kReverse;
-  TORCH_CHECK(name == "jsd", "softmax_kl: divergence must be forward, reverse or jsd, got ",
-              std::string(name));
-  if (beta == 0.0) return Divergence::kForward;
-  if (beta == 1.0) return Divergence::kReverse;
-  return Divergence::kJsd;
-}
-
-// Rows read in place when their entries are contiguous (any row stride), else copied.
-at::Tensor unit_column_stride(const at::Tensor& x) {
-  return x.size(1) <= 1 || x.stride(1) == 1 ? x : x.contiguous();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_cpu(
     const at::Tensor& student, const at::Tensor& teacher, double temperature,
     c10::string_view divergence, double beta, bool grad_student, bool grad_teacher) {
-  TORCH_CHECK(student.dim() == 2 && student.sizes() == teacher.sizes(),
-              "softmax_kl: student and teacher must be (N, L) of one shape, got ",
-              student.sizes(), " and ", teacher.sizes());
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
-              "softmax_kl: student and teacher must share one dtype");
-  TORCH_CHECK(temperature > 0.0, "softmax_kl: temperature must be > 0, got ", temperature);
-  const Divergence kind = parse_divergence(divergence, beta);
-  const at::Tensor s = unit_column_stride(student), t = unit_column_stride(teacher);
+  kdfast::check_softmax_kl_args(student, teacher, temperature);
+  const Divergence kind = kdfast::parse_divergence(divergence, beta);
+  const at::Tensor s = kdfast::unit_column_stride(student);
+  const at::Tensor t = kdfast::unit_column_stride(teacher);
   const int64_t rows = s.size(0), cols = s.size(1);
-  const auto acc = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = kdfast::accumulation_type(s);
   at::Tensor loss = at::empty({rows}, s.options().dtype(acc));
   // Gradients in the accumulation type: the backward scales them by grad_output and rounds
   // once to the inputs' dtype, as the reference does.

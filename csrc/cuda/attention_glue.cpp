@@ -9,20 +9,11 @@
 #include "attention.h"
 #include "kdfast/aten_dtype.h"
 #include "kdfast/aten_layout.h"
+#include "kernel_dtype.h"
 
 namespace {
 
-using kdfast::cuda::DType;
-
-DType kernel_dtype(const at::Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat: return DType::kF32;
-    case at::kDouble: return DType::kF64;
-    case at::kHalf: return DType::kF16;
-    case at::kBFloat16: return DType::kBF16;
-    default: TORCH_CHECK(false, "kdfast attention_map: unsupported dtype ", x.scalar_type());
-  }
-}
+using kdfast::cuda::kernel_dtype;
 
 void check_features(const at::Tensor& features, double p) {
   TORCH_CHECK(features.dim() == 4, "features must be (B, C, H, W), got ", features.sizes());
@@ -38,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor> attention_map_cuda(const at::Tensor& features
   at::Tensor q = at::empty({l.batch, l.hw}, x.options().dtype(kdfast::accumulation_type(x)));
   at::Tensor norm = at::empty({l.batch}, x.options().dtype(kdfast::accumulation_type(x)));
   if (x.numel() == 0) return {q.zero_(), norm.zero_()};
-  kdfast::cuda::attention_map_forward(kernel_dtype(x), x.const_data_ptr(), l, p,
+  kdfast::cuda::attention_map_forward(kernel_dtype(x, "attention_map"), x.const_data_ptr(), l, p,
                                       q.mutable_data_ptr(), norm.mutable_data_ptr(),
                                       c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -60,8 +51,8 @@ at::Tensor attention_map_backward_cuda(const at::Tensor& grad_map, const at::Ten
   const at::Tensor qh = q_hat.to(acc).contiguous();
   const at::Tensor n = norm.to(acc).contiguous();
   at::Tensor grad_q = at::empty({l.batch, l.hw}, x.options().dtype(acc));
-  kdfast::cuda::attention_map_backward(kernel_dtype(x), g.const_data_ptr(), x.const_data_ptr(),
-                                       l, qh.const_data_ptr(), n.const_data_ptr(), p,
+  kdfast::cuda::attention_map_backward(kernel_dtype(x, "attention_map"), g.const_data_ptr(),
+                                       x.const_data_ptr(), l, qh.const_data_ptr(), n.const_data_ptr(), p,
                                        grad_q.mutable_data_ptr(), grad.mutable_data_ptr(),
                                        c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

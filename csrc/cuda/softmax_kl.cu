@@ -79,7 +79,7 @@ __device__ __forceinline__ Entry<Acc> entry(const T* s, const T* t, int64_t j, A
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kBlockThreads)
 softmax_kl_kernel(const T* student, const T* teacher, int64_t cols, int64_t s_stride,
-                  int64_t t_stride, Acc temperature, SoftmaxDivergence divergence, Acc beta,
+                  int64_t t_stride, Acc temperature, Divergence divergence, Acc beta,
                   Acc log_beta, Acc log_rest, Acc* loss, Acc* grad_s, Acc* grad_t) {
   const int64_t row = blockIdx.x;
   const T* s = student + row * s_stride;
@@ -96,9 +96,9 @@ softmax_kl_kernel(const T* student, const T* teacher, int64_t cols, int64_t s_st
   row_log_sum(max_s, sum_s, &row_max_s, &log_sum_s);
   row_log_sum(max_t, sum_t, &row_max_t, &log_sum_t);
 
-  const bool forward = divergence == SoftmaxDivergence::kForward;
-  const bool reverse = divergence == SoftmaxDivergence::kReverse;
-  const bool jsd = divergence == SoftmaxDivergence::kJsd;
+  const bool forward = divergence == Divergence::kForward;
+  const bool reverse = divergence == Divergence::kReverse;
+  const bool jsd = divergence == Divergence::kJsd;
   Acc first = 0, second = 0;  // forward/reverse: D; jsd: K_p, K_q
   for (int64_t j = threadIdx.x; j < cols; j += kBlockThreads) {
     const Entry<Acc> e = entry(s, t, j, temperature, row_max_s, log_sum_s, row_max_t, log_sum_t,
@@ -139,9 +139,9 @@ softmax_kl_kernel(const T* student, const T* teacher, int64_t cols, int64_t s_st
 
 template <typename T, typename Acc>
 void launch(const void* student, const void* teacher, int64_t rows, int64_t cols,
-            int64_t s_stride, int64_t t_stride, double temperature, SoftmaxDivergence divergence,
+            int64_t s_stride, int64_t t_stride, double temperature, Divergence divergence,
             double beta, void* loss, void* grad_s, void* grad_t, cudaStream_t stream) {
-  const bool jsd = divergence == SoftmaxDivergence::kJsd;
+  const bool jsd = divergence == Divergence::kJsd;
   const Acc log_beta = jsd ? static_cast<Acc>(std::log(beta)) : Acc(0);
   const Acc log_rest = jsd ? static_cast<Acc>(std::log1p(-beta)) : Acc(0);
   softmax_kl_kernel<T, Acc><<<static_cast<unsigned>(rows), kBlockThreads, 0, stream>>>(
@@ -154,7 +154,7 @@ void launch(const void* student, const void* teacher, int64_t rows, int64_t cols
 
 void softmax_kl_forward(DType dtype, const void* student, const void* teacher, int64_t rows,
                         int64_t cols, int64_t student_stride, int64_t teacher_stride,
-                        double temperature, SoftmaxDivergence divergence, double beta,
+                        double temperature, Divergence divergence, double beta,
                         void* loss, void* grad_student, void* grad_teacher,
                         cudaStream_t stream) {
   switch (dtype) {

@@ -8,19 +8,17 @@
 #include <cstdint>
 
 #include "dtype.h"
+#include "kdfast/divergence.h"
 
 namespace kdfast {
 namespace cuda {
-
-// Divergence of the rows (forward KL, reverse KL, generalised JSD with 0 < beta < 1).
-enum class SoftmaxDivergence { kForward, kReverse, kJsd };
 
 // Per row r < rows of student / teacher logits (row r at r * stride, columns contiguous):
 // loss[r] = T² D and, where the pointer is not null, dL/ds and dL/dt (rows x cols,
 // contiguous). loss and the gradients are in the accumulation type.
 void softmax_kl_forward(DType dtype, const void* student, const void* teacher, int64_t rows,
                         int64_t cols, int64_t student_stride, int64_t teacher_stride,
-                        double temperature, SoftmaxDivergence divergence, double beta,
+                        double temperature, Divergence divergence, double beta,
                         void* loss, void* grad_student, void* grad_teacher,
                         cudaStream_t stream);
 

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from kdfast import backends
-from kdfast._precision import accumulation_dtype
+from kdfast._precision import LOW_PRECISION, accumulation_dtype
 from kdfast.ops._higher_order import creates_graph, reference_grads
 from kdfast.ops._triton_common import (
     TRITON_NAMESPACE,
@@ -42,7 +42,6 @@ from kdfast.ops._triton_common import (
     empty_accumulation,
     grad_or_empty,
 )
-from kdfast.reference._numerics import LOW_PRECISION
 from kdfast.reference.fsp import fsp_pair_loss
 from kdfast.reference.sp import similarity_loss
 from kdfast.triton import supports

@@ -7,7 +7,7 @@ summed per sample over C*H*W (the alternative L2 loss of the paper, eq. 6).
 
 import torch
 
-from kdfast.reference._numerics import upcast_low_precision
+from kdfast.reference.numerics import upcast_low_precision
 
 
 def ab_loss(student: torch.Tensor, teacher: torch.Tensor, margin: float = 1.0) -> torch.Tensor:

@@ -5,13 +5,13 @@ a(f) = normalise_HW(mean_C |f|^p): a (B, HW) spatial attention map of unit L2 no
 
 import torch
 
-from kdfast.reference._numerics import NORM_EPS, normalize, upcast_low_precision
+from kdfast.reference.numerics import NORM_EPS, normalize, upcast_low_precision
 
 
 def attention_map(features: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     """q_hat = Q / max(||Q||, 1e-12) with Q = mean_C |features|^p, shape (B, H*W).
 
-    ||Q|| never overflows while Q is finite (:func:`~kdfast.reference._numerics.normalize`);
+    ||Q|| never overflows while Q is finite (:func:`~kdfast.reference.numerics.normalize`);
     Q itself is +inf where mean_C |f|^p exceeds the dtype, and q_hat is then NaN.
     """
     q = upcast_low_precision(features).abs().pow(p).mean(dim=1).flatten(1)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from kdfast.reference._numerics import upcast_low_precision
+from kdfast.reference.numerics import upcast_low_precision
 from kdfast.reference.softmax_kl import NEG_INF, kl_terms, softmax_kl
 
 

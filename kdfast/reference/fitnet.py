@@ -6,7 +6,7 @@ the batch mean of the per-sample values is the global mean, ``F.mse_loss(r(s), t
 
 import torch
 
-from kdfast.reference._numerics import upcast_low_precision
+from kdfast.reference.numerics import upcast_low_precision
 
 
 def hint_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ over C_a*C_b of (G_s - G_t)^2; the losses of several pairs are summed.
 
 import torch
 
-from kdfast.reference._numerics import upcast_low_precision
+from kdfast.reference.numerics import upcast_low_precision
 
 
 def fsp_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ CE every J would be divided by B).
 import torch
 import torch.nn.functional as F
 
-from kdfast.reference._numerics import upcast_low_precision
+from kdfast.reference.numerics import upcast_low_precision
 
 
 def input_gradient(logits: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,

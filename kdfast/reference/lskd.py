@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from kdfast.reference._numerics import upcast_low_precision
+from kdfast.reference.numerics import upcast_low_precision
 from kdfast.reference.softmax_kl import softmax_kl
 
 STD_EPS = 1e-7

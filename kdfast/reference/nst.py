@@ -30,14 +30,14 @@ from collections.abc import Sequence
 
 import torch
 
-from kdfast.reference._numerics import NORM_EPS, normalize, upcast_low_precision
+from kdfast.reference.numerics import NORM_EPS, normalize, upcast_low_precision
 
 KERNELS = ("linear", "poly", "rbf")
 
 
 def unit_channels(features: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, C, H*W) with every channel divided by max(its L2 norm, 1e-12)
-    (:func:`~kdfast.reference._numerics.normalize`: finite for any finite channel)."""
+    (:func:`~kdfast.reference.numerics.normalize`: finite for any finite channel)."""
     return normalize(upcast_low_precision(features).flatten(2), dim=2, eps=NORM_EPS)
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdfast.reference._numerics import upcast_low_precision
+from kdfast.reference.numerics import upcast_low_precision
 
 
 def pairwise_relations(embeddings: torch.Tensor, distances: bool = True, angles: bool = True

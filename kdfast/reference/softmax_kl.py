@@ -31,7 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kdfast.reference._numerics import upcast_low_precision
+from kdfast.reference.numerics import upcast_low_precision
 
 DIVERGENCES = ("forward", "reverse", "jsd")
 

@@ -7,17 +7,17 @@ loss = ||G_t - G_s||_F^2 / B^2.
 
 import torch
 
-from kdfast.reference._numerics import NORM_EPS, normalize, upcast_low_precision
+from kdfast.reference.gram import batch_gram
+from kdfast.reference.numerics import NORM_EPS, normalize
 
 
 def similarity_matrix(features: torch.Tensor) -> torch.Tensor:
     """G = rownormalise(Q Q^T), shape (B, B), for (B, ...) features (float32 for half inputs).
 
     The row norms never overflow while Q Q^T is finite
-    (:func:`~kdfast.reference._numerics.normalize`); an overflowing Q Q^T gives NaN.
+    (:func:`~kdfast.reference.numerics.normalize`); an overflowing Q Q^T gives NaN.
     """
-    q = upcast_low_precision(features).reshape(features.shape[0], -1)
-    return normalize(q @ q.t(), dim=1, eps=NORM_EPS)
+    return normalize(batch_gram(features), dim=1, eps=NORM_EPS)
 
 
 def similarity_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdfast.reference._numerics import upcast_low_precision
+from kdfast.reference.numerics import upcast_low_precision
 from kdfast.reference.softmax_kl import kl_terms, softmax_kl
 
 RATIO_EPS = 1e-7

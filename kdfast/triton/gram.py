@@ -25,8 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kdfast._precision import accumulation_dtype
-from kdfast.reference._numerics import vector_norm
+from kdfast._precision import accumulation_dtype, vector_norm
 from kdfast.triton._common import (
     NORM_EPS,
     configs,

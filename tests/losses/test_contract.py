@@ -29,14 +29,23 @@ from kdfast.losses.ab import ab_loss
 from kdfast.losses.adversarial import adversarial_student_loss, discriminator_loss
 from kdfast.losses.attention import at_loss
 from kdfast.losses.ban import ban_generation_loss
+from kdfast.losses.cc import cc_loss
+from kdfast.losses.crd import crd_loss
 from kdfast.losses.dml import dml_loss
 from kdfast.losses.fitnet import fitnet_loss
 from kdfast.losses.fsp import fsp_loss
+from kdfast.losses.ft import ft_loss
 from kdfast.losses.gradient_attention import gradient_at_loss
 from kdfast.losses.kd import kd_loss
+from kdfast.losses.kdsvd import kdsvd_loss
 from kdfast.losses.nst import nst_loss
+from kdfast.losses.ofd import ofd_loss
+from kdfast.losses.pkt import pkt_loss
+from kdfast.losses.reviewkd import hcl_loss
 from kdfast.losses.rkd import rkd_loss
 from kdfast.losses.sp import sp_loss
+from kdfast.losses.srd import srd_loss
+from kdfast.losses.vid import vid_loss
 from tests.helpers import REDUCTIONS, assert_rel_close, randn, reduced
 
 # isort: split
@@ -136,6 +145,9 @@ def two(shape_s, shape_t, seed=0):
 
 
 LOGIT_PAIR = ("student_logits", "teacher_logits")
+OFD_MARGIN = torch.tensor([-0.5, -1.0, -0.1], dtype=torch.float64)  # zoo-memory: one per channel
+VID_RANK = "2-D or 3-D or 4-D or 5-D (B, C, ...)"
+VID_VARIANCE = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
 
 CASES = [
     Case("at", at_loss, two((2, 3, 4, 6), (2, 5, 4, 6)), ("student", "teacher"),
@@ -248,6 +260,93 @@ CASES = [
          relayout=(0, 1),  # the logits must be computed from the inputs as given
          module=kdfast.GradientATLoss, module_options={"reduction": "none"},
          core="gradient_at", reference_only=True),
+    Case("ofd", ofd_loss, two((2, 3, 4, 6), (2, 3, 4, 6)), ("student", "teacher"),
+         (FEATURES, FEATURES),
+         arguments=lambda s, t: (s, t, OFD_MARGIN),
+         mismatch=fragments("student and teacher must have the same shape, got (2, 3, 4, 6) "
+                            "and (2, 4, 4, 6)", "connector"),
+         core="ofd", reference_only=True),
+    Case("hcl", hcl_loss,
+         lambda: [randn(2, 3, 8, 8, seed=0), randn(2, 4, 4, 4, seed=1),
+                  randn(2, 3, 8, 8, seed=2), randn(2, 4, 4, 4, seed=3)],
+         ("student_feats[0]", "student_feats[1]", "teacher_feats[0]", "teacher_feats[1]"),
+         (FEATURES,) * 4,
+         arguments=lambda s0, s1, t0, t1: ([s0, s1], [t0, t1]),
+         batched=((0, 1), (0, 2), (1, 3)),
+         mismatch=fragments("student_feats[1] and teacher_feats[1] must have the same shape",
+                            "kdfast.ReviewKD"),
+         bad_options=(({"levels": (4, 0)}, ValueError, r"levels\[1\] must be an int >= 1"),
+                      ({"levels": 4}, TypeError, "levels must be a tuple"),
+                      ({"levels": (2.0,)}, TypeError, r"levels\[0\] must be an int")),
+         module=kdfast.ReviewKDLoss, module_options={"levels": (2, 1), "reduction": "sum"},
+         core="hcl", reference_only=True),
+    Case("crd", crd_loss,
+         lambda: [randn(2, 3, seed=0), randn(2, 3, seed=1), randn(2, 4, 3, seed=2),
+                  randn(2, 4, 3, seed=3)],
+         ("student", "teacher", "student_bank", "teacher_bank"),
+         ("2-D (B, feat_dim)",) * 2 + ("3-D (B, K + 1, feat_dim)",) * 2,
+         arguments=lambda s, t, s_bank, t_bank: (s, t, s_bank, t_bank, 10),
+         batched=((0, 1), (0, 2), (0, 3)),
+         mismatch=fragments("student and teacher must have the same shape", "feat_dim"),
+         bad_options=(*positive("temperature"),
+                      ({"normalizers": (1.0,)}, TypeError,
+                       "normalizers must be None .* or a pair"),
+                      ({"normalizers": (1.0, 0.0)}, ValueError, r"normalizers\[1\] must be > 0")),
+         numbers=(("temperature", 2, {}),),
+         core="crd", reference_only=True),
+    Case("pkt", pkt_loss, two((3, 3, 4, 6), (3, 5, 2, 3)), ("student", "teacher"),
+         (EMBEDDINGS, EMBEDDINGS),
+         bad_options=positive("eps"), numbers=(("eps", 1, {}),),
+         module=kdfast.PKTLoss, module_options={"eps": 1e-6, "reduction": "sum"},
+         core="pkt", reference_only=True),
+    Case("cc", cc_loss, two((3, 4), (3, 6)), ("student", "teacher"), (EMBEDDINGS, EMBEDDINGS),
+         bad_options=(
+             ({"variant": "crd"}, ValueError, "variant must be one of"),
+             ({"kernel": "rbf"}, ValueError, "kernel must be one of"),
+             *positive("gamma"),
+             ({"order": 0}, ValueError, "order must be an int >= 1"),
+             ({"order": 2.0}, TypeError, "order must be an int >= 1"),
+             *flag("squared")),
+         numbers=(("gamma", 1, {}),),
+         module=kdfast.CCLoss,
+         module_options={"kernel": "bilinear", "squared": True, "reduction": "sum"},
+         core="cc", reference_only=True),
+    Case("vid", vid_loss, two((2, 3, 4, 6), (2, 3, 4, 6)), ("predicted_mean", "teacher"),
+         (VID_RANK, VID_RANK), arguments=lambda mean, t: (mean, t, VID_VARIANCE),
+         mismatch=fragments("predicted_mean and teacher must have the same shape",
+                            "the regressor must map"),
+         core="vid", reference_only=True),
+    Case("ft", ft_loss, two((2, 3, 4, 6), (2, 5, 4, 6)), ("student_factor", "teacher_factor"),
+         (FEATURES, FEATURES), spatial=((0, 1),),
+         bad_options=(({"mode": "torchdistill"}, ValueError, "mode must be one of"),
+                      *positive("power"), *flag("pool")),
+         numbers=(("power", 1, {}),),
+         module=kdfast.FTLoss, module_options={"power": 1.0, "reduction": "sum"},
+         core="ft", reference_only=True),
+    Case("kdsvd", kdsvd_loss,
+         lambda: [randn(2, 3, 4, 4, seed=0), randn(2, 4, 2, 2, seed=1),
+                  randn(2, 3, 4, 4, seed=2), randn(2, 4, 2, 2, seed=3)],
+         ("student_features[0]", "student_features[1]", "teacher_features[0]",
+          "teacher_features[1]"), (FEATURES,) * 4,
+         arguments=lambda s0, s1, t0, t1: ([s0, s1], [t0, t1]),
+         batched=((0, 1), (0, 2), (1, 3)),
+         mismatch=fragments("student_features[1] has 5 channels but teacher_features[1] has 4",
+                            "1x1 conv"),
+         bad_options=(({"k": 0}, ValueError, "k must be an int >= 1"),
+                      ({"k": 1.0}, TypeError, "k must be an int >= 1")),
+         module=kdfast.KDSVDLoss, module_options={"k": 2, "reduction": "sum"},
+         core="kdsvd", reference_only=True),
+    Case("srd", srd_loss,
+         lambda: [randn(3, 4, seed=0), randn(3, 4, seed=1), randn(3, 5, seed=2),
+                  randn(3, 5, seed=3)],
+         ("student", "teacher", *LOGIT_PAIR), (EMBEDDINGS, EMBEDDINGS, LOGITS, LOGITS),
+         batched=((0, 1), (0, 2), (2, 3)),
+         mismatch=fragments("student and teacher must have the same shape", "projector"),
+         bad_options=(*positive("exponent"), *positive("temperature")),
+         numbers=(("exponent", 2, {}), ("temperature", 2, {})),
+         module=kdfast.SRDLoss,
+         module_options={"exponent": 2.0, "temperature": 3.0, "reduction": "sum"},
+         core="softmax_kl"),
     # zoo-logit losses
     Case("dkd", dkd_loss, two((3, 5), (3, 5)), LOGIT_PAIR, (LOGITS, LOGITS),
          arguments=lambda s, t: (s, t, labels_for(s)),
