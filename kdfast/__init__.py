@@ -12,6 +12,8 @@ from kdfast.losses.adversarial import ConditionalDiscriminator
 from kdfast.losses.attention import ATLoss
 from kdfast.losses.cc import CCLoss
 from kdfast.losses.crd import CRDLoss, EmbeddingHead
+from kdfast.losses.dist import DISTLoss
+from kdfast.losses.dkd import DKDLoss
 from kdfast.losses.dml import DMLLoss
 from kdfast.losses.fitnet import FitNetLoss, make_connector
 from kdfast.losses.fsp import FSPLoss
@@ -19,6 +21,7 @@ from kdfast.losses.ft import FTLoss, Paraphraser, Translator
 from kdfast.losses.gradient_attention import GradientATLoss
 from kdfast.losses.kd import KDLoss
 from kdfast.losses.kdsvd import KDSVDLoss
+from kdfast.losses.lskd import LSKDLoss
 from kdfast.losses.nst import NSTLoss
 from kdfast.losses.ofd import OFDLoss, make_ofd_connector
 from kdfast.losses.pkt import PKTLoss
@@ -27,26 +30,16 @@ from kdfast.losses.rkd import RKDLoss
 from kdfast.losses.sp import SPLoss
 from kdfast.losses.srd import SRDLoss
 from kdfast.losses.vid import VIDLoss
-from kdfast.recipes import AdversarialKD, BornAgain, BornAgainEnsemble, MutualLearning
-
-# isort: split
-# zoo-logit losses
-from kdfast.losses.dist import DISTLoss
-from kdfast.losses.dkd import DKDLoss
-from kdfast.losses.lskd import LSKDLoss
 from kdfast.losses.wsld import WSLDLoss
+from kdfast.recipes import AdversarialKD, BornAgain, BornAgainEnsemble, MutualLearning
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ABLoss", "ATLoss", "AdversarialKD", "BornAgain", "BornAgainEnsemble",
-    "ConditionalDiscriminator", "DMLLoss", "Distiller", "FSPLoss", "FitNetLoss",
-    "GradientATLoss", "KDLoss", "MutualLearning", "NSTLoss", "RKDLoss", "SPLoss", "Term",
-    "available_backends", "functional", "make_connector", "recipes",
-    "AttentionBasedFusion", "CRDLoss", "EmbeddingHead", "OFDLoss", "ReviewKD", "ReviewKDLoss",
-    "make_ofd_connector",
-    "CCLoss", "FTLoss", "KDSVDLoss", "PKTLoss", "Paraphraser", "SRDLoss", "Translator",
-    "VIDLoss",
-    # zoo-logit losses
-    "DISTLoss", "DKDLoss", "LSKDLoss", "WSLDLoss",
+    "ABLoss", "ATLoss", "AdversarialKD", "AttentionBasedFusion", "BornAgain", "BornAgainEnsemble",
+    "CCLoss", "CRDLoss", "ConditionalDiscriminator", "DISTLoss", "DKDLoss", "DMLLoss", "Distiller",
+    "EmbeddingHead", "FSPLoss", "FTLoss", "FitNetLoss", "GradientATLoss", "KDLoss", "KDSVDLoss",
+    "LSKDLoss", "MutualLearning", "NSTLoss", "OFDLoss", "PKTLoss", "Paraphraser", "RKDLoss",
+    "ReviewKD", "ReviewKDLoss", "SPLoss", "SRDLoss", "Term", "Translator", "VIDLoss", "WSLDLoss",
+    "available_backends", "functional", "make_connector", "make_ofd_connector", "recipes",
 ]

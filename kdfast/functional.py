@@ -11,6 +11,8 @@ from kdfast.losses.attention import at_loss
 from kdfast.losses.ban import ban_generation_loss
 from kdfast.losses.cc import cc_loss
 from kdfast.losses.crd import crd_loss
+from kdfast.losses.dist import dist_loss
+from kdfast.losses.dkd import dkd_loss
 from kdfast.losses.dml import dml_loss
 from kdfast.losses.fitnet import fitnet_loss
 from kdfast.losses.fsp import fsp_loss
@@ -18,6 +20,7 @@ from kdfast.losses.ft import ft_loss, paraphraser_reconstruction_loss
 from kdfast.losses.gradient_attention import gradient_at_loss
 from kdfast.losses.kd import kd_loss
 from kdfast.losses.kdsvd import kdsvd_loss
+from kdfast.losses.lskd import lskd_loss
 from kdfast.losses.nst import nst_loss
 from kdfast.losses.ofd import ofd_loss, ofd_margin
 from kdfast.losses.pkt import pkt_loss
@@ -26,21 +29,12 @@ from kdfast.losses.rkd import rkd_loss
 from kdfast.losses.sp import sp_loss
 from kdfast.losses.srd import srd_loss
 from kdfast.losses.vid import vid_loss
-
-# isort: split
-# zoo-logit losses
-from kdfast.losses.dist import dist_loss
-from kdfast.losses.dkd import dkd_loss
-from kdfast.losses.lskd import lskd_loss
 from kdfast.losses.wsld import wsld_loss
 
 __all__ = [
-    "ab_loss", "adversarial_student_loss", "at_loss", "ban_generation_loss", "discriminator_loss",
-    "dml_loss", "fitnet_loss", "fsp_loss", "gradient_at_loss", "kd_loss", "nst_loss", "rkd_loss",
-    "sp_loss",
-    "crd_loss", "hcl_loss", "ofd_loss", "ofd_margin",
-    "cc_loss", "ft_loss", "kdsvd_loss", "paraphraser_reconstruction_loss", "pkt_loss",
-    "srd_loss", "vid_loss",
-    # zoo-logit losses
-    "dist_loss", "dkd_loss", "lskd_loss", "wsld_loss",
+    "ab_loss", "adversarial_student_loss", "at_loss", "ban_generation_loss", "cc_loss", "crd_loss",
+    "discriminator_loss", "dist_loss", "dkd_loss", "dml_loss", "fitnet_loss", "fsp_loss",
+    "ft_loss", "gradient_at_loss", "hcl_loss", "kd_loss", "kdsvd_loss", "lskd_loss", "nst_loss",
+    "ofd_loss", "ofd_margin", "paraphraser_reconstruction_loss", "pkt_loss", "rkd_loss", "sp_loss",
+    "srd_loss", "vid_loss", "wsld_loss",
 ]

@@ -31,6 +31,8 @@ from kdfast.losses.attention import at_loss
 from kdfast.losses.ban import ban_generation_loss
 from kdfast.losses.cc import cc_loss
 from kdfast.losses.crd import crd_loss
+from kdfast.losses.dist import dist_loss
+from kdfast.losses.dkd import dkd_loss
 from kdfast.losses.dml import dml_loss
 from kdfast.losses.fitnet import fitnet_loss
 from kdfast.losses.fsp import fsp_loss
@@ -38,6 +40,7 @@ from kdfast.losses.ft import ft_loss
 from kdfast.losses.gradient_attention import gradient_at_loss
 from kdfast.losses.kd import kd_loss
 from kdfast.losses.kdsvd import kdsvd_loss
+from kdfast.losses.lskd import lskd_loss
 from kdfast.losses.nst import nst_loss
 from kdfast.losses.ofd import ofd_loss
 from kdfast.losses.pkt import pkt_loss
@@ -46,14 +49,8 @@ from kdfast.losses.rkd import rkd_loss
 from kdfast.losses.sp import sp_loss
 from kdfast.losses.srd import srd_loss
 from kdfast.losses.vid import vid_loss
-from tests.helpers import REDUCTIONS, assert_rel_close, randn, reduced
-
-# isort: split
-# zoo-logit losses
-from kdfast.losses.dist import dist_loss
-from kdfast.losses.dkd import dkd_loss
-from kdfast.losses.lskd import lskd_loss
 from kdfast.losses.wsld import wsld_loss
+from tests.helpers import REDUCTIONS, assert_rel_close, randn, reduced
 
 FEATURES = "4-D (B, C, H, W)"
 LOGITS = "2-D (B, num_classes)"
@@ -145,7 +142,7 @@ def two(shape_s, shape_t, seed=0):
 
 
 LOGIT_PAIR = ("student_logits", "teacher_logits")
-OFD_MARGIN = torch.tensor([-0.5, -1.0, -0.1], dtype=torch.float64)  # zoo-memory: one per channel
+OFD_MARGIN = torch.tensor([-0.5, -1.0, -0.1], dtype=torch.float64)  # one per channel
 VID_RANK = "2-D or 3-D or 4-D or 5-D (B, C, ...)"
 VID_VARIANCE = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
 
@@ -347,7 +344,6 @@ CASES = [
          module=kdfast.SRDLoss,
          module_options={"exponent": 2.0, "temperature": 3.0, "reduction": "sum"},
          core="softmax_kl"),
-    # zoo-logit losses
     Case("dkd", dkd_loss, two((3, 5), (3, 5)), LOGIT_PAIR, (LOGITS, LOGITS),
          arguments=lambda s, t: (s, t, labels_for(s)),
          mismatch=fragments("student_logits and teacher_logits must have the same shape"),
