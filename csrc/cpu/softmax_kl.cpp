@@ -24,11 +24,17 @@
 // running sum rescaled by exp(old max − new max) when the max grows, then Σ exp(x − max)).
 // 2: per block the log-probabilities and probabilities, the divergence sums and the gradients
 // that need no row sum (forward dL/ds, reverse dL/dt). 3 (only when asked for a gradient that
-// needs D or K): those gradients. Nothing of row size is kept but the gradients (in the
-// accumulation type, so that the backward rounds once to the inputs' dtype); rows run in
-// parallel (at::parallel_for), sums in a fixed order (deterministic), in the op-math type
-// (fp32 for fp16/bf16/fp32, fp64 for fp64). fp32 exp is a branch-free polynomial so that the
-// block loops vectorise (KDFAST_SIMD_CLONES); fp64 uses std::exp.
+// needs D or K): those gradients. After sweep 2 a row is summed up by six numbers (RowStats:
+// max and log-sum of both softmaxes, D or K_p, K_q), which is all sweep 3 needs.
+// Two operator forms. softmax_kl: the fused forward, the gradients kept in the accumulation
+// type (the backward scales them by grad_output and rounds once to the inputs' dtype).
+// softmax_kl_with_stats + softmax_kl_backward: the forward runs sweeps 1-2 and keeps only the
+// RowStats; the backward runs sweep 3 for every requested gradient with the factor
+// T·grad_output[r], rounding once into the returned gradient — forward + backward hold one
+// gradient-sized tensor instead of two, for one more read of the inputs.
+// Rows run in parallel (at::parallel_for), sums in a fixed order (deterministic), in the
+// op-math type (fp32 for fp16/bf16/fp32, fp64 for fp64). fp32 exp is a branch-free
+// polynomial so that the block loops vectorise (KDFAST_SIMD_CLONES); fp64 uses std::exp.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
