@@ -20,6 +20,12 @@ from kdfast.losses.rkd import RKDLoss
 from kdfast.losses.sp import SPLoss
 from kdfast.recipes import AdversarialKD, BornAgain, BornAgainEnsemble, MutualLearning
 
+# isort: split
+# zoo-dense losses
+from kdfast.losses.cwd import CWDLoss
+from kdfast.losses.mgd import MGDLoss, make_generation_block
+from kdfast.losses.pkd import PKDLoss
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -27,4 +33,6 @@ __all__ = [
     "ConditionalDiscriminator", "DMLLoss", "Distiller", "FSPLoss", "FitNetLoss",
     "GradientATLoss", "KDLoss", "MutualLearning", "NSTLoss", "RKDLoss", "SPLoss", "Term",
     "available_backends", "functional", "make_connector", "recipes",
+    # zoo-dense losses
+    "CWDLoss", "MGDLoss", "PKDLoss", "make_generation_block",
 ]

@@ -18,8 +18,16 @@ from kdfast.losses.nst import nst_loss
 from kdfast.losses.rkd import rkd_loss
 from kdfast.losses.sp import sp_loss
 
+# isort: split
+# zoo-dense losses
+from kdfast.losses.cwd import cwd_loss
+from kdfast.losses.mgd import mgd_loss
+from kdfast.losses.pkd import pkd_loss
+
 __all__ = [
     "ab_loss", "adversarial_student_loss", "at_loss", "ban_generation_loss", "discriminator_loss",
     "dml_loss", "fitnet_loss", "fsp_loss", "gradient_at_loss", "kd_loss", "nst_loss", "rkd_loss",
     "sp_loss",
+    # zoo-dense losses
+    "cwd_loss", "mgd_loss", "pkd_loss",
 ]

@@ -37,6 +37,12 @@ from kdfast.losses.kd import kd_loss
 from kdfast.losses.nst import nst_loss
 from kdfast.losses.rkd import rkd_loss
 from kdfast.losses.sp import sp_loss
+
+# isort: split
+# zoo-dense losses
+from kdfast.losses.cwd import cwd_loss
+from kdfast.losses.mgd import make_generation_block, mgd_loss
+from kdfast.losses.pkd import pkd_loss
 from tests.helpers import REDUCTIONS, assert_rel_close, randn, reduced
 
 FEATURES = "4-D (B, C, H, W)"
@@ -50,6 +56,13 @@ with torch.random.fork_rng():  # fixed modules without disturbing the global gen
     DISCRIMINATOR = kdfast.ConditionalDiscriminator(4, hidden=8).double()
     STUDENT_NET = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     TEACHER_NET = nn.Linear(4, 3).double().requires_grad_(False)
+    MGD_GENERATION = make_generation_block(5).double()
+    MGD_ALIGN = nn.Conv2d(3, 5, kernel_size=1).double()
+
+
+def seeded_mgd_keywords() -> dict:
+    """MGD's fixed align module and a freshly seeded mask generator (calls compare equal)."""
+    return {"align": MGD_ALIGN, "generator": torch.Generator().manual_seed(0)}
 
 
 def labels_for(logits) -> torch.Tensor:
@@ -90,9 +103,10 @@ class Case:
     module_options: dict = field(default_factory=dict)
     core: str | None = None  # registry core behind backend=; None: no backend argument
     reference_only: bool = False  # the core has no native or Triton implementation
+    keywords: Callable[[], dict] = dict  # fresh keyword arguments that every call passes
 
     def __call__(self, tensors, **options):
-        return self.function(*self.arguments(*tensors), **options)
+        return self.function(*self.arguments(*tensors), **self.keywords(), **options)
 
 
 def non_finite(name: str) -> tuple:
@@ -241,6 +255,33 @@ CASES = [
          relayout=(0, 1),  # the logits must be computed from the inputs as given
          module=kdfast.GradientATLoss, module_options={"reduction": "none"},
          core="gradient_at", reference_only=True),
+    # zoo-dense losses
+    Case("cwd", cwd_loss, two((2, 3, 4, 6), (2, 3, 4, 6)), ("student", "teacher"),
+         (FEATURES, FEATURES),
+         mismatch=fragments("student and teacher must have the same shape, got (2, 3, 4, 6) "
+                            "and (2, 4, 4, 6)", "1x1 conv"),
+         bad_options=(*positive("temperature"), *non_negative("loss_weight")),
+         numbers=(("temperature", 2, {}), ("loss_weight", 3, {})),
+         module=kdfast.CWDLoss, module_options={"temperature": 4.0, "loss_weight": 3.0,
+                                                "reduction": "sum"},
+         core="softmax_kl"),
+    Case("pkd", pkd_loss, two((2, 3, 4, 6), (2, 3, 4, 6)), ("student", "teacher"),
+         (FEATURES, FEATURES),
+         mismatch=fragments("student has 3 channels but teacher has 4", "1x1 conv"),
+         bad_options=(*non_negative("loss_weight"), *flag("resize_student")),
+         numbers=(("loss_weight", 2, {}),),
+         module=kdfast.PKDLoss, module_options={"loss_weight": 2.0, "resize_student": False,
+                                                "reduction": "none"},
+         core="pkd", reference_only=True),
+    Case("mgd", mgd_loss, two((2, 3, 4, 6), (2, 5, 4, 6)), ("student", "teacher"),
+         (FEATURES, FEATURES), arguments=lambda s, t: (s, t, MGD_GENERATION),
+         keywords=seeded_mgd_keywords,
+         mismatch=fragments("align(student) and teacher must have the same shape, got "
+                            "(2, 5, 4, 6) and (2, 6, 4, 6)", "pass align="),
+         bad_options=(*non_negative("alpha_mgd"), *non_negative("lambda_mgd"),
+                      ({"lambda_mgd": 1.5}, ValueError, "lambda_mgd must be <= 1")),
+         numbers=(("alpha_mgd", 2, {}), ("lambda_mgd", 1, {})),
+         core="mgd", reference_only=True),
 ]
 
 
