@@ -263,6 +263,14 @@ def dml_draft(draw) -> Draft:
                  {"temperature": draw(TEMPERATURE)})
 
 
+@st.composite
+def cwd_draft(draw) -> Draft:
+    """Student and teacher maps of one shape (B, C, H, W): B·C rows of H·W positions."""
+    shape = (draw(BATCH), draw(channels()), draw(SIDE), draw(SIDE))
+    return Draft((shape, shape), (False, True), {"temperature": draw(TEMPERATURE),
+                                                 "loss_weight": draw(st.floats(0.5, 4.0))})
+
+
 def one_pixel(case: FuzzCase) -> bool:
     """The smaller map of a (student, teacher) pair, which both are pooled to, is 1 x 1."""
     return min(shape[2] * shape[3] for shape in case.shapes) == 1
@@ -331,6 +339,9 @@ LOSSES = {
     "kd_loss": LossCases("softmax_kl", kd_draft, student_teacher(kdfast.functional.kd_loss),
                          kd_degenerate),
     "dml_loss": LossCases("softmax_kl", dml_draft, dml_arguments, kd_degenerate),
+    # zoo-dense losses
+    "cwd_loss": LossCases("softmax_kl", cwd_draft, student_teacher(kdfast.functional.cwd_loss),
+                          lambda case: (one_pixel(case), one_pixel(case))),
 }
 
 
