@@ -61,7 +61,7 @@ constexpr int64_t kGrainWork = 32768;  // elements below which rows run on one t
 // exp(x) for float (Cephes' expf): x = k ln2 + r with |r| ≤ ln2/2, exp(r) by a degree-6
 // polynomial, 2^k from the exponent bits (≤ 2 ulp over the normal range). Branch-free so
 // loops over it vectorise; 0 below the normal range (−inf included), +inf above, NaN for NaN.
-inline float exp_of(float x) {
+KDFAST_ALWAYS_INLINE float exp_of(float x) {
   constexpr float kLo = -87.33654475f, kHi = 88.0f;
   float c = x > kLo ? x : kLo;  // NaN -> kLo (no NaN inside; the result is selected below)
   c = c < kHi ? c : kHi;
@@ -84,7 +84,7 @@ inline float exp_of(float x) {
   return x != x ? x : e;
 }
 
-inline double exp_of(double x) { return std::exp(x); }
+KDFAST_ALWAYS_INLINE double exp_of(double x) { return std::exp(x); }
 
 template <typename acc_t>
 constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
@@ -170,10 +170,16 @@ struct BlockProbabilities {
   int64_t n = 0;
 };
 
+// Which probabilities a sweep reads: the log-probabilities always, q and p (an exp per
+// entry each) only where needed (forward KL's loss needs p alone, reverse KL's q alone).
+struct Needs {
+  bool q, p;
+};
+
 template <typename scalar_t, typename acc_t>
 KDFAST_SIMD_CLONES void fill_block(const scalar_t* s, const scalar_t* t, int64_t n,
-                                   acc_t temperature, const RowStats<acc_t>& row, bool mixture,
-                                   acc_t beta, BlockProbabilities<acc_t>& block) {
+                                   acc_t temperature, const RowStats<acc_t>& row, Needs needs,
+                                   bool mixture, acc_t beta, BlockProbabilities<acc_t>& block) {
   const acc_t max_s = row.max_s, log_sum_s = row.log_sum_s;
   const acc_t max_t = row.max_t, log_sum_t = row.log_sum_t;
   block.n = n;
@@ -182,8 +188,12 @@ KDFAST_SIMD_CLONES void fill_block(const scalar_t* s, const scalar_t* t, int64_t
   for (int64_t i = 0; i < n; ++i) {
     block.log_q[i] = (block.log_q[i] - max_s) - log_sum_s;
     block.log_p[i] = (block.log_p[i] - max_t) - log_sum_t;
-    block.q[i] = exp_of(block.log_q[i]);
-    block.p[i] = exp_of(block.log_p[i]);
+  }
+  if (needs.q) {
+    for (int64_t i = 0; i < n; ++i) block.q[i] = exp_of(block.log_q[i]);
+  }
+  if (needs.p) {
+    for (int64_t i = 0; i < n; ++i) block.p[i] = exp_of(block.log_p[i]);
   }
   if (mixture) {
     // log m = log(β p + (1−β) q) in log space (p and q may both underflow where log m is
@@ -255,11 +265,13 @@ RowStats<acc_t> row_stats(const scalar_t* s, const scalar_t* t, int64_t n,
   RowStats<acc_t> row{student_lse.max, student_lse.log_sum(), teacher_lse.max,
                       teacher_lse.log_sum(), 0, 0};
   const bool jsd = o.divergence == Divergence::kJsd;
+  const Needs needs{o.divergence != Divergence::kForward || sum_free_grad_s != nullptr,
+                    o.divergence != Divergence::kReverse || sum_free_grad_t != nullptr};
   BlockProbabilities<acc_t> b;
   acc_t scratch[kBlock];
   for (int64_t begin = 0; begin < n; begin += kBlock) {
     const int64_t len = std::min(kBlock, n - begin);
-    fill_block(s + begin, t + begin, len, T, row, jsd, o.beta, b);
+    fill_block(s + begin, t + begin, len, T, row, needs, jsd, o.beta, b);
     if (o.divergence == Divergence::kForward) {
       row.first += masked_kl_sum(b.p, b.log_p, b.log_q, len, scratch);
       if (sum_free_grad_s) write_second_argument_grad(b.p, b.q, G, len, sum_free_grad_s + begin);
@@ -285,7 +297,7 @@ void write_row_gradients(const scalar_t* s, const scalar_t* t, int64_t n,
   BlockProbabilities<acc_t> b;
   for (int64_t begin = 0; begin < n; begin += kBlock) {
     const int64_t len = std::min(kBlock, n - begin);
-    fill_block(s + begin, t + begin, len, T, row, jsd, o.beta, b);
+    fill_block(s + begin, t + begin, len, T, row, Needs{true, true}, jsd, o.beta, b);
     if (o.divergence == Divergence::kForward) {
       if (grad_s) write_second_argument_grad(b.p, b.q, G, len, grad_s + begin);
       if (grad_t) write_first_argument_grad(b.p, b.log_p, b.log_q, row.first, G, len,
