@@ -68,3 +68,23 @@ def test_module_trains_a_student_towards_the_teacher():
         criterion(student(x), teacher).backward()
         optimiser.step()
     assert criterion(student(x), teacher).item() < first
+
+
+def test_native_forward_and_backward_hold_one_gradient():
+    # The memory target for segmentation maps: above the inputs, forward + backward on the
+    # native CPU core allocate one gradient (plus a few numbers per row); the reference keeps
+    # several copies of the map.
+    from kdfast.bench.measure import cpu_peak_bytes
+
+    student = randn(2, 19, 32, 64, seed=9).float().requires_grad_(True)
+    teacher = randn(2, 19, 32, 64, seed=10).float()
+    gradient = student.numel() * student.element_size()
+
+    def step(backend):
+        def run():
+            cwd_loss(student, teacher, backend=backend).backward()
+            student.grad = None
+        return run
+
+    assert cpu_peak_bytes(step("native")) <= 1.02 * gradient
+    assert cpu_peak_bytes(step("reference")) > 2 * gradient
