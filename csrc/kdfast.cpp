@@ -60,6 +60,16 @@ TORCH_LIBRARY(kdfast, m) {
   // where not requested), all in the accumulation dtype.
   m.def("softmax_kl(Tensor student, Tensor teacher, float temperature, str divergence, "
         "float beta, bool grad_student, bool grad_teacher) -> (Tensor, Tensor, Tensor)");
+  // The recomputing pair (CPU): the forward keeps nothing of row size but returns per row
+  // the loss (N,) and row_stats (N, 6) (both softmax normalisers and the divergence sums, in
+  // the accumulation dtype); the backward rereads the inputs once and returns (d student,
+  // d teacher) (N, L) scaled per row by grad (N,), contiguous, in the inputs' dtype (0 x 0
+  // where not requested).
+  m.def("softmax_kl_with_stats(Tensor student, Tensor teacher, float temperature, "
+        "str divergence, float beta) -> (Tensor loss, Tensor row_stats)");
+  m.def("softmax_kl_backward(Tensor grad, Tensor student, Tensor teacher, Tensor row_stats, "
+        "float temperature, str divergence, float beta, bool grad_student, bool grad_teacher) "
+        "-> (Tensor, Tensor)");
 }
 
 static bool built_with_cuda() {

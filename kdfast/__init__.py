@@ -12,6 +12,7 @@ from kdfast.losses.adversarial import ConditionalDiscriminator
 from kdfast.losses.attention import ATLoss
 from kdfast.losses.cc import CCLoss
 from kdfast.losses.crd import CRDLoss, EmbeddingHead
+from kdfast.losses.cwd import CWDLoss
 from kdfast.losses.dist import DISTLoss
 from kdfast.losses.dkd import DKDLoss
 from kdfast.losses.dml import DMLLoss
@@ -22,8 +23,10 @@ from kdfast.losses.gradient_attention import GradientATLoss
 from kdfast.losses.kd import KDLoss
 from kdfast.losses.kdsvd import KDSVDLoss
 from kdfast.losses.lskd import LSKDLoss
+from kdfast.losses.mgd import MGDLoss, make_generation_block
 from kdfast.losses.nst import NSTLoss
 from kdfast.losses.ofd import OFDLoss, make_ofd_connector
+from kdfast.losses.pkd import PKDLoss
 from kdfast.losses.pkt import PKTLoss
 from kdfast.losses.reviewkd import AttentionBasedFusion, ReviewKD, ReviewKDLoss
 from kdfast.losses.rkd import RKDLoss
@@ -37,9 +40,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ABLoss", "ATLoss", "AdversarialKD", "AttentionBasedFusion", "BornAgain", "BornAgainEnsemble",
-    "CCLoss", "CRDLoss", "ConditionalDiscriminator", "DISTLoss", "DKDLoss", "DMLLoss", "Distiller",
-    "EmbeddingHead", "FSPLoss", "FTLoss", "FitNetLoss", "GradientATLoss", "KDLoss", "KDSVDLoss",
-    "LSKDLoss", "MutualLearning", "NSTLoss", "OFDLoss", "PKTLoss", "Paraphraser", "RKDLoss",
-    "ReviewKD", "ReviewKDLoss", "SPLoss", "SRDLoss", "Term", "Translator", "VIDLoss", "WSLDLoss",
-    "available_backends", "functional", "make_connector", "make_ofd_connector", "recipes",
+    "CCLoss", "CRDLoss", "CWDLoss", "ConditionalDiscriminator", "DISTLoss", "DKDLoss", "DMLLoss",
+    "Distiller", "EmbeddingHead", "FSPLoss", "FTLoss", "FitNetLoss", "GradientATLoss", "KDLoss",
+    "KDSVDLoss", "LSKDLoss", "MGDLoss", "MutualLearning", "NSTLoss", "OFDLoss", "PKDLoss",
+    "PKTLoss", "Paraphraser", "RKDLoss", "ReviewKD", "ReviewKDLoss", "SPLoss", "SRDLoss", "Term",
+    "Translator", "VIDLoss", "WSLDLoss", "available_backends", "functional", "make_connector",
+    "make_generation_block", "make_ofd_connector", "recipes",
 ]

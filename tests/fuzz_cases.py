@@ -271,6 +271,13 @@ def two_class_kd_draft(draw) -> Draft:
     return Draft((shape, shape), (False, True), {"temperature": draw(TEMPERATURE)})
 
 
+def cwd_draft(draw) -> Draft:
+    """Student and teacher maps of one shape (B, C, H, W): B·C rows of H·W positions."""
+    shape = (draw(BATCH), draw(channels()), draw(SIDE), draw(SIDE))
+    return Draft((shape, shape), (False, True), {"temperature": draw(TEMPERATURE),
+                                                 "loss_weight": draw(st.floats(0.5, 4.0))})
+
+
 def one_pixel(case: FuzzCase) -> bool:
     """The smaller map of a (student, teacher) pair, which both are pooled to, is 1 x 1."""
     return min(shape[2] * shape[3] for shape in case.shapes) == 1
@@ -354,13 +361,14 @@ LOSSES = {
     "kd_loss": LossCases("softmax_kl", kd_draft, student_teacher(kdfast.functional.kd_loss),
                          kd_degenerate),
     "dml_loss": LossCases("softmax_kl", dml_draft, dml_arguments, kd_degenerate),
-    # zoo-logit losses
     "dkd_loss": LossCases("softmax_kl", two_class_kd_draft,
                           with_targets(kdfast.functional.dkd_loss)),
     "lskd_loss": LossCases("softmax_kl", two_class_kd_draft,
                            student_teacher(kdfast.functional.lskd_loss), lskd_degenerate),
     "wsld_loss": LossCases("softmax_kl", kd_draft, with_targets(kdfast.functional.wsld_loss),
                            kd_degenerate),
+    "cwd_loss": LossCases("softmax_kl", cwd_draft, student_teacher(kdfast.functional.cwd_loss),
+                          lambda case: (one_pixel(case), one_pixel(case))),
 }
 
 

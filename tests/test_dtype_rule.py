@@ -94,7 +94,6 @@ CASES = [
          lambda x, b: KF.adversarial_student_loss(
              discriminator(torch.promote_types(x[0].dtype, x[1].dtype)), *x, LABELS),
          (None,)),
-    # zoo-relation losses
     Case("pkt", ((3, 4), (3, 6)), PAIR, lambda x, b: KF.pkt_loss(*x, backend=b)),
     Case("cc", ((3, 4), (3, 6)), PAIR, lambda x, b: KF.cc_loss(*x, backend=b)),
     Case("cc-repdistiller", ((3, 4), (3, 4)), PAIR,
@@ -108,7 +107,6 @@ CASES = [
          lambda x, b: KF.kdsvd_loss(x[:2], x[2:], backend=b)),
     Case("srd", ((3, 4), (3, 4), (3, 5), (3, 5)), (False, True, False, True),
          lambda x, b: KF.srd_loss(*x, backend=b), ("reference", "native")),
-    # zoo-logit losses
     Case("dkd", ((3, 4), (3, 4)), PAIR, lambda x, b: KF.dkd_loss(*x, LABELS, backend=b),
          ("reference", "native")),
     Case("lskd", ((3, 4), (3, 4)), PAIR, lambda x, b: KF.lskd_loss(*x, backend=b),

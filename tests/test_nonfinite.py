@@ -104,7 +104,6 @@ LOSSES = [
          LOGITS, LOGITS),
     Loss("adversarial-student", lambda s, t, b: kf.adversarial_student_loss(
         DISCRIMINATOR, s, t, labels(len(s))), LOGITS, LOGITS),
-    # zoo-logit losses
     Loss("dkd", lambda s, t, b: kf.dkd_loss(s, t, labels(len(s)), backend=b), LOGITS, LOGITS,
          True),
     Loss("lskd", lambda s, t, b: kf.lskd_loss(s, t, backend=b), LOGITS, LOGITS, True),

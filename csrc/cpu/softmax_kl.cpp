@@ -24,11 +24,17 @@
 // running sum rescaled by exp(old max − new max) when the max grows, then Σ exp(x − max)).
 // 2: per block the log-probabilities and probabilities, the divergence sums and the gradients
 // that need no row sum (forward dL/ds, reverse dL/dt). 3 (only when asked for a gradient that
-// needs D or K): those gradients. Nothing of row size is kept but the gradients (in the
-// accumulation type, so that the backward rounds once to the inputs' dtype); rows run in
-// parallel (at::parallel_for), sums in a fixed order (deterministic), in the op-math type
-// (fp32 for fp16/bf16/fp32, fp64 for fp64). fp32 exp is a branch-free polynomial so that the
-// block loops vectorise (KDFAST_SIMD_CLONES); fp64 uses std::exp.
+// needs D or K): those gradients. After sweep 2 a row is summed up by six numbers (RowStats:
+// max and log-sum of both softmaxes, D or K_p, K_q), which is all sweep 3 needs.
+// Two operator forms. softmax_kl: the fused forward, the gradients kept in the accumulation
+// type (the backward scales them by grad_output and rounds once to the inputs' dtype).
+// softmax_kl_with_stats + softmax_kl_backward: the forward runs sweeps 1-2 and keeps only the
+// RowStats; the backward runs sweep 3 for every requested gradient with the factor
+// T·grad_output[r], rounding once into the returned gradient — forward + backward hold one
+// gradient-sized tensor instead of two, for one more read of the inputs.
+// Rows run in parallel (at::parallel_for), sums in a fixed order (deterministic), in the
+// op-math type (fp32 for fp16/bf16/fp32, fp64 for fp64). fp32 exp is a branch-free
+// polynomial so that the block loops vectorise (KDFAST_SIMD_CLONES); fp64 uses std::exp.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -57,7 +63,7 @@ constexpr int64_t kGrainWork = 32768;  // elements below which rows run on one t
 // exp(x) for float (Cephes' expf): x = k ln2 + r with |r| ≤ ln2/2, exp(r) by a degree-6
 // polynomial, 2^k from the exponent bits (≤ 2 ulp over the normal range). Branch-free so
 // loops over it vectorise; 0 below the normal range (−inf included), +inf above, NaN for NaN.
-inline float exp_of(float x) {
+KDFAST_ALWAYS_INLINE float exp_of(float x) {
   constexpr float kLo = -87.33654475f, kHi = 88.0f;
   float c = x > kLo ? x : kLo;  // NaN -> kLo (no NaN inside; the result is selected below)
   c = c < kHi ? c : kHi;
@@ -80,7 +86,7 @@ inline float exp_of(float x) {
   return x != x ? x : e;
 }
 
-inline double exp_of(double x) { return std::exp(x); }
+KDFAST_ALWAYS_INLINE double exp_of(double x) { return std::exp(x); }
 
 template <typename acc_t>
 constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
@@ -150,6 +156,15 @@ KDFAST_SIMD_CLONES void add_block(OnlineLogSumExp<acc_t>& lse, acc_t* v, int64_t
   lse.sum += block_sum(v, n);
 }
 
+// What a gradient sweep needs of one row: both softmax normalisers (the max of x/T and
+// log Σ exp(x/T − max)) and the divergence sums (forward/reverse: D; jsd: K_p and K_q).
+// Stored as kRowStats values per row by softmax_kl_with_stats for the backward.
+template <typename acc_t>
+struct RowStats {
+  acc_t max_s, log_sum_s, max_t, log_sum_t, first, second;
+};
+constexpr int64_t kRowStats = 6;
+
 // One block's log-probabilities and probabilities of both rows (and log m for the JSD).
 template <typename acc_t>
 struct BlockProbabilities {
@@ -157,21 +172,30 @@ struct BlockProbabilities {
   int64_t n = 0;
 };
 
+// Which probabilities a sweep reads: the log-probabilities always, q and p (an exp per
+// entry each) only where needed (forward KL's loss needs p alone, reverse KL's q alone).
+struct Needs {
+  bool q, p;
+};
+
 template <typename scalar_t, typename acc_t>
 KDFAST_SIMD_CLONES void fill_block(const scalar_t* s, const scalar_t* t, int64_t n,
-                                   acc_t temperature, const OnlineLogSumExp<acc_t>& lse_s,
-                                   const OnlineLogSumExp<acc_t>& lse_t, bool mixture,
-                                   acc_t beta, BlockProbabilities<acc_t>& block) {
-  const acc_t max_s = lse_s.max, log_sum_s = lse_s.log_sum();
-  const acc_t max_t = lse_t.max, log_sum_t = lse_t.log_sum();
+                                   acc_t temperature, const RowStats<acc_t>& row, Needs needs,
+                                   bool mixture, acc_t beta, BlockProbabilities<acc_t>& block) {
+  const acc_t max_s = row.max_s, log_sum_s = row.log_sum_s;
+  const acc_t max_t = row.max_t, log_sum_t = row.log_sum_t;
   block.n = n;
   load_scaled(s, n, temperature, block.log_q);
   load_scaled(t, n, temperature, block.log_p);
   for (int64_t i = 0; i < n; ++i) {
     block.log_q[i] = (block.log_q[i] - max_s) - log_sum_s;
     block.log_p[i] = (block.log_p[i] - max_t) - log_sum_t;
-    block.q[i] = exp_of(block.log_q[i]);
-    block.p[i] = exp_of(block.log_p[i]);
+  }
+  if (needs.q) {
+    for (int64_t i = 0; i < n; ++i) block.q[i] = exp_of(block.log_q[i]);
+  }
+  if (needs.p) {
+    for (int64_t i = 0; i < n; ++i) block.p[i] = exp_of(block.log_p[i]);
   }
   if (mixture) {
     // log m = log(β p + (1−β) q) in log space (p and q may both underflow where log m is
@@ -196,37 +220,39 @@ KDFAST_SIMD_CLONES acc_t masked_kl_sum(const acc_t* x, const acc_t* log_x, const
 }
 
 // grad = scale · x (log x − log y − kl), 0 where log x = −inf: the gradient of KL(x‖y) in
-// the logits of x = softmax.
-template <typename acc_t>
+// the logits of x = softmax. out_t: the accumulation type (the forward's saved gradient) or
+// the inputs' type (the backward's, rounded once from the accumulation type).
+template <typename acc_t, typename out_t>
 KDFAST_SIMD_CLONES void write_first_argument_grad(const acc_t* x, const acc_t* log_x,
                                                   const acc_t* log_y, acc_t kl, acc_t scale,
-                                                  int64_t n, acc_t* grad) {
+                                                  int64_t n, out_t* grad) {
   for (int64_t i = 0; i < n; ++i) {
     const acc_t g = log_x[i] == kNegInf<acc_t> ? acc_t(0)
                                                : x[i] * (log_x[i] - log_y[i] - kl);
-    grad[i] = scale * g;
+    grad[i] = static_cast<out_t>(scale * g);
   }
 }
 
 // grad = scale · (y − x): the gradient of KL(x‖y) in the logits of y = softmax.
-template <typename acc_t>
+template <typename acc_t, typename out_t>
 KDFAST_SIMD_CLONES void write_second_argument_grad(const acc_t* x, const acc_t* y, acc_t scale,
-                                                   int64_t n, acc_t* grad) {
-  for (int64_t i = 0; i < n; ++i) grad[i] = scale * (y[i] - x[i]);
+                                                   int64_t n, out_t* grad) {
+  for (int64_t i = 0; i < n; ++i) grad[i] = static_cast<out_t>(scale * (y[i] - x[i]));
 }
 
 template <typename acc_t>
 struct Options {
   Divergence divergence;
   acc_t temperature, beta;
-  bool grad_student, grad_teacher;
 };
 
-// The loss T² D of one row, writing the requested gradients (rows of length n).
-template <typename scalar_t, typename acc_t>
-acc_t softmax_kl_row(const scalar_t* s, const scalar_t* t, int64_t n, const Options<acc_t>& o,
-                     acc_t* grad_s, acc_t* grad_t) {
-  const acc_t T = o.temperature;
+// Sweeps 1 and 2 of one row (length n): its RowStats, writing on the way the gradients that
+// need no sum (forward dL/ds, reverse dL/dt) times grad_scale where a pointer is given.
+template <typename scalar_t, typename acc_t, typename out_t>
+RowStats<acc_t> row_stats(const scalar_t* s, const scalar_t* t, int64_t n,
+                          const Options<acc_t>& o, acc_t grad_scale, out_t* sum_free_grad_s,
+                          out_t* sum_free_grad_t) {
+  const acc_t T = o.temperature, G = T * grad_scale;
   OnlineLogSumExp<acc_t> student_lse, teacher_lse;
   {
     acc_t scratch[kBlock];
@@ -238,51 +264,98 @@ acc_t softmax_kl_row(const scalar_t* s, const scalar_t* t, int64_t n, const Opti
       add_block(teacher_lse, scratch, len);
     }
   }
+  RowStats<acc_t> row{student_lse.max, student_lse.log_sum(), teacher_lse.max,
+                      teacher_lse.log_sum(), 0, 0};
   const bool jsd = o.divergence == Divergence::kJsd;
-  const bool forward = o.divergence == Divergence::kForward;
-  const bool reverse = o.divergence == Divergence::kReverse;
-
+  const Needs needs{o.divergence != Divergence::kForward || sum_free_grad_s != nullptr,
+                    o.divergence != Divergence::kReverse || sum_free_grad_t != nullptr};
   BlockProbabilities<acc_t> b;
   acc_t scratch[kBlock];
-  // forward/reverse: D; jsd: K_p and K_q.
-  acc_t first = 0, second = 0;
   for (int64_t begin = 0; begin < n; begin += kBlock) {
     const int64_t len = std::min(kBlock, n - begin);
-    fill_block(s + begin, t + begin, len, T, student_lse, teacher_lse, jsd, o.beta, b);
-    if (forward) {
-      first += masked_kl_sum(b.p, b.log_p, b.log_q, len, scratch);
-      if (o.grad_student) write_second_argument_grad(b.p, b.q, T, len, grad_s + begin);
-    } else if (reverse) {
-      first += masked_kl_sum(b.q, b.log_q, b.log_p, len, scratch);
-      if (o.grad_teacher) write_second_argument_grad(b.q, b.p, T, len, grad_t + begin);
+    fill_block(s + begin, t + begin, len, T, row, needs, jsd, o.beta, b);
+    if (o.divergence == Divergence::kForward) {
+      row.first += masked_kl_sum(b.p, b.log_p, b.log_q, len, scratch);
+      if (sum_free_grad_s) write_second_argument_grad(b.p, b.q, G, len, sum_free_grad_s + begin);
+    } else if (o.divergence == Divergence::kReverse) {
+      row.first += masked_kl_sum(b.q, b.log_q, b.log_p, len, scratch);
+      if (sum_free_grad_t) write_second_argument_grad(b.q, b.p, G, len, sum_free_grad_t + begin);
     } else {
-      first += masked_kl_sum(b.p, b.log_p, b.log_m, len, scratch);
-      second += masked_kl_sum(b.q, b.log_q, b.log_m, len, scratch);
+      row.first += masked_kl_sum(b.p, b.log_p, b.log_m, len, scratch);
+      row.second += masked_kl_sum(b.q, b.log_q, b.log_m, len, scratch);
     }
   }
+  return row;
+}
 
-  const bool third_sweep = (forward && o.grad_teacher) || (reverse && o.grad_student) ||
-                           (jsd && (o.grad_student || o.grad_teacher));
-  for (int64_t begin = 0; third_sweep && begin < n; begin += kBlock) {
+// The gradient sweep: the gradients whose pointer is given, times grad_scale, from the row's
+// stats (one more read of both rows).
+template <typename scalar_t, typename acc_t, typename out_t>
+void write_row_gradients(const scalar_t* s, const scalar_t* t, int64_t n,
+                         const Options<acc_t>& o, const RowStats<acc_t>& row, acc_t grad_scale,
+                         out_t* grad_s, out_t* grad_t) {
+  const acc_t T = o.temperature, G = T * grad_scale;
+  const bool jsd = o.divergence == Divergence::kJsd;
+  BlockProbabilities<acc_t> b;
+  for (int64_t begin = 0; begin < n; begin += kBlock) {
     const int64_t len = std::min(kBlock, n - begin);
-    fill_block(s + begin, t + begin, len, T, student_lse, teacher_lse, jsd, o.beta, b);
-    if (forward) {
-      write_first_argument_grad(b.p, b.log_p, b.log_q, first, T, len, grad_t + begin);
-    } else if (reverse) {
-      write_first_argument_grad(b.q, b.log_q, b.log_p, first, T, len, grad_s + begin);
+    fill_block(s + begin, t + begin, len, T, row, Needs{true, true}, jsd, o.beta, b);
+    if (o.divergence == Divergence::kForward) {
+      if (grad_s) write_second_argument_grad(b.p, b.q, G, len, grad_s + begin);
+      if (grad_t) write_first_argument_grad(b.p, b.log_p, b.log_q, row.first, G, len,
+                                            grad_t + begin);
+    } else if (o.divergence == Divergence::kReverse) {
+      if (grad_s) write_first_argument_grad(b.q, b.log_q, b.log_p, row.first, G, len,
+                                            grad_s + begin);
+      if (grad_t) write_second_argument_grad(b.q, b.p, G, len, grad_t + begin);
     } else {
-      if (o.grad_student) {
-        write_first_argument_grad(b.q, b.log_q, b.log_m, second, T * (acc_t(1) - o.beta), len,
-                                  grad_s + begin);
+      if (grad_s) {
+        write_first_argument_grad(b.q, b.log_q, b.log_m, row.second, G * (acc_t(1) - o.beta),
+                                  len, grad_s + begin);
       }
-      if (o.grad_teacher) {
-        write_first_argument_grad(b.p, b.log_p, b.log_m, first, T * o.beta, len,
+      if (grad_t) {
+        write_first_argument_grad(b.p, b.log_p, b.log_m, row.first, G * o.beta, len,
                                   grad_t + begin);
       }
     }
   }
-  const acc_t divergence = jsd ? o.beta * first + (acc_t(1) - o.beta) * second : first;
-  return T * T * divergence;
+}
+
+// The loss T² D of a row from its stats.
+template <typename acc_t>
+acc_t row_loss(const RowStats<acc_t>& row, const Options<acc_t>& o) {
+  const acc_t divergence = o.divergence == Divergence::kJsd
+                               ? o.beta * row.first + (acc_t(1) - o.beta) * row.second
+                               : row.first;
+  return o.temperature * o.temperature * divergence;
+}
+
+// The fused forward of one row: its loss, writing the requested gradients (nullptr: not
+// requested) in two sweeps, or three when a gradient needs the sums.
+template <typename scalar_t, typename acc_t>
+acc_t softmax_kl_row(const scalar_t* s, const scalar_t* t, int64_t n, const Options<acc_t>& o,
+                     acc_t* grad_s, acc_t* grad_t) {
+  const bool forward = o.divergence == Divergence::kForward;
+  const bool reverse = o.divergence == Divergence::kReverse;
+  const RowStats<acc_t> row = row_stats(s, t, n, o, acc_t(1), forward ? grad_s : nullptr,
+                                        reverse ? grad_t : nullptr);
+  acc_t* rest_s = forward ? nullptr : grad_s;
+  acc_t* rest_t = reverse ? nullptr : grad_t;
+  if (rest_s || rest_t) write_row_gradients(s, t, n, o, row, acc_t(1), rest_s, rest_t);
+  return row_loss(row, o);
+}
+
+// body(r, s_row, t_row) for every row r in parallel (rows of L = cols entries).
+template <typename scalar_t, typename Body>
+void for_each_row(const at::Tensor& s, const at::Tensor& t, const Body& body) {
+  const int64_t rows = s.size(0), cols = s.size(1);
+  const int64_t s_stride = s.stride(0), t_stride = t.stride(0);
+  const scalar_t* s_data = s.const_data_ptr<scalar_t>();
+  const scalar_t* t_data = t.const_data_ptr<scalar_t>();
+  const int64_t grain = std::max<int64_t>(1, kGrainWork / cols);
+  at::parallel_for(0, rows, grain, [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) body(r, s_data + r * s_stride, t_data + r * t_stride);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_cpu(
@@ -293,39 +366,108 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_cpu(
   const at::Tensor s = kdfast::unit_column_stride(student);
   const at::Tensor t = kdfast::unit_column_stride(teacher);
   const int64_t rows = s.size(0), cols = s.size(1);
-  const auto acc = kdfast::accumulation_type(s);
-  at::Tensor loss = at::empty({rows}, s.options().dtype(acc));
+  const auto acc_options = s.options().dtype(kdfast::accumulation_type(s));
+  at::Tensor loss = at::empty({rows}, acc_options);
   // Gradients in the accumulation type: the backward scales them by grad_output and rounds
   // once to the inputs' dtype, as the reference does.
-  const auto grad_options = s.options().dtype(acc);
-  at::Tensor gs = at::empty({grad_student ? rows : 0, grad_student ? cols : 0}, grad_options);
-  at::Tensor gt = at::empty({grad_teacher ? rows : 0, grad_teacher ? cols : 0}, grad_options);
+  at::Tensor gs = at::empty({grad_student ? rows : 0, grad_student ? cols : 0}, acc_options);
+  at::Tensor gt = at::empty({grad_teacher ? rows : 0, grad_teacher ? cols : 0}, acc_options);
   if (rows == 0) return {loss, gs, gt};
   if (cols == 0) return {loss.zero_(), gs, gt};
-  const int64_t s_stride = s.stride(0), t_stride = t.stride(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "softmax_kl", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Options<acc_t> options{kind, static_cast<acc_t>(temperature),
-                                 static_cast<acc_t>(beta), grad_student, grad_teacher};
-    const scalar_t* s_data = s.const_data_ptr<scalar_t>();
-    const scalar_t* t_data = t.const_data_ptr<scalar_t>();
+                                 static_cast<acc_t>(beta)};
     acc_t* gs_data = grad_student ? gs.mutable_data_ptr<acc_t>() : nullptr;
     acc_t* gt_data = grad_teacher ? gt.mutable_data_ptr<acc_t>() : nullptr;
     acc_t* loss_data = loss.mutable_data_ptr<acc_t>();
-    const int64_t grain = std::max<int64_t>(1, kGrainWork / cols);
-    at::parallel_for(0, rows, grain, [&](int64_t first, int64_t last) {
-      for (int64_t r = first; r < last; ++r) {
-        loss_data[r] = softmax_kl_row(s_data + r * s_stride, t_data + r * t_stride, cols,
-                                      options, gs_data ? gs_data + r * cols : nullptr,
-                                      gt_data ? gt_data + r * cols : nullptr);
-      }
+    for_each_row<scalar_t>(s, t, [&](int64_t r, const scalar_t* s_row, const scalar_t* t_row) {
+      loss_data[r] = softmax_kl_row(s_row, t_row, cols, options,
+                                    gs_data ? gs_data + r * cols : nullptr,
+                                    gt_data ? gt_data + r * cols : nullptr);
     });
   });
   return {loss, gs, gt};
+}
+
+// The forward of the recomputing backward: the per-row loss and RowStats (N, kRowStats),
+// two sweeps, no gradient.
+std::tuple<at::Tensor, at::Tensor> softmax_kl_with_stats_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, double temperature,
+    c10::string_view divergence, double beta) {
+  kdfast::check_softmax_kl_args(student, teacher, temperature);
+  const Divergence kind = kdfast::parse_divergence(divergence, beta);
+  const at::Tensor s = kdfast::unit_column_stride(student);
+  const at::Tensor t = kdfast::unit_column_stride(teacher);
+  const int64_t rows = s.size(0), cols = s.size(1);
+  const auto acc_options = s.options().dtype(kdfast::accumulation_type(s));
+  at::Tensor loss = at::zeros({rows}, acc_options);
+  at::Tensor stats = at::zeros({rows, kRowStats}, acc_options);
+  if (rows == 0 || cols == 0) return {loss, stats};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(),
+                                  "softmax_kl_with_stats", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    static_assert(sizeof(RowStats<acc_t>) == kRowStats * sizeof(acc_t));
+    const Options<acc_t> options{kind, static_cast<acc_t>(temperature),
+                                 static_cast<acc_t>(beta)};
+    acc_t* loss_data = loss.mutable_data_ptr<acc_t>();
+    auto* stats_data = reinterpret_cast<RowStats<acc_t>*>(stats.mutable_data_ptr<acc_t>());
+    for_each_row<scalar_t>(s, t, [&](int64_t r, const scalar_t* s_row, const scalar_t* t_row) {
+      const RowStats<acc_t> row = row_stats<scalar_t, acc_t, acc_t>(
+          s_row, t_row, cols, options, acc_t(1), nullptr, nullptr);
+      stats_data[r] = row;
+      loss_data[r] = row_loss(row, options);
+    });
+  });
+  return {loss, stats};
+}
+
+// The backward from the inputs and the forward's RowStats: one sweep per row, the gradients
+// scaled by grad[r] and written once, in the inputs' dtype, straight into the returned
+// tensors (the only row-size memory of forward + backward).
+std::tuple<at::Tensor, at::Tensor> softmax_kl_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
+    const at::Tensor& row_stats_tensor, double temperature, c10::string_view divergence,
+    double beta, bool grad_student, bool grad_teacher) {
+  kdfast::check_softmax_kl_args(student, teacher, temperature);
+  const int64_t rows = student.size(0), cols = student.size(1);
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == rows,
+              "softmax_kl_backward: grad must be (N,) for (N, L) inputs, got ", grad.sizes());
+  const auto acc = kdfast::accumulation_type(student);
+  TORCH_CHECK(row_stats_tensor.sizes() == at::IntArrayRef({rows, kRowStats}) &&
+                  row_stats_tensor.scalar_type() == acc,
+              "softmax_kl_backward: row_stats must be softmax_kl_with_stats' (N, ", kRowStats,
+              ") in the accumulation dtype, got ", row_stats_tensor.sizes());
+  const Divergence kind = kdfast::parse_divergence(divergence, beta);
+  const at::Tensor s = kdfast::unit_column_stride(student);
+  const at::Tensor t = kdfast::unit_column_stride(teacher);
+  const at::Tensor scale = grad.to(acc).contiguous(), stats = row_stats_tensor.contiguous();
+  at::Tensor gs = at::empty({grad_student ? rows : 0, grad_student ? cols : 0}, s.options());
+  at::Tensor gt = at::empty({grad_teacher ? rows : 0, grad_teacher ? cols : 0}, s.options());
+  if (rows == 0 || cols == 0) return {gs, gt};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(),
+                                  "softmax_kl_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Options<acc_t> options{kind, static_cast<acc_t>(temperature),
+                                 static_cast<acc_t>(beta)};
+    const acc_t* scale_data = scale.const_data_ptr<acc_t>();
+    const auto* stats_data = reinterpret_cast<const RowStats<acc_t>*>(
+        stats.const_data_ptr<acc_t>());
+    scalar_t* gs_data = grad_student ? gs.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gt_data = grad_teacher ? gt.mutable_data_ptr<scalar_t>() : nullptr;
+    for_each_row<scalar_t>(s, t, [&](int64_t r, const scalar_t* s_row, const scalar_t* t_row) {
+      write_row_gradients(s_row, t_row, cols, options, stats_data[r], scale_data[r],
+                          gs_data ? gs_data + r * cols : nullptr,
+                          gt_data ? gt_data + r * cols : nullptr);
+    });
+  });
+  return {gs, gt};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
   m.impl("softmax_kl", &softmax_kl_cpu);
+  m.impl("softmax_kl_with_stats", &softmax_kl_with_stats_cpu);
+  m.impl("softmax_kl_backward", &softmax_kl_backward_cpu);
 }

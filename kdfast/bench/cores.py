@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from kdfast.bench import floors
-from kdfast.bench.shapes import EmbeddingShape, FeatureShape, LogitShape, Shape
-from kdfast.ops import attention, gram, mmd
+from kdfast.bench.shapes import EmbeddingShape, FeatureShape, LogitShape, MapShape, Shape
+from kdfast.ops import attention, gram, mmd, softmax_kl
 
 Tensors = tuple[torch.Tensor, ...]
 
@@ -46,6 +46,12 @@ def pair_inputs(shape: FeatureShape, dtype, device) -> tuple[Tensors, Tensors]:
 
 def logit_inputs(shape: LogitShape, dtype, device) -> tuple[Tensors, Tensors]:
     size = (shape.batch, shape.classes)
+    return (_randn(size, dtype, device, 1, True),), (_randn(size, dtype, device, 2, False),)
+
+
+def map_inputs(shape: MapShape, dtype, device) -> tuple[Tensors, Tensors]:
+    """Student (B, classes, H, W) logit maps with grad, teacher's of the same shape without."""
+    size = (shape.batch, shape.channels, shape.height, shape.width)
     return (_randn(size, dtype, device, 1, True),), (_randn(size, dtype, device, 2, False),)
 
 
@@ -152,4 +158,6 @@ CORES: dict[str, Core] = {core.name: core for core in (
     Core("rkd", "rkd_loss", embedding_inputs, floors.relational, kind="embeddings"),
     Core("dkd", "dkd_loss", logit_inputs, floors.logit_kd, kind="logits",
          options={"temperature": 4.0}, pack=with_targets, registry="softmax_kl"),
+    Core("cwd", "cwd_loss", map_inputs, floors.channel_softmax_kl, kind="maps",
+         options={"temperature": 1.0}, registry=softmax_kl.CORE),
 )}

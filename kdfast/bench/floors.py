@@ -30,6 +30,8 @@ D = H·W):
   gradients: 2B(m+n)D·e.
 * **KD** (B×V logits, memory-bound): forward reads both: 2BV·e; backward reads both (the
   softmaxes are recomputed, not stored) and writes ds: 3BV·e.
+* **CWD** (B×C×H×W maps, the KD core on B·C rows of H·W): the same, 2BCHW·e forward and
+  3BCHW·e backward.
 * **RKD** (B×d_s, B×d_t embeddings): distances need the Gram of each set (symmetric:
   B²d flops), angles the Gram of the unit differences per anchor (symmetric: B³d flops):
   forward (B³ + B²)(d_s + d_t), reading both: B(d_s + d_t)·e; backward the same products for
@@ -40,7 +42,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kdfast.bench.shapes import EmbeddingShape, FeatureShape, LogitShape
+from kdfast.bench.shapes import EmbeddingShape, FeatureShape, LogitShape, MapShape
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,13 @@ def fsp(shape: FeatureShape, e: int) -> dict[str, Floor]:
 
 def logit_kd(shape: LogitShape, e: int) -> dict[str, Floor]:
     size = shape.batch * shape.classes
+    return _modes(Floor(2 * size * e, 0), Floor(3 * size * e, 0))
+
+
+def channel_softmax_kl(shape: MapShape, e: int) -> dict[str, Floor]:
+    """CWD: the forward reads both maps, the backward reads both and writes the student's
+    gradient (the recomputing CPU backward's traffic; no GEMM)."""
+    size = shape.batch * shape.channels * shape.height * shape.width
     return _modes(Floor(2 * size * e, 0), Floor(3 * size * e, 0))
 
 

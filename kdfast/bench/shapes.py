@@ -9,6 +9,8 @@ Three kinds of input, one per family of loss:
   layer.
 * :class:`LogitShape` (KD, DKD): student and teacher logits (B, classes).
 * :class:`EmbeddingShape` (RKD): student (B, D_s), teacher (B, D_t).
+* :class:`MapShape` (CWD): dense-prediction logit maps (B, classes, H, W), one shape for
+  student and teacher (segmentation heads, e.g. 19 Cityscapes classes).
 
 Every suite holds ResNet-style stage shapes plus two sweeps (feature-map size at fixed
 channels, channels at a fixed map) so that the plots have lines to draw.
@@ -77,10 +79,28 @@ class EmbeddingShape:
         return {"batch (rows)": self.batch, "dim (student)": self.s_dim}
 
 
-Shape = FeatureShape | LogitShape | EmbeddingShape
+@dataclass(frozen=True)
+class MapShape:
+    batch: int
+    channels: int
+    height: int
+    width: int
+    kind: ClassVar[str] = "maps"
+    axis_fields: ClassVar[dict] = {"map size (H*W)": ("height", "width"),
+                                   "classes": ("channels",)}
+
+    @property
+    def label(self) -> str:
+        return f"{self.batch}x{self.channels}x{self.height}x{self.width}"
+
+    def axes(self) -> dict[str, int]:
+        return {"map size (H*W)": self.height * self.width, "classes": self.channels}
 
 
-KINDS = {cls.kind: cls for cls in (FeatureShape, LogitShape, EmbeddingShape)}
+Shape = FeatureShape | LogitShape | EmbeddingShape | MapShape
+
+
+KINDS = {cls.kind: cls for cls in (FeatureShape, LogitShape, EmbeddingShape, MapShape)}
 
 
 def shape_dict(shape: Shape) -> dict:
@@ -113,6 +133,7 @@ class Suite:
     features: tuple[FeatureShape, ...]
     logits: tuple[LogitShape, ...]
     embeddings: tuple[EmbeddingShape, ...]
+    maps: tuple[MapShape, ...] = ()
     # Providers left out unless --providers names them (compiling takes minutes on a small CPU).
     skip_by_default: tuple[str, ...] = ()
 
@@ -125,12 +146,14 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
           features=(FeatureShape(2, 3, 5, 4, 4), FeatureShape(2, 3, 5, 6, 6),
                     FeatureShape(2, 4, 5, 4, 4)),
           logits=(LogitShape(2, 7), LogitShape(3, 7)),
-          embeddings=(EmbeddingShape(4, 6, 8), EmbeddingShape(5, 6, 8))),
+          embeddings=(EmbeddingShape(4, 6, 8), EmbeddingShape(5, 6, 8)),
+          maps=(MapShape(2, 3, 4, 6),)),
     Suite("quick", "small CIFAR-like shapes, a minute or two on a small CPU; torch.compile "
                    "only when --providers names it",
           features=_features(8, spatial_sweep=(32, (8, 16)), channel_sweep=(16, (32, 64))),
           logits=(LogitShape(64, 100), LogitShape(256, 1000)),
           embeddings=(EmbeddingShape(32, 64, 128), EmbeddingShape(128, 64, 128)),
+          maps=(MapShape(2, 19, 32, 64),),
           skip_by_default=("compile", "compile-max-autotune")),
     Suite("cifar", "ResNet-style CIFAR maps 32x32/16x16/8x8, C 64-256, B 64",
           features=_features(64, stages=((64, 32), (128, 16), (256, 8)),
@@ -149,7 +172,8 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
                              spatial_sweep=(256, (8, 16, 32, 64, 128, 256)),
                              channel_sweep=(64, (64, 128, 256, 512))),
           logits=(LogitShape(128, 32000), LogitShape(4096, 32000), LogitShape(8192, 32000)),
-          embeddings=(EmbeddingShape(1024, 512, 2048), EmbeddingShape(2048, 512, 2048))),
+          embeddings=(EmbeddingShape(1024, 512, 2048), EmbeddingShape(2048, 512, 2048)),
+          maps=(MapShape(8, 19, 512, 1024),)),
 )}
 
 CLI_SUITES = ("quick", "cifar", "imagenet", "large")
@@ -160,8 +184,9 @@ _SIZE = r"(\d+)(?:/(\d+))?"
 def parse_shape(text: str, kind: str) -> Shape | None:
     """An explicit ``--shape`` for inputs of ``kind``, or None if it does not fit that kind.
 
-    features: ``BxCxHxW`` or ``BxC_s/C_txHxW``; logits: ``BxCLASSES``; embeddings: ``BxD``
-    or ``BxD_s/D_t``. Raises ValueError for text that is no shape at all.
+    features: ``BxCxHxW`` or ``BxC_s/C_txHxW``; maps: ``BxCLASSESxHxW``; logits:
+    ``BxCLASSES``; embeddings: ``BxD`` or ``BxD_s/D_t``. Raises ValueError for text that is no
+    shape at all.
     """
     parts = text.lower().replace(" ", "").split("x")
     if not all(re.fullmatch(_SIZE, p) for p in parts) or len(parts) not in (2, 4):
@@ -173,6 +198,8 @@ def parse_shape(text: str, kind: str) -> Shape | None:
     first, second = int(sizes[1][0]), int(sizes[1][1] or sizes[1][0])
     if kind == "features" and len(parts) == 4:
         return FeatureShape(int(parts[0]), first, second, int(parts[2]), int(parts[3]))
+    if kind == "maps" and len(parts) == 4 and sizes[1][1] is None:
+        return MapShape(int(parts[0]), first, int(parts[2]), int(parts[3]))
     if kind == "embeddings" and len(parts) == 2:
         return EmbeddingShape(int(parts[0]), first, second)
     if kind == "logits" and len(parts) == 2 and sizes[1][1] is None:

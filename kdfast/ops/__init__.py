@@ -9,10 +9,10 @@ and at the bottom one ``backends.register(CORE, backend, fn, supports)`` per bac
 * ``attention.py`` — ``"attention_map"`` (AT): reference, native, triton;
 * ``gram.py`` — ``"similarity"`` (SP) and ``"fsp"`` (FSP): reference, native, triton;
 * ``mmd.py`` — ``"channel_mmd"`` (NST): reference, native, triton;
-* ``softmax_kl.py`` — ``"softmax_kl"`` (KD, DML, BAN), reference only;
+* ``softmax_kl.py`` — ``"softmax_kl"`` (KD, DML, BAN, CWD): reference, native, triton;
 * ``gradient_attention.py`` — ``"gradient_at"``, ``rkd.py`` — ``"rkd"``, ``ab.py`` —
-  ``"ab"``, ``fitnet.py`` — ``"fitnet"``: reference only (so ``backend=`` behaves as for every
-  other loss).
+  ``"ab"``, ``fitnet.py`` — ``"fitnet"``, ``pkd.py`` — ``"pkd"``, ``mgd.py`` — ``"mgd"``:
+  reference only (so ``backend=`` behaves as for every other loss).
 
 Shared: :mod:`kdfast.ops._higher_order` (differentiable backwards through the reference) and
 :mod:`kdfast.ops._triton_common` (what the Triton op layers share). ``docs/architecture.md``

@@ -11,6 +11,7 @@ from kdfast.bench.shapes import (
     EmbeddingShape,
     FeatureShape,
     LogitShape,
+    MapShape,
     parse_shape,
     shape_dict,
     shape_from_dict,
@@ -26,6 +27,9 @@ from kdfast.bench.shapes import (
     ("64x128/512", "logits", None),
     ("64x128x32x32", "logits", None),
     ("64x100", "features", None),
+    ("8x19x512x1024", "maps", MapShape(8, 19, 512, 1024)),
+    ("8x19/21x512x1024", "maps", None),
+    ("64x100", "maps", None),
 ])
 def test_parse_shape(text, kind, expected):
     assert parse_shape(text, kind) == expected
@@ -47,6 +51,13 @@ def test_every_suite_has_each_kind_and_sweeps_to_plot(suite):
     features = SUITES[suite].features
     assert len({s.height for s in features}) >= 2
     assert len({s.s_channels for s in features}) >= 2
+
+
+def test_the_cwd_maps_are_in_the_test_quick_and_large_suites():
+    assert SUITES["tiny"].maps and SUITES["quick"].maps
+    assert MapShape(8, 19, 512, 1024) in SUITES["large"].maps
+    for suite in SUITES.values():
+        assert all(shape_from_dict(shape_dict(s)) == s for s in suite.maps)
 
 
 def test_cifar_and_large_suites_match_the_design():

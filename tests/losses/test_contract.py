@@ -31,6 +31,7 @@ from kdfast.losses.attention import at_loss
 from kdfast.losses.ban import ban_generation_loss
 from kdfast.losses.cc import cc_loss
 from kdfast.losses.crd import crd_loss
+from kdfast.losses.cwd import cwd_loss
 from kdfast.losses.dist import dist_loss
 from kdfast.losses.dkd import dkd_loss
 from kdfast.losses.dml import dml_loss
@@ -41,8 +42,10 @@ from kdfast.losses.gradient_attention import gradient_at_loss
 from kdfast.losses.kd import kd_loss
 from kdfast.losses.kdsvd import kdsvd_loss
 from kdfast.losses.lskd import lskd_loss
+from kdfast.losses.mgd import make_generation_block, mgd_loss
 from kdfast.losses.nst import nst_loss
 from kdfast.losses.ofd import ofd_loss
+from kdfast.losses.pkd import pkd_loss
 from kdfast.losses.pkt import pkt_loss
 from kdfast.losses.reviewkd import hcl_loss
 from kdfast.losses.rkd import rkd_loss
@@ -63,6 +66,13 @@ with torch.random.fork_rng():  # fixed modules without disturbing the global gen
     DISCRIMINATOR = kdfast.ConditionalDiscriminator(4, hidden=8).double()
     STUDENT_NET = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     TEACHER_NET = nn.Linear(4, 3).double().requires_grad_(False)
+    MGD_GENERATION = make_generation_block(5).double()
+    MGD_ALIGN = nn.Conv2d(3, 5, kernel_size=1).double()
+
+
+def seeded_mgd_keywords() -> dict:
+    """MGD's fixed align module and a freshly seeded mask generator (calls compare equal)."""
+    return {"align": MGD_ALIGN, "generator": torch.Generator().manual_seed(0)}
 
 
 def labels_for(logits) -> torch.Tensor:
@@ -103,9 +113,10 @@ class Case:
     module_options: dict = field(default_factory=dict)
     core: str | None = None  # registry core behind backend=; None: no backend argument
     reference_only: bool = False  # the core has no native or Triton implementation
+    keywords: Callable[[], dict] = dict  # fresh keyword arguments that every call passes
 
     def __call__(self, tensors, **options):
-        return self.function(*self.arguments(*tensors), **options)
+        return self.function(*self.arguments(*tensors), **self.keywords(), **options)
 
 
 def non_finite(name: str) -> tuple:
@@ -376,6 +387,32 @@ CASES = [
          numbers=(("temperature", 2, {}),),
          module=kdfast.WSLDLoss, module_options={"temperature": 2.0, "reduction": "none"},
          core="softmax_kl"),
+    Case("cwd", cwd_loss, two((2, 3, 4, 6), (2, 3, 4, 6)), ("student", "teacher"),
+         (FEATURES, FEATURES),
+         mismatch=fragments("student and teacher must have the same shape, got (2, 3, 4, 6) "
+                            "and (2, 4, 4, 6)", "1x1 conv"),
+         bad_options=(*positive("temperature"), *non_negative("loss_weight")),
+         numbers=(("temperature", 2, {}), ("loss_weight", 3, {})),
+         module=kdfast.CWDLoss, module_options={"temperature": 4.0, "loss_weight": 3.0,
+                                                "reduction": "sum"},
+         core="softmax_kl"),
+    Case("pkd", pkd_loss, two((2, 3, 4, 6), (2, 3, 4, 6)), ("student", "teacher"),
+         (FEATURES, FEATURES),
+         mismatch=fragments("student has 3 channels but teacher has 4", "1x1 conv"),
+         bad_options=(*non_negative("loss_weight"), *flag("resize_student")),
+         numbers=(("loss_weight", 2, {}),),
+         module=kdfast.PKDLoss, module_options={"loss_weight": 2.0, "resize_student": False,
+                                                "reduction": "none"},
+         core="pkd", reference_only=True),
+    Case("mgd", mgd_loss, two((2, 3, 4, 6), (2, 5, 4, 6)), ("student", "teacher"),
+         (FEATURES, FEATURES), arguments=lambda s, t: (s, t, MGD_GENERATION),
+         keywords=seeded_mgd_keywords,
+         mismatch=fragments("align(student) and teacher must have the same shape, got "
+                            "(2, 5, 4, 6) and (2, 6, 4, 6)", "pass align="),
+         bad_options=(*non_negative("alpha_mgd"), *non_negative("lambda_mgd"),
+                      ({"lambda_mgd": 1.5}, ValueError, "lambda_mgd must be <= 1")),
+         numbers=(("alpha_mgd", 2, {}), ("lambda_mgd", 1, {})),
+         core="mgd", reference_only=True),
 ]
 
 

@@ -192,3 +192,48 @@ def test_kd_loss_compiles_fullgraph_on_native():
     want = torch.autograd.grad(ref * 1.7, (student, teacher))
     for g, w in zip(got, want, strict=True):
         assert_rel_close(g, w, 1e-12, "gradient")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_recomputing_operators_opcheck(dtype):
+    student, teacher = randn(3, 6, seed=23).to(dtype), randn(3, 6, seed=24).to(dtype)
+    for divergence, flags in (("forward", (True, False)), ("jsd", (True, True)),
+                              ("reverse", (False, True))):
+        torch.library.opcheck(torch.ops.kdfast.softmax_kl_with_stats.default,
+                              (student, teacher, 2.0, divergence, 0.4))
+        _, row_stats = torch.ops.kdfast.softmax_kl_with_stats(student, teacher, 2.0, divergence,
+                                                              0.4)
+        grad = randn(3, seed=25).to(row_stats.dtype)
+        torch.library.opcheck(torch.ops.kdfast.softmax_kl_backward.default,
+                              (grad, student, teacher, row_stats, 2.0, divergence, 0.4, *flags))
+
+
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
+def test_recomputed_gradients_are_the_saved_ones_scaled(divergence, beta):
+    # The CPU backward reruns the forward's sweeps: the same gradients as the fused forward
+    # saves, times grad_output per row, and the same loss.
+    student, teacher = randn(4, 1500, seed=26) * 2, randn(4, 1500, seed=27) * 2
+    grad = randn(4, seed=28)
+    loss, d_student, d_teacher = torch.ops.kdfast.softmax_kl(student, teacher, 1.5, divergence,
+                                                             beta, True, True)
+    loss_with_stats, row_stats = torch.ops.kdfast.softmax_kl_with_stats(
+        student, teacher, 1.5, divergence, beta)
+    grad_s, grad_t = torch.ops.kdfast.softmax_kl_backward(grad, student, teacher, row_stats,
+                                                          1.5, divergence, beta, True, True)
+    assert torch.equal(loss_with_stats, loss) and row_stats.shape == (4, 6)
+    torch.testing.assert_close(grad_s, grad[:, None] * d_student, rtol=1e-14, atol=0)
+    torch.testing.assert_close(grad_t, grad[:, None] * d_teacher, rtol=1e-14, atol=0)
+
+
+def test_native_cpu_forward_saves_nothing_of_row_size():
+    # Forward + backward then hold one gradient-sized tensor: the gradient itself.
+    student = randn(6, 100, seed=29, requires_grad=True)
+    teacher = randn(6, 100, seed=30)
+    loss = native_softmax_kl(student, teacher, 2.0)
+    saved = loss.grad_fn.saved_tensors
+    row_sized = [x for x in saved if x.numel() >= student.numel()]
+    assert all(x is student or x is teacher or x.data_ptr() in (student.data_ptr(),
+                                                                teacher.data_ptr())
+               for x in row_sized)
+    assert sum(x.numel() for x in saved if x.data_ptr() not in (
+        student.data_ptr(), teacher.data_ptr())) <= 6 * len(student)

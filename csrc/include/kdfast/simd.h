@@ -11,3 +11,11 @@
 #ifndef KDFAST_SIMD_CLONES
 #define KDFAST_SIMD_CLONES
 #endif
+
+// KDFAST_ALWAYS_INLINE: a small helper of such a loop (an exp) that must be inlined for the
+// loop to vectorise; GCC stops inlining it on its own once a clone calls it from several loops.
+#if defined(__GNUC__)
+#define KDFAST_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define KDFAST_ALWAYS_INLINE inline
+#endif
