@@ -19,6 +19,9 @@ $(PY):
 $(VENV)/.deps: requirements-dev.txt | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install -r requirements-dev.txt
+	# Optional peer for the parity tests of the losses it ships (without its dependencies:
+	# torchdistill.losses imports without torchvision); its tests skip, saying so, without it.
+	$(PY) -m pip install --no-deps "torchdistill>=1.1" || echo "torchdistill not installed: its parity tests skip"
 	touch $@
 
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h csrc/*/*.cuh csrc/include/kdfast/*.h)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kdfast.reference._numerics import upcast_low_precision
+from kdfast.reference.numerics import upcast_low_precision
 
 
 def random_spatial_mask(batch: int, height: int, width: int, lambda_mgd: float,

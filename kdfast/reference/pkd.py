@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from kdfast.reference._numerics import upcast_low_precision
+from kdfast.reference.numerics import upcast_low_precision
 
 STD_EPS = 1e-6  # mmrazor's: added to the standard deviation
 
