@@ -271,6 +271,7 @@ def two_class_kd_draft(draw) -> Draft:
     return Draft((shape, shape), (False, True), {"temperature": draw(TEMPERATURE)})
 
 
+@st.composite
 def cwd_draft(draw) -> Draft:
     """Student and teacher maps of one shape (B, C, H, W): B·C rows of H·W positions."""
     shape = (draw(BATCH), draw(channels()), draw(SIDE), draw(SIDE))
