@@ -7,6 +7,7 @@ from kdfast import backends
 from kdfast.ops.mmd import FEATURE_GRAM, GRAM, channel_mmd_path, feature_gram_channel_mmd
 from kdfast.reference import nst as nst_reference
 from tests.helpers import randn
+from tests.test_parity import MMD_OPTIONS
 from tests.triton.parity import check_parity
 
 pytestmark = pytest.mark.triton_interpret
@@ -26,16 +27,7 @@ def mmd(s, t, **options):
     return backends.choose("channel_mmd", "triton", s, t).fn(s, t, **options)
 
 
-OPTIONS = [
-    {"kernel": "linear"},
-    {"kernel": "linear", "unbiased": True},
-    {"kernel": "poly"},
-    {"kernel": "poly", "degree": 3, "coef": 0.7, "teacher_term": False},
-    {"kernel": "rbf", "sigma2": (1.0,)},
-    {"kernel": "rbf", "sigma2": (0.3, 2.0, 9.0), "unbiased": True},
-    {"kernel": "rbf", "sigma2": "mean"},
-    {"kernel": "rbf", "sigma2": "mean", "unbiased": True, "teacher_term": False},
-]
+OPTIONS = MMD_OPTIONS  # the parity table's option sets (tests/test_parity.py)
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(map(str, o.values())))
