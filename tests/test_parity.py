@@ -39,7 +39,7 @@ from tests.helpers import (
 
 F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
 ALL_DTYPES = (F64, F32, F16, BF16)
-CORES = ("attention_map", "similarity", "fsp", "channel_mmd")
+CORES = ("attention_map", "similarity", "fsp", "channel_mmd", "softmax_kl")
 
 NO_CUDA = not (torch.cuda.is_available() and kdfast.available_backends()["native_cuda"])
 BACKENDS = [
@@ -71,8 +71,11 @@ def skip_if_unsupported(name: str, device: str, core: str, dtype: torch.dtype) -
         return
     if device == "cpu" and dtype == BF16:
         pytest.skip("the Triton interpreter has no bfloat16: this case runs on a GPU")
-    if device == "cuda" and dtype == F64 and core != "attention_map":
+    if device == "cuda" and dtype == F64 and core in DOT_CORES:
         pytest.skip("the Triton Gram/MMD kernels take no float64 on CUDA (tl.dot)")
+
+
+DOT_CORES = ("similarity", "fsp", "channel_mmd")  # Triton kernels with tl.dot
 
 
 def implementation(core: str, name: str, inputs) -> backends.Implementation:
@@ -258,8 +261,38 @@ def mmd_samples() -> list[Sample]:
     return samples
 
 
+DIVERGENCES = [{"divergence": "forward"}, {"divergence": "reverse"},
+               {"divergence": "jsd", "beta": 0.3}]
+
+
+def logit_pair(name, rows, length, teacher_grad=True, **kw) -> Sample:
+    return Sample(name, ((rows, length), (rows, length)), grads=(True, teacher_grad), **kw)
+
+
+def softmax_kl_samples() -> list[Sample]:
+    """Rows of length 1 (every softmax is 1: loss and gradients 0), 3, one past a CPU block
+    (513) and several blocks (1537); strided rows; temperatures around 1; each divergence."""
+    samples = []
+    for o in DIVERGENCES:
+        d = option_name(o)
+        samples.append(logit_pair(f"length-1-{d}", 3, 1, options={"temperature": 2.0, **o},
+                                  degenerate=(True, True)))
+        samples.append(logit_pair(f"length-3-{d}", 4, 3, options={"temperature": 0.7, **o}))
+        samples.append(logit_pair(f"past-a-block-{d}", 2, 513, False,
+                                  options={"temperature": 4.0, **o}))
+        samples.append(logit_pair(f"several-blocks-layouts-{d}", 3, 1537,
+                                  layouts=("sliced", "batch_sliced"),
+                                  options={"temperature": 1.0, **o}))
+        samples.append(logit_pair(f"low-precision-{d}", 5, 37, options={"temperature": 2.0, **o},
+                                  dtypes=ALL_DTYPES))
+    samples.append(logit_pair("transposed-expanded", 4, 9, layouts=("transposed", "expanded"),
+                              options={"temperature": 3.0}))
+    return samples
+
+
 SAMPLES = {"attention_map": attention_samples(), "similarity": similarity_samples(),
-           "fsp": fsp_samples(), "channel_mmd": mmd_samples()}
+           "fsp": fsp_samples(), "channel_mmd": mmd_samples(),
+           "softmax_kl": softmax_kl_samples()}
 CASES = [(core, sample, dtype) for core, samples in SAMPLES.items() for sample in samples
          for dtype in sample.dtypes]
 
@@ -303,12 +336,14 @@ DETERMINISM = {
     "similarity": gram_pair("odd", (9, 17, 6, 6), (9, 8, 6, 6)),
     "fsp": fsp_quad("odd", 4, 16, 9, (6, 6), (5, 5)),
     "channel_mmd": gram_pair("odd", (5, 70, 6, 6), (5, 66, 6, 6), options={"kernel": "rbf"}),
+    "softmax_kl": logit_pair("odd", 33, 3001, options={"temperature": 4.0}),
 }
 INTERPRETER_DETERMINISM = {
     "attention_map": Sample("odd", ((3, 7, 11, 13),)),
     "similarity": gram_pair("odd", (9, 5, 4, 4), (9, 3, 4, 4)),
     "fsp": fsp_quad("odd", 2, 3, 5, (4, 4), (4, 4)),
     "channel_mmd": gram_pair("odd", (2, 20, 4, 4), (2, 7, 4, 4), options={"kernel": "rbf"}),
+    "softmax_kl": logit_pair("odd", 3, 77, options={"temperature": 4.0}),
 }
 
 
@@ -329,8 +364,9 @@ def test_deterministic(backend, core, dtype):
 # --- hypothesis: random shapes, layouts and options per core ----------------------------
 
 BATCH, CHANNELS = st.integers(1, 4), st.integers(1, 9)
+LOGIT_LAYOUTS = ["contiguous", "sliced", "transposed", "expanded", "batch_sliced"]
 SIDES = {"attention_map": st.integers(1, 9), "similarity": st.integers(1, 6),
-         "fsp": st.integers(1, 6), "channel_mmd": st.integers(1, 5)}
+         "fsp": st.integers(1, 6), "channel_mmd": st.integers(1, 5), "softmax_kl": st.just(1)}
 
 
 def layouts(count: int):
@@ -352,6 +388,13 @@ def drawn_samples(draw, core: str) -> Sample:
         same = b == 1 or chosen == ("expanded", "expanded") or c_s * h * w == 1 or c_t == 1
         return gram_pair("drawn", (b, c_s, h, w), (b, c_t, w, h), teacher_grad,
                          layouts=chosen, degenerate=(same, same))
+    if core == "softmax_kl":
+        length = draw(st.integers(1, 40))
+        options = {"temperature": draw(st.sampled_from((0.5, 1.0, 4.0))),
+                   **draw(st.sampled_from(DIVERGENCES))}
+        return logit_pair("drawn", b, length, teacher_grad, options=options,
+                          layouts=draw(st.tuples(*[st.sampled_from(LOGIT_LAYOUTS)] * 2)),
+                          degenerate=(length == 1, length == 1))
     if core == "fsp":
         return fsp_quad("drawn", b, c_s, c_t, (h, w), (w, h), teacher_grad,
                         layouts=draw(layouts(4)))
@@ -372,7 +415,7 @@ def drawn_samples(draw, core: str) -> Sample:
 def test_matches_reference_on_drawn_samples(backend, core, data):
     name, device = backend
     sample = data.draw(drawn_samples(core), label="sample")
-    dtype = F32 if (name, device) == ("triton", "cuda") and core != "attention_map" else F64
+    dtype = F32 if (name, device) == ("triton", "cuda") and core in DOT_CORES else F64
     inputs = sample.inputs(device, dtype, seed=data.draw(st.integers(0, 2**16), label="seed"))
     fast, reference = run_core(core, name, sample.options, inputs)
     with tf32_matmul(False):
