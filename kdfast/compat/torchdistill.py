@@ -23,7 +23,7 @@ Each loss takes torchdistill's keywords ``student_module_path``, ``student_modul
 ``teacher_module_path``, ``teacher_module_io`` (the module and ``'input'`` / ``'output'``
 whose value the forward hooks store in the ``io_dict``), plus the options of the kdfast
 module it wraps (``kdfast.KDLoss`` for ``KDFastKDLoss``, ...; their defaults and meaning are
-in those docstrings). Losses with more inputs name each one: FSP reads
+in those docstrings). Losses with more inputs name each one: FSP and KDSVD read
 ``student_first_module_*``, ``student_second_module_*``, ``teacher_first_module_*``,
 ``teacher_second_module_*``; SRD reads ``student_module_*`` / ``teacher_module_*`` (features)
 and ``student_logits_module_*`` / ``teacher_logits_module_*``. Losses that need labels (DKD,
@@ -114,6 +114,10 @@ def _define_loss(name: str, kdfast_loss: type[nn.Module], *,
     return register_mid_level_loss(cls)
 
 
+# FSP and KDSVD read two maps per side, a layer's and a later layer's
+_CONSECUTIVE_MAPS = (("student", "student_first_module"), ("student", "student_second_module"),
+                     ("teacher", "teacher_first_module"), ("teacher", "teacher_second_module"))
+
 KDFastKDLoss = _define_loss(
     "KDFastKDLoss", kdfast.KDLoss,
     note="The batch mean of T^2 KL(p_t || p_s) (torchdistill's ``KDLoss`` with ``alpha=0`` "
@@ -130,9 +134,7 @@ KDFastSPLoss = _define_loss(
 KDFastNSTLoss = _define_loss("KDFastNSTLoss", kdfast.NSTLoss)
 KDFastFSPLoss = _define_loss(
     "KDFastFSPLoss", kdfast.FSPLoss,
-    inputs=(("student", "student_first_module"), ("student", "student_second_module"),
-            ("teacher", "teacher_first_module"), ("teacher", "teacher_second_module")),
-    arrange=lambda s1, s2, t1, t2: ([(s1, s2)], [(t1, t2)]),
+    inputs=_CONSECUTIVE_MAPS, arrange=lambda s1, s2, t1, t2: ([(s1, s2)], [(t1, t2)]),
     note="One FSP matrix pair per loss (torchdistill's ``FSPLoss`` takes ``fsp_pairs``: use "
          "one sub-term per pair).")
 KDFastRKDLoss = _define_loss("KDFastRKDLoss", kdfast.RKDLoss)
@@ -153,8 +155,10 @@ KDFastPKDLoss = _define_loss("KDFastPKDLoss", kdfast.PKDLoss)
 KDFastLSKDLoss = _define_loss("KDFastLSKDLoss", kdfast.LSKDLoss)
 KDFastWSLDLoss = _define_loss("KDFastWSLDLoss", kdfast.WSLDLoss, uses_targets=True)
 KDFastKDSVDLoss = _define_loss(
-    "KDFastKDSVDLoss", kdfast.KDSVDLoss, arrange=lambda s, t: ([s], [t]),
-    note="One pair of maps per loss: use one sub-term per pair.")
+    "KDFastKDSVDLoss", kdfast.KDSVDLoss, inputs=_CONSECUTIVE_MAPS,
+    arrange=lambda s1, s2, t1, t2: ([s1, s2], [t1, t2]),
+    note="Two consecutive maps per side (KDSVD relates consecutive maps), read as FSP reads "
+         "them.")
 KDFastSRDLoss = _define_loss(
     "KDFastSRDLoss", kdfast.SRDLoss,
     inputs=(("student", "student_module"), ("teacher", "teacher_module"),
