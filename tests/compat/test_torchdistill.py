@@ -215,6 +215,25 @@ def test_dist_equals_torchdistills():
     torch.testing.assert_close(ours, theirs)
 
 
+def test_rkd_equals_torchdistills():
+    s, t = torch.randn(B, 16, dtype=torch.float64), torch.randn(B, 32, dtype=torch.float64)
+    theirs = mid_level.RKDLoss(student_output_path=".", teacher_output_path=".",
+                               dist_factor=1.0, angle_factor=2.0, reduction="mean")(
+        *one_pair_io(s, t))
+    ours = plugin.KDFastRKDLoss(**IO, distance_weight=1.0, angle_weight=2.0)(
+        *one_pair_io(s, t))
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_cc_equals_torchdistills_cckd():
+    s, t = torch.randn(B, 16, dtype=torch.float64), torch.randn(B, 16, dtype=torch.float64)
+    theirs = mid_level.CCKDLoss(student_linear_path=".", teacher_linear_path=".",
+                                kernel_config={"type": "gaussian", "gamma": 0.4, "max_p": 2},
+                                reduction="batchmean")(*one_pair_io(s, t))
+    ours = plugin.KDFastCCLoss(**IO)(*one_pair_io(s, t))
+    torch.testing.assert_close(ours, theirs)
+
+
 def test_sp_follows_the_paper_not_torchdistills_l1_rows():
     s, t = torch.randn(B, 4, 8, 8, dtype=torch.float64), torch.randn(B, 6, 4, 4,
                                                                     dtype=torch.float64)
