@@ -212,7 +212,8 @@ class FactorTransfer(nn.Module):
 class KDSVD(nn.Module):
     """KDSVD: ``forward(g_s, g_t)`` returns one scalar per consecutive pair of layers (len − 1
     of them), each the pair's sum of squared RBF differences divided by B
-    (:func:`kdfast.functional.kdsvd_loss` on the pair)."""
+    (:func:`kdfast.functional.kdsvd_loss` on the pair; an inner map's SVD is therefore taken
+    twice, for the pair before it and the pair after it)."""
 
     def __init__(self, k=1):
         super().__init__()

@@ -403,3 +403,19 @@ def test_example_runs():
     assert out.returncode == 0, out.stderr
     for distill in load_example().DISTILLS:
         assert distill in out.stdout
+
+
+@pytest.mark.parametrize("name", ["Attention", "NSTLoss", "Similarity", "FSP", "KDSVD"])
+def test_list_loss_student_gradients_match_the_transcription(name):
+    g_t = maps(90)
+    g_s = [x.requires_grad_() for x in maps(95)]
+    criterion = (rd.FSP([x.shape for x in g_s], [x.shape for x in g_t]) if name == "FSP"
+                 else getattr(rd, name)())
+    transcription = {"Attention": lambda s, t: list(map(rd_at, s, t)),
+                     "NSTLoss": lambda s, t: list(map(rd_nst, s, t)),
+                     "Similarity": lambda s, t: list(map(rd_sp, s, t)),
+                     "FSP": rd_fsp, "KDSVD": rd_kdsvd}[name]
+    grads = torch.autograd.grad(sum(criterion(g_s, g_t)).sum(), g_s)
+    expected = torch.autograd.grad(sum(transcription(g_s, g_t)).sum(), g_s)
+    for out, ref in zip(grads, expected, strict=True):
+        assert_rel_close(out, ref, 1e-8)
