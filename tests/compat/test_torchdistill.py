@@ -169,9 +169,13 @@ def test_options_are_the_kdfast_modules_attributes():
 def test_missing_io_keywords_and_unknown_options_fail_clearly():
     with pytest.raises(TypeError, match="teacher_module_path, teacher_module_io"):
         plugin.KDFastKDLoss(student_module_path="fc", student_module_io="output")
-    with pytest.raises(TypeError, match="tau"):
-        plugin.KDFastDISTLoss(student_module_path=".", student_module_io="output",
-                              teacher_module_path=".", teacher_module_io="output", tau=1.0)
+    with pytest.raises(TypeError, match="tau"):  # DIST's torchdistill name, not KD's
+        plugin.KDFastKDLoss(student_module_path=".", student_module_io="output",
+                            teacher_module_path=".", teacher_module_io="output", tau=1.0)
+    with pytest.raises(TypeError, match="twice"):
+        plugin.KDFastDISTLoss(**IO, tau=1.0, temperature=2.0)
+    with pytest.raises(ValueError, match="reduction"):
+        plugin.KDFastSPLoss(student_output_path=".", teacher_output_path=".", reduction="sum")
 
 
 def test_label_losses_need_targets():
@@ -280,3 +284,130 @@ def test_example_step_runs():
     assert "KDFastKDLoss" in result.stdout
     loss = float(result.stdout.split("loss ")[-1])
     assert loss == loss and loss > 0
+
+
+# a torchdistill config switches by renaming its key: torchdistill's own loss and the kdfast
+# one built from the same kwargs, through WeightedSumLoss, on the same io_dict
+
+
+def torchdistill_io_dict():
+    """What torchdistill's forward hooks store for a tiny CNN: two stages, a pooled
+    embedding ("fc" input), logits ("fc" output), a linear embedding and a normed feature."""
+    def side():
+        x = torch.randn(B, 4, 8, 8, dtype=torch.float64)
+        y = torch.randn(B, 8, 8, 8, dtype=torch.float64)
+        z = torch.randn(B, 16, 4, 4, dtype=torch.float64)
+        linear = torch.nn.functional.normalize(torch.randn(B, 16, dtype=torch.float64), dim=1)
+        return {"layer1": {"input": x, "output": y}, "layer2": {"input": y, "output": z},
+                "fc": {"input": z.mean((2, 3)), "output": torch.randn(B, 10,
+                                                                      dtype=torch.float64)},
+                "linear": {"output": linear},
+                "norm_layer": {"output": torch.randn(B, 16, dtype=torch.float64)}}
+    return {"student": side(), "teacher": side()}
+
+
+def io(path, which="output"):
+    return {"path": path, "io": which}
+
+
+FC = {"student_module_path": "fc", "student_module_io": "output",
+      "teacher_module_path": "fc", "teacher_module_io": "output"}
+AT_PAIRS = {"pair1": {"student": io("layer1"), "teacher": io("layer1"), "weight": 1},
+            "pair2": {"student": io("layer2"), "teacher": io("layer2"), "weight": 0.5}}
+FSP_PAIRS = {"pair1": {"student_first": io("layer1", "input"), "student_second": io("layer1"),
+                       "teacher_first": io("layer1", "input"), "teacher_second": io("layer1"),
+                       "weight": 1},
+             "pair2": {"student_first": io("layer2", "input"), "student_second": io("layer2"),
+                       "teacher_first": io("layer2", "input"), "teacher_second": io("layer2"),
+                       "weight": 2}}
+# (torchdistill key, kdfast key, torchdistill's kwargs as in its configs)
+RENAMED = [
+    ("KDLoss", "KDFastKDLoss", {**FC, "temperature": 4.0, "alpha": 0.5}),
+    ("KDLoss", "KDFastKDLoss", {**FC, "temperature": 2.0, "alpha": 0.3, "beta": 0.9,
+                                "reduction": "sum"}),
+    ("KDLoss", "KDFastKDLoss", {**FC, "temperature": 4.0, "alpha": 0}),
+    ("LogitStdKDLoss", "KDFastLSKDLoss", {**FC, "temperature": 2.0, "alpha": 0.5, "beta": 9}),
+    ("ATLoss", "KDFastATLoss", {"at_pairs": AT_PAIRS, "mode": "code"}),
+    ("ATLoss", "KDFastATLoss", {"at_pairs": AT_PAIRS, "mode": "paper"}),
+    ("ATLoss", "KDFastATLoss", {"at_pairs": AT_PAIRS}),
+    ("AltActTransferLoss", "KDFastABLoss", {"feature_pairs": AT_PAIRS, "margin": 1.0,
+                                            "reduction": "mean"}),
+    ("RKDLoss", "KDFastRKDLoss", {"student_output_path": "linear",
+                                  "teacher_output_path": "linear", "dist_factor": 1.0,
+                                  "angle_factor": 2.0, "reduction": "mean"}),
+    ("CCKDLoss", "KDFastCCLoss", {"student_linear_path": "linear",
+                                  "teacher_linear_path": "linear",
+                                  "kernel_config": {"type": "gaussian", "gamma": 0.4,
+                                                    "max_p": 2},
+                                  "reduction": "batchmean"}),
+    ("CCKDLoss", "KDFastCCLoss", {"student_linear_path": "linear",
+                                  "teacher_linear_path": "linear",
+                                  "kernel_config": {"type": "bilinear"},
+                                  "reduction": "batchmean"}),
+    ("DISTLoss", "KDFastDISTLoss", {**FC, "beta": 2.0, "gamma": 0.5, "tau": 2.0}),
+    ("SRDLoss", "KDFastSRDLoss", {
+        "student_feature_module_path": "norm_layer", "student_feature_module_io": "output",
+        "teacher_feature_module_path": "norm_layer", "teacher_feature_module_io": "output",
+        "student_linear_module_path": "fc", "student_linear_module_io": "output",
+        "teacher_linear_module_path": "fc", "teacher_linear_module_io": "output",
+        "exponent": 4.0, "temperature": 1.0, "reduction": "batchmean"}),
+    ("PKTLoss", "KDFastPKTLoss", {"student_module_path": "fc", "student_module_io": "input",
+                                  "teacher_module_path": "fc", "teacher_module_io": "input",
+                                  "eps": 1e-7}),
+]
+
+
+def weighted_sum(key, kwargs, weight=0.7):
+    return get_high_level_loss({"key": "WeightedSumLoss", "kwargs": {"sub_terms": {
+        "term": {"criterion": {"key": key, "kwargs": kwargs}, "weight": weight}}}})
+
+
+@pytest.mark.parametrize(("theirs", "ours", "kwargs"), RENAMED,
+                         ids=[f"{t}-{i}" for i, (t, _, _) in enumerate(RENAMED)])
+def test_renaming_the_key_gives_torchdistills_value(theirs, ours, kwargs):
+    torch.manual_seed(0)
+    io_dicts = torchdistill_io_dict()
+    targets = torch.randint(0, 10, (B,))
+    expected = weighted_sum(theirs, kwargs)(io_dicts, {}, targets)
+    got = weighted_sum(ours, kwargs)(io_dicts, {}, targets)
+    torch.testing.assert_close(got, expected)
+
+
+def test_kd_without_targets_is_torchdistills_bare_kl():
+    io_dicts = torchdistill_io_dict()
+    kwargs = {**FC, "temperature": 4.0, "alpha": 0.5}
+    expected = weighted_sum("KDLoss", kwargs)(io_dicts, {}, None)
+    got = weighted_sum("KDFastKDLoss", kwargs)(io_dicts, {}, None)
+    torch.testing.assert_close(got, expected)
+
+
+def test_kd_mixture_follows_a_temperature_schedule():
+    io_dicts = torchdistill_io_dict()
+    targets = torch.randint(0, 10, (B,))
+    ours = plugin.KDFastKDLoss(**FC, temperature=4.0, alpha=0.5)
+    ours.kdfast_loss.temperature = 2.0
+    theirs = mid_level.KDLoss(**FC, temperature=2.0, alpha=0.5)
+    torch.testing.assert_close(ours(io_dicts["student"], io_dicts["teacher"], targets),
+                               theirs(io_dicts["student"], io_dicts["teacher"], targets))
+
+
+@pytest.mark.parametrize(("theirs", "ours", "kwargs"), [
+    ("SPKDLoss", "KDFastSPLoss", {"student_output_path": "layer2",
+                                  "teacher_output_path": "layer2", "reduction": "batchmean"}),
+    ("FSPLoss", "KDFastFSPLoss", {"fsp_pairs": FSP_PAIRS}),
+], ids=["SPKDLoss", "FSPLoss"])
+def test_renamed_sp_and_fsp_follow_the_paper(theirs, ours, kwargs):
+    io_dicts = torchdistill_io_dict()
+    s, t = io_dicts["student"], io_dicts["teacher"]
+    got = weighted_sum(ours, kwargs)(io_dicts, {}, None)
+    assert not torch.allclose(got, weighted_sum(theirs, kwargs)(io_dicts, {}, None))
+    if theirs == "SPKDLoss":
+        expected = F.sp_loss(s["layer2"]["output"], t["layer2"]["output"])
+    else:
+        expected = sum(pair["weight"] * F.fsp_loss(
+            [(s[pair["student_first"]["path"]]["input"],
+              s[pair["student_second"]["path"]]["output"])],
+            [(t[pair["teacher_first"]["path"]]["input"],
+              t[pair["teacher_second"]["path"]]["output"])]) for pair in FSP_PAIRS.values())
+    torch.testing.assert_close(got, 0.7 * expected)
+    assert "differ" in getattr(plugin, ours).__doc__
