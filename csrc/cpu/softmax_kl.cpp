@@ -26,6 +26,9 @@
 // that need no row sum (forward dL/ds, reverse dL/dt). 3 (only when asked for a gradient that
 // needs D or K): those gradients. After sweep 2 a row is summed up by six numbers (RowStats:
 // max and log-sum of both softmaxes, D or K_p, K_q), which is all sweep 3 needs.
+// Forward KL (KD's case) has fused loops for sweep 2 without gradients and for the backward's
+// dL/ds alone: one loop from the logits, no block arrays, the same values. x/T is a
+// multiplication when T is a power of two (exact: the same bits as the division).
 // Two operator forms. softmax_kl: the fused forward, the gradients kept in the accumulation
 // type (the backward scales them by grad_output and rounds once to the inputs' dtype).
 // softmax_kl_with_stats + softmax_kl_backward: the forward runs sweeps 1-2 and keeps only the
@@ -120,10 +123,36 @@ inline acc_t block_max(const acc_t* v, int64_t n) {
   return peak;
 }
 
+// x/T in the accumulation type, as a functor chosen once per call: DivideBy in general,
+// MultiplyBy(1/T) when T is a power of two (then x·(1/T) is the same correctly rounded x/T,
+// subnormal, infinite and NaN results included, for a fraction of a division's cost).
+template <typename acc_t>
+struct DivideBy {
+  acc_t temperature;
+  acc_t operator()(acc_t x) const { return x / temperature; }
+};
+template <typename acc_t>
+struct MultiplyBy {
+  acc_t reciprocal;
+  acc_t operator()(acc_t x) const { return x * reciprocal; }
+};
+
+// body(scale) with the exact cheapest functor computing x/T.
+template <typename acc_t, typename Body>
+void with_scale(acc_t temperature, const Body& body) {
+  int exponent = 0;
+  const acc_t reciprocal = acc_t(1) / temperature;
+  if (std::frexp(temperature, &exponent) == acc_t(0.5) && std::isnormal(reciprocal)) {
+    body(MultiplyBy<acc_t>{reciprocal});
+  } else {
+    body(DivideBy<acc_t>{temperature});
+  }
+}
+
 // out = x / T in the accumulation type.
-template <typename scalar_t, typename acc_t>
-inline void load_scaled(const scalar_t* x, int64_t n, acc_t temperature, acc_t* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<acc_t>(x[i]) / temperature;
+template <typename scalar_t, typename acc_t, typename Scale>
+inline void load_scaled(const scalar_t* x, int64_t n, const Scale& scale, acc_t* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = scale(static_cast<acc_t>(x[i]));
 }
 
 // Running logsumexp of one row, fed block by block (sweep 1).
@@ -138,9 +167,11 @@ struct OnlineLogSumExp {
   acc_t log_sum() const { return std::log(sum); }
 };
 
-// Adds a block v of one row to its running logsumexp; v is scratch (overwritten).
-template <typename acc_t>
-KDFAST_SIMD_CLONES void add_block(OnlineLogSumExp<acc_t>& lse, acc_t* v, int64_t n) {
+// Adds the block x/T of one row to its running logsumexp; v: kBlock of scratch.
+template <typename scalar_t, typename acc_t, typename Scale>
+KDFAST_SIMD_CLONES void add_block(OnlineLogSumExp<acc_t>& lse, const scalar_t* x, int64_t n,
+                                  const Scale& scale, acc_t* v) {
+  load_scaled(x, n, scale, v);
   const acc_t peak = block_max(v, n);
   if (peak > lse.max) {
     lse.sum *= exp_of(lse.max - peak);  // 0 while the running max is −inf (the sum is 0 too)
@@ -178,15 +209,15 @@ struct Needs {
   bool q, p;
 };
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename Scale>
 KDFAST_SIMD_CLONES void fill_block(const scalar_t* s, const scalar_t* t, int64_t n,
-                                   acc_t temperature, const RowStats<acc_t>& row, Needs needs,
+                                   const Scale& scale, const RowStats<acc_t>& row, Needs needs,
                                    bool mixture, acc_t beta, BlockProbabilities<acc_t>& block) {
   const acc_t max_s = row.max_s, log_sum_s = row.log_sum_s;
   const acc_t max_t = row.max_t, log_sum_t = row.log_sum_t;
   block.n = n;
-  load_scaled(s, n, temperature, block.log_q);
-  load_scaled(t, n, temperature, block.log_p);
+  load_scaled(s, n, scale, block.log_q);
+  load_scaled(t, n, scale, block.log_p);
   for (int64_t i = 0; i < n; ++i) {
     block.log_q[i] = (block.log_q[i] - max_s) - log_sum_s;
     block.log_p[i] = (block.log_p[i] - max_t) - log_sum_t;
@@ -219,6 +250,39 @@ KDFAST_SIMD_CLONES acc_t masked_kl_sum(const acc_t* x, const acc_t* log_x, const
   return block_sum(scratch, n);
 }
 
+// Forward KL's Σ p (log p − log q) over a block straight from the logits, the same sums as
+// fill_block + masked_kl_sum without the intermediate arrays. scratch: kBlock.
+template <typename scalar_t, typename acc_t, typename Scale>
+KDFAST_SIMD_CLONES acc_t forward_kl_block_sum(const scalar_t* s, const scalar_t* t, int64_t n,
+                                              const Scale& scale, const RowStats<acc_t>& row,
+                                              acc_t* scratch) {
+  const acc_t max_s = row.max_s, log_sum_s = row.log_sum_s;
+  const acc_t max_t = row.max_t, log_sum_t = row.log_sum_t;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t log_q = (scale(static_cast<acc_t>(s[i])) - max_s) - log_sum_s;
+    const acc_t log_p = (scale(static_cast<acc_t>(t[i])) - max_t) - log_sum_t;
+    const acc_t p = exp_of(log_p);
+    scratch[i] = log_p == kNegInf<acc_t> ? acc_t(0) : p * (log_p - log_q);
+  }
+  return block_sum(scratch, n);
+}
+
+// Forward KL's grad_s = G (q − p) over a block in one loop from the logits (the values of
+// fill_block + write_second_argument_grad without the intermediate arrays).
+template <typename scalar_t, typename acc_t, typename Scale, typename out_t>
+KDFAST_SIMD_CLONES void write_forward_kl_student_grad(const scalar_t* s, const scalar_t* t,
+                                                      int64_t n, const Scale& scale,
+                                                      const RowStats<acc_t>& row, acc_t G,
+                                                      out_t* grad) {
+  const acc_t max_s = row.max_s, log_sum_s = row.log_sum_s;
+  const acc_t max_t = row.max_t, log_sum_t = row.log_sum_t;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t q = exp_of((scale(static_cast<acc_t>(s[i])) - max_s) - log_sum_s);
+    const acc_t p = exp_of((scale(static_cast<acc_t>(t[i])) - max_t) - log_sum_t);
+    grad[i] = static_cast<out_t>(G * (q - p));
+  }
+}
+
 // grad = scale · x (log x − log y − kl), 0 where log x = −inf: the gradient of KL(x‖y) in
 // the logits of x = softmax. out_t: the accumulation type (the forward's saved gradient) or
 // the inputs' type (the backward's, rounded once from the accumulation type).
@@ -248,32 +312,37 @@ struct Options {
 
 // Sweeps 1 and 2 of one row (length n): its RowStats, writing on the way the gradients that
 // need no sum (forward dL/ds, reverse dL/dt) times grad_scale where a pointer is given.
-template <typename scalar_t, typename acc_t, typename out_t>
+template <typename scalar_t, typename acc_t, typename out_t, typename Scale>
 RowStats<acc_t> row_stats(const scalar_t* s, const scalar_t* t, int64_t n,
-                          const Options<acc_t>& o, acc_t grad_scale, out_t* sum_free_grad_s,
-                          out_t* sum_free_grad_t) {
+                          const Options<acc_t>& o, const Scale& scale, acc_t grad_scale,
+                          out_t* sum_free_grad_s, out_t* sum_free_grad_t) {
   const acc_t T = o.temperature, G = T * grad_scale;
   OnlineLogSumExp<acc_t> student_lse, teacher_lse;
   {
     acc_t scratch[kBlock];
     for (int64_t begin = 0; begin < n; begin += kBlock) {
       const int64_t len = std::min(kBlock, n - begin);
-      load_scaled(s + begin, len, T, scratch);
-      add_block(student_lse, scratch, len);
-      load_scaled(t + begin, len, T, scratch);
-      add_block(teacher_lse, scratch, len);
+      add_block(student_lse, s + begin, len, scale, scratch);
+      add_block(teacher_lse, t + begin, len, scale, scratch);
     }
   }
   RowStats<acc_t> row{student_lse.max, student_lse.log_sum(), teacher_lse.max,
                       teacher_lse.log_sum(), 0, 0};
+  acc_t scratch[kBlock];
+  if (o.divergence == Divergence::kForward && sum_free_grad_s == nullptr) {
+    for (int64_t begin = 0; begin < n; begin += kBlock) {
+      const int64_t len = std::min(kBlock, n - begin);
+      row.first += forward_kl_block_sum(s + begin, t + begin, len, scale, row, scratch);
+    }
+    return row;
+  }
   const bool jsd = o.divergence == Divergence::kJsd;
   const Needs needs{o.divergence != Divergence::kForward || sum_free_grad_s != nullptr,
                     o.divergence != Divergence::kReverse || sum_free_grad_t != nullptr};
   BlockProbabilities<acc_t> b;
-  acc_t scratch[kBlock];
   for (int64_t begin = 0; begin < n; begin += kBlock) {
     const int64_t len = std::min(kBlock, n - begin);
-    fill_block(s + begin, t + begin, len, T, row, needs, jsd, o.beta, b);
+    fill_block(s + begin, t + begin, len, scale, row, needs, jsd, o.beta, b);
     if (o.divergence == Divergence::kForward) {
       row.first += masked_kl_sum(b.p, b.log_p, b.log_q, len, scratch);
       if (sum_free_grad_s) write_second_argument_grad(b.p, b.q, G, len, sum_free_grad_s + begin);
@@ -290,16 +359,23 @@ RowStats<acc_t> row_stats(const scalar_t* s, const scalar_t* t, int64_t n,
 
 // The gradient sweep: the gradients whose pointer is given, times grad_scale, from the row's
 // stats (one more read of both rows).
-template <typename scalar_t, typename acc_t, typename out_t>
+template <typename scalar_t, typename acc_t, typename out_t, typename Scale>
 void write_row_gradients(const scalar_t* s, const scalar_t* t, int64_t n,
-                         const Options<acc_t>& o, const RowStats<acc_t>& row, acc_t grad_scale,
-                         out_t* grad_s, out_t* grad_t) {
+                         const Options<acc_t>& o, const Scale& scale, const RowStats<acc_t>& row,
+                         acc_t grad_scale, out_t* grad_s, out_t* grad_t) {
   const acc_t T = o.temperature, G = T * grad_scale;
+  if (o.divergence == Divergence::kForward && grad_s && !grad_t) {
+    for (int64_t begin = 0; begin < n; begin += kBlock) {
+      const int64_t len = std::min(kBlock, n - begin);
+      write_forward_kl_student_grad(s + begin, t + begin, len, scale, row, G, grad_s + begin);
+    }
+    return;
+  }
   const bool jsd = o.divergence == Divergence::kJsd;
   BlockProbabilities<acc_t> b;
   for (int64_t begin = 0; begin < n; begin += kBlock) {
     const int64_t len = std::min(kBlock, n - begin);
-    fill_block(s + begin, t + begin, len, T, row, Needs{true, true}, jsd, o.beta, b);
+    fill_block(s + begin, t + begin, len, scale, row, Needs{true, true}, jsd, o.beta, b);
     if (o.divergence == Divergence::kForward) {
       if (grad_s) write_second_argument_grad(b.p, b.q, G, len, grad_s + begin);
       if (grad_t) write_first_argument_grad(b.p, b.log_p, b.log_q, row.first, G, len,
@@ -332,16 +408,16 @@ acc_t row_loss(const RowStats<acc_t>& row, const Options<acc_t>& o) {
 
 // The fused forward of one row: its loss, writing the requested gradients (nullptr: not
 // requested) in two sweeps, or three when a gradient needs the sums.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename Scale>
 acc_t softmax_kl_row(const scalar_t* s, const scalar_t* t, int64_t n, const Options<acc_t>& o,
-                     acc_t* grad_s, acc_t* grad_t) {
+                     const Scale& scale, acc_t* grad_s, acc_t* grad_t) {
   const bool forward = o.divergence == Divergence::kForward;
   const bool reverse = o.divergence == Divergence::kReverse;
-  const RowStats<acc_t> row = row_stats(s, t, n, o, acc_t(1), forward ? grad_s : nullptr,
-                                        reverse ? grad_t : nullptr);
+  const RowStats<acc_t> row = row_stats(s, t, n, o, scale, acc_t(1),
+                                        forward ? grad_s : nullptr, reverse ? grad_t : nullptr);
   acc_t* rest_s = forward ? nullptr : grad_s;
   acc_t* rest_t = reverse ? nullptr : grad_t;
-  if (rest_s || rest_t) write_row_gradients(s, t, n, o, row, acc_t(1), rest_s, rest_t);
+  if (rest_s || rest_t) write_row_gradients(s, t, n, o, scale, row, acc_t(1), rest_s, rest_t);
   return row_loss(row, o);
 }
 
@@ -381,10 +457,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_cpu(
     acc_t* gs_data = grad_student ? gs.mutable_data_ptr<acc_t>() : nullptr;
     acc_t* gt_data = grad_teacher ? gt.mutable_data_ptr<acc_t>() : nullptr;
     acc_t* loss_data = loss.mutable_data_ptr<acc_t>();
-    for_each_row<scalar_t>(s, t, [&](int64_t r, const scalar_t* s_row, const scalar_t* t_row) {
-      loss_data[r] = softmax_kl_row(s_row, t_row, cols, options,
-                                    gs_data ? gs_data + r * cols : nullptr,
-                                    gt_data ? gt_data + r * cols : nullptr);
+    with_scale(options.temperature, [&](const auto& scale) {
+      for_each_row<scalar_t>(s, t, [&](int64_t r, const scalar_t* s_row, const scalar_t* t_row) {
+        loss_data[r] = softmax_kl_row(s_row, t_row, cols, options, scale,
+                                      gs_data ? gs_data + r * cols : nullptr,
+                                      gt_data ? gt_data + r * cols : nullptr);
+      });
     });
   });
   return {loss, gs, gt};
@@ -412,11 +490,13 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_with_stats_cpu(
                                  static_cast<acc_t>(beta)};
     acc_t* loss_data = loss.mutable_data_ptr<acc_t>();
     auto* stats_data = reinterpret_cast<RowStats<acc_t>*>(stats.mutable_data_ptr<acc_t>());
-    for_each_row<scalar_t>(s, t, [&](int64_t r, const scalar_t* s_row, const scalar_t* t_row) {
-      const RowStats<acc_t> row = row_stats<scalar_t, acc_t, acc_t>(
-          s_row, t_row, cols, options, acc_t(1), nullptr, nullptr);
-      stats_data[r] = row;
-      loss_data[r] = row_loss(row, options);
+    with_scale(options.temperature, [&](const auto& scale) {
+      for_each_row<scalar_t>(s, t, [&](int64_t r, const scalar_t* s_row, const scalar_t* t_row) {
+        const RowStats<acc_t> row = row_stats<scalar_t, acc_t, acc_t>(
+            s_row, t_row, cols, options, scale, acc_t(1), nullptr, nullptr);
+        stats_data[r] = row;
+        loss_data[r] = row_loss(row, options);
+      });
     });
   });
   return {loss, stats};
@@ -441,7 +521,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_backward_cpu(
   const Divergence kind = kdfast::parse_divergence(divergence, beta);
   const at::Tensor s = kdfast::unit_column_stride(student);
   const at::Tensor t = kdfast::unit_column_stride(teacher);
-  const at::Tensor scale = grad.to(acc).contiguous(), stats = row_stats_tensor.contiguous();
+  const at::Tensor grad_scales = grad.to(acc).contiguous(), stats = row_stats_tensor.contiguous();
   at::Tensor gs = at::empty({grad_student ? rows : 0, grad_student ? cols : 0}, s.options());
   at::Tensor gt = at::empty({grad_teacher ? rows : 0, grad_teacher ? cols : 0}, s.options());
   if (rows == 0 || cols == 0) return {gs, gt};
@@ -450,15 +530,17 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_backward_cpu(
     using acc_t = at::opmath_type<scalar_t>;
     const Options<acc_t> options{kind, static_cast<acc_t>(temperature),
                                  static_cast<acc_t>(beta)};
-    const acc_t* scale_data = scale.const_data_ptr<acc_t>();
+    const acc_t* scale_data = grad_scales.const_data_ptr<acc_t>();
     const auto* stats_data = reinterpret_cast<const RowStats<acc_t>*>(
         stats.const_data_ptr<acc_t>());
     scalar_t* gs_data = grad_student ? gs.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* gt_data = grad_teacher ? gt.mutable_data_ptr<scalar_t>() : nullptr;
-    for_each_row<scalar_t>(s, t, [&](int64_t r, const scalar_t* s_row, const scalar_t* t_row) {
-      write_row_gradients(s_row, t_row, cols, options, stats_data[r], scale_data[r],
-                          gs_data ? gs_data + r * cols : nullptr,
-                          gt_data ? gt_data + r * cols : nullptr);
+    with_scale(options.temperature, [&](const auto& scale) {
+      for_each_row<scalar_t>(s, t, [&](int64_t r, const scalar_t* s_row, const scalar_t* t_row) {
+        write_row_gradients(s_row, t_row, cols, options, scale, stats_data[r], scale_data[r],
+                            gs_data ? gs_data + r * cols : nullptr,
+                            gt_data ? gt_data + r * cols : nullptr);
+      });
     });
   });
   return {gs, gt};
