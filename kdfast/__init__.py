@@ -19,6 +19,7 @@ from kdfast.losses.dml import DMLLoss
 from kdfast.losses.fitnet import FitNetLoss, make_connector
 from kdfast.losses.fsp import FSPLoss
 from kdfast.losses.ft import FTLoss, Paraphraser, Translator
+from kdfast.losses.fused_linear_kd import FusedLinearKDLoss
 from kdfast.losses.gradient_attention import GradientATLoss
 from kdfast.losses.kd import KDLoss
 from kdfast.losses.kdsvd import KDSVDLoss
@@ -41,9 +42,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ABLoss", "ATLoss", "AdversarialKD", "AttentionBasedFusion", "BornAgain", "BornAgainEnsemble",
     "CCLoss", "CRDLoss", "CWDLoss", "ConditionalDiscriminator", "DISTLoss", "DKDLoss", "DMLLoss",
-    "Distiller", "EmbeddingHead", "FSPLoss", "FTLoss", "FitNetLoss", "GradientATLoss", "KDLoss",
-    "KDSVDLoss", "LSKDLoss", "MGDLoss", "MutualLearning", "NSTLoss", "OFDLoss", "PKDLoss",
-    "PKTLoss", "Paraphraser", "RKDLoss", "ReviewKD", "ReviewKDLoss", "SPLoss", "SRDLoss", "Term",
-    "Translator", "VIDLoss", "WSLDLoss", "available_backends", "functional", "make_connector",
-    "make_generation_block", "make_ofd_connector", "recipes",
+    "Distiller", "EmbeddingHead", "FSPLoss", "FTLoss", "FitNetLoss", "FusedLinearKDLoss",
+    "GradientATLoss", "KDLoss", "KDSVDLoss", "LSKDLoss", "MGDLoss", "MutualLearning", "NSTLoss",
+    "OFDLoss", "PKDLoss", "PKTLoss", "Paraphraser", "RKDLoss", "ReviewKD", "ReviewKDLoss", "SPLoss",
+    "SRDLoss", "Term", "Translator", "VIDLoss", "WSLDLoss", "available_backends", "functional",
+    "make_connector", "make_generation_block", "make_ofd_connector", "recipes",
 ]

@@ -18,6 +18,7 @@ from kdfast.losses.dml import dml_loss
 from kdfast.losses.fitnet import fitnet_loss
 from kdfast.losses.fsp import fsp_loss
 from kdfast.losses.ft import ft_loss, paraphraser_reconstruction_loss
+from kdfast.losses.fused_linear_kd import fused_linear_kd_loss
 from kdfast.losses.gradient_attention import gradient_at_loss
 from kdfast.losses.kd import kd_loss
 from kdfast.losses.kdsvd import kdsvd_loss
@@ -37,7 +38,8 @@ from kdfast.losses.wsld import wsld_loss
 __all__ = [
     "ab_loss", "adversarial_student_loss", "at_loss", "ban_generation_loss", "cc_loss", "crd_loss",
     "cwd_loss", "discriminator_loss", "dist_loss", "dkd_loss", "dml_loss", "fitnet_loss",
-    "fsp_loss", "ft_loss", "gradient_at_loss", "hcl_loss", "kd_loss", "kdsvd_loss", "lskd_loss",
-    "mgd_loss", "nst_loss", "ofd_loss", "ofd_margin", "paraphraser_reconstruction_loss",
-    "pkd_loss", "pkt_loss", "rkd_loss", "sp_loss", "srd_loss", "vid_loss", "wsld_loss",
+    "fsp_loss", "ft_loss", "fused_linear_kd_loss", "gradient_at_loss", "hcl_loss", "kd_loss",
+    "kdsvd_loss", "lskd_loss", "mgd_loss", "nst_loss", "ofd_loss", "ofd_margin",
+    "paraphraser_reconstruction_loss", "pkd_loss", "pkt_loss", "rkd_loss", "sp_loss", "srd_loss",
+    "vid_loss", "wsld_loss",
 ]

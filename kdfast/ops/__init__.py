@@ -10,6 +10,8 @@ and at the bottom one ``backends.register(CORE, backend, fn, supports)`` per bac
 * ``gram.py`` — ``"similarity"`` (SP) and ``"fsp"`` (FSP): reference, native, triton;
 * ``mmd.py`` — ``"channel_mmd"`` (NST): reference, native, triton;
 * ``softmax_kl.py`` — ``"softmax_kl"`` (KD, DML, BAN, CWD): reference, native, triton;
+* ``fused_linear_kd.py`` — ``"fused_linear_kd"`` (the LLM lm_head + KD loss, chunked over
+  tokens on the ``"softmax_kl"`` core): reference, native;
 * ``gradient_attention.py`` — ``"gradient_at"``, ``rkd.py`` — ``"rkd"``, ``ab.py`` —
   ``"ab"``, ``fitnet.py`` — ``"fitnet"``, ``pkd.py`` — ``"pkd"``, ``mgd.py`` — ``"mgd"``:
   reference only (so ``backend=`` behaves as for every other loss).
