@@ -66,38 +66,35 @@ def check_teacher(student_hidden, student_weight, teacher_hidden, teacher_weight
         raise ValueError("pass exactly one teacher: teacher_hidden and teacher_weight (its "
                          "hidden states and lm_head weight), or teacher_logits (N, V); got "
                          + ("both" if hidden_form else "neither"))
-    vocab, tokens = student_weight.shape[0], student_hidden.shape[:-1]
-    if teacher_logits is not None:
-        if teacher_bias is not None:
-            raise ValueError("teacher_bias goes with teacher_hidden and teacher_weight; with "
-                             "teacher_logits add the bias to the logits instead")
-        _checks.check_tensor("teacher_logits", teacher_logits, (2, 3), "(N, V) or (B, T, V)")
-        if teacher_logits.shape[-1] != vocab:
-            raise ValueError(f"teacher_logits has vocabulary size {teacher_logits.shape[-1]} "
-                             f"but student_weight has {vocab}; different vocabularies are not "
-                             "yet supported: pad or slice the teacher's to the student's")
-        got = teacher_logits.shape[:-1]
-    else:
-        if teacher_hidden is None or teacher_weight is None:
-            missing = "teacher_hidden" if teacher_hidden is None else "teacher_weight"
-            raise ValueError(f"{missing} is missing: the hidden-state teacher needs both "
-                             "teacher_hidden and teacher_weight")
-        _checks.check_tensor("teacher_hidden", teacher_hidden, (2, 3), HIDDEN_LAYOUT)
+    if hidden_form and (teacher_hidden is None or teacher_weight is None):
+        missing = "teacher_hidden" if teacher_hidden is None else "teacher_weight"
+        raise ValueError(f"{missing} is missing: the hidden-state teacher needs both "
+                         "teacher_hidden and teacher_weight")
+    if teacher_logits is not None and teacher_bias is not None:
+        raise ValueError("teacher_bias goes with teacher_hidden and teacher_weight; with "
+                         "teacher_logits add the bias to the logits instead")
+    name = "teacher_hidden" if hidden_form else "teacher_logits"
+    teacher = teacher_hidden if hidden_form else teacher_logits
+    _checks.check_tensor(name, teacher, (2, 3),
+                         HIDDEN_LAYOUT if hidden_form else "(N, V) or (B, T, V)")
+    if teacher.device != student_hidden.device:
+        raise ValueError(f"student_hidden is on {student_hidden.device} but {name} is on "
+                         f"{teacher.device}; move both to one device with .to(device)")
+    tokens, got = student_hidden.shape[:-1], teacher.shape[:-1]
+    if got.numel() != tokens.numel():
+        raise ValueError(f"student_hidden and {name} must have the same batch size (one row "
+                         f"per token), got {tuple(tokens)} and {tuple(got)} tokens; pass the "
+                         "teacher's outputs for the same tokens")
+    vocab = student_weight.shape[0]
+    if hidden_form:
         check_weight("teacher_weight", teacher_weight, "teacher_hidden", teacher_hidden)
         check_bias("teacher_bias", teacher_bias, teacher_weight)
-        if teacher_weight.shape[0] != vocab:
-            raise ValueError(f"teacher_weight has vocabulary size {teacher_weight.shape[0]} "
-                             f"but student_weight has {vocab}; different vocabularies are not "
-                             "yet supported: pad or slice the teacher's lm_head to the "
-                             "student's")
-        got = teacher_hidden.shape[:-1]
-    teacher = teacher_logits if teacher_logits is not None else teacher_hidden
-    if teacher.device != student_hidden.device:
-        raise ValueError(f"the teacher is on {teacher.device} but student_hidden is on "
-                         f"{student_hidden.device}; move both to one device with .to(device)")
-    if got.numel() != tokens.numel():
-        raise ValueError(f"the teacher scores {tuple(got)} tokens but student_hidden has "
-                         f"{tuple(tokens)}; pass the teacher's outputs for the same tokens")
+    teacher_vocab = teacher_weight.shape[0] if hidden_form else teacher_logits.shape[-1]
+    if teacher_vocab != vocab:
+        what = "teacher_weight" if hidden_form else "teacher_logits"
+        raise ValueError(f"{what} has vocabulary size {teacher_vocab} but student_weight has "
+                         f"{vocab}; different vocabularies are not yet supported: pad or "
+                         "slice the teacher's to the student's")
 
 
 def check_token_labels(labels, num_tokens: int, vocab: int, ignore_index: int,

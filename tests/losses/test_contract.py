@@ -38,6 +38,7 @@ from kdfast.losses.dml import dml_loss
 from kdfast.losses.fitnet import fitnet_loss
 from kdfast.losses.fsp import fsp_loss
 from kdfast.losses.ft import ft_loss
+from kdfast.losses.fused_linear_kd import fused_linear_kd_loss
 from kdfast.losses.gradient_attention import gradient_at_loss
 from kdfast.losses.kd import kd_loss
 from kdfast.losses.kdsvd import kdsvd_loss
@@ -154,6 +155,8 @@ def two(shape_s, shape_t, seed=0):
 
 LOGIT_PAIR = ("student_logits", "teacher_logits")
 OFD_MARGIN = torch.tensor([-0.5, -1.0, -0.1], dtype=torch.float64)  # one per channel
+LLM_HIDDEN = "2-D or 3-D (N, H) or (B, T, H)"
+LM_HEAD = "2-D (vocab_size, hidden_size)"
 VID_RANK = "2-D or 3-D or 4-D or 5-D (B, C, ...)"
 VID_VARIANCE = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
 
@@ -404,6 +407,22 @@ CASES = [
          module=kdfast.PKDLoss, module_options={"loss_weight": 2.0, "resize_student": False,
                                                 "reduction": "none"},
          core="pkd", reference_only=True),
+    # The module's forward takes the teacher and label tensors by keyword (not options), so
+    # the module-form checks of this table do not fit it: tests/losses/test_fused_linear_kd.py.
+    Case("fused_linear_kd", fused_linear_kd_loss,
+         lambda: [randn(5, 4, seed=0), randn(7, 4, seed=1), randn(5, 3, seed=2),
+                  randn(7, 3, seed=3)],
+         ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight"),
+         (LLM_HIDDEN, LM_HEAD, LLM_HIDDEN, LM_HEAD), batched=((0, 2),),
+         mismatch=fragments("student_weight has hidden size 5 but student_hidden has 4",
+                            "pass the lm_head weight"),
+         bad_options=(({"divergence": "tv"}, ValueError, "divergence must be one of"),
+                      ({"beta": 1.5}, ValueError, r"beta must be in \[0, 1\]"),
+                      *positive("temperature"), *non_negative("soft_weight"),
+                      *non_negative("hard_weight"),
+                      ({"chunk_size": 0}, ValueError, "chunk_size must be an int >= 1")),
+         numbers=(("temperature", 2, {}), ("soft_weight", 3, {})),
+         core="fused_linear_kd"),
     Case("mgd", mgd_loss, two((2, 3, 4, 6), (2, 5, 4, 6)), ("student", "teacher"),
          (FEATURES, FEATURES), arguments=lambda s, t: (s, t, MGD_GENERATION),
          keywords=seeded_mgd_keywords,

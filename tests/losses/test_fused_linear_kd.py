@@ -231,7 +231,7 @@ def test_teacher_gets_no_gradient():
     (lambda h, w, t: fused_linear_kd_loss(h, w, h, w[:-1]),
      "different vocabularies are not yet supported"),
     (lambda h, w, t: fused_linear_kd_loss(h, w.T, teacher_logits=t), "hidden size"),
-    (lambda h, w, t: fused_linear_kd_loss(h, w, teacher_logits=t[:-1]), "same tokens"),
+    (lambda h, w, t: fused_linear_kd_loss(h, w, teacher_logits=t[:-1]), "same batch size"),
     (lambda h, w, t: fused_linear_kd_loss(h, w, teacher_logits=t, hard_weight=1.0),
      "hard_weight > 0 needs labels"),
     (lambda h, w, t: fused_linear_kd_loss(h, w, teacher_logits=t,
