@@ -1,5 +1,5 @@
 """Logit distillation for language models with the lm_head fused into the loss, chunked over
-tokens: ``fused_linear_kd_loss`` and ``FusedLinearKDLoss`` (issue 14, first slice).
+tokens: ``fused_linear_kd_loss`` and ``FusedLinearKDLoss`` (a first slice).
 
 Not yet offered (later slices): top-k (sparse) teachers, skew KL / skew reverse KL, total
 variation, ``softcap`` / ``logit_scale``, teacher and student vocabularies of different sizes,

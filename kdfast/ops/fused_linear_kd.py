@@ -1,5 +1,5 @@
 """The ``"fused_linear_kd"`` core: the student's lm_head fused with the KD loss, chunked over
-tokens so that the (N, V) logits never exist at once (issue 14, first slice; the formula is
+tokens so that the (N, V) logits never exist at once (a first slice; the formula is
 :mod:`kdfast.reference.fused_linear_kd`).
 
 Not in this slice (left for later): top-k teachers, skew KL, total variation, softcap,

@@ -1,5 +1,5 @@
-"""The eager reference of the ``"fused_linear_kd"`` core (issue 14, first slice): logit
-distillation for language models with the student's lm_head in the loss.
+"""The eager reference of the ``"fused_linear_kd"`` core: logit distillation for language
+models with the student's lm_head in the loss.
 
 For hidden states h (N, H) and the lm_head weight W (V, H) (bias b), the student logits are
 ``s = h Wᵀ + b``; the teacher's are given (``teacher_logits`` (N, V)) or computed the same way

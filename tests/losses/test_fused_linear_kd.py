@@ -1,4 +1,4 @@
-"""fused_linear_kd_loss: the chunked native sweep against the eager reference (issue 14, first
+"""fused_linear_kd_loss: the chunked native sweep against the eager reference (first
 slice)."""
 
 from __future__ import annotations
