@@ -127,6 +127,15 @@ def flat(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None else x.reshape(-1, x.shape[-1])
 
 
+def items_count(num_items: torch.Tensor) -> int:
+    """A 0-d integer tensor of kept tokens (Hugging Face's ``num_items_in_batch``) as an int."""
+    if num_items.dim() != 0 or num_items.dtype.is_floating_point or num_items.is_complex() \
+            or num_items.dtype == torch.bool:
+        raise TypeError(f"num_items must be an int or a 0-d integer tensor, got a "
+                        f"{num_items.dtype} tensor of shape {tuple(num_items.shape)}")
+    return int(num_items.item())
+
+
 def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
                          teacher_hidden: torch.Tensor | None = None,
                          teacher_weight: torch.Tensor | None = None, *,
@@ -136,7 +145,7 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
                          labels: torch.Tensor | None = None, divergence: str = "forward",
                          beta: float = 0.5, temperature: float = 1.0,
                          soft_weight: float = 1.0, hard_weight: float = 0.0,
-                         ignore_index: int = -100, num_items: int | None = None,
+                         ignore_index: int = -100, num_items: int | torch.Tensor | None = None,
                          reduction: str = "mean", chunk_size: int | None = None,
                          backend: str | None = None) -> torch.Tensor:
     r"""Knowledge distillation of a language model's logits, its lm_head fused in.
@@ -168,7 +177,8 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
         temperature: T > 0 (the T² factor is always applied in this slice).
         soft_weight, hard_weight: >= 0, the weights of the KD and cross-entropy terms.
         num_items: the global number of kept tokens for ``reduction="mean"`` (gradient
-            accumulation, data parallel ranks), else the local kept count.
+            accumulation, data parallel ranks), an int or a 0-d integer tensor (Hugging
+            Face's ``num_items_in_batch``), else the local kept count.
         reduction: ``"mean"`` over kept tokens | ``"sum"`` | ``"none"`` (per token, the hidden
             states' leading shape, 0 at ignored tokens). Every token ignored gives 0.
         chunk_size: tokens per chunk (default from V and a 256 MiB budget).
@@ -184,6 +194,8 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
     """
     check_fused_linear_kd_options(divergence, beta, temperature, soft_weight, hard_weight,
                                   ignore_index, reduction, chunk_size)
+    if isinstance(num_items, torch.Tensor):  # Hugging Face passes num_items_in_batch so
+        num_items = items_count(num_items)
     if num_items is not None:
         _checks.check_int("num_items", num_items)
     _checks.check_tensor("student_hidden", student_hidden, (2, 3), HIDDEN_LAYOUT)

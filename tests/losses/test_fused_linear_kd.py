@@ -168,6 +168,17 @@ def test_num_items_half_batches_equal_one_batch():
         assert_rel_close(g, w, 1e-12, "gradient")
 
 
+def test_num_items_as_a_0d_tensor_equals_the_int():
+    labels = token_labels()
+    kept = int((labels != -100).sum())
+    as_int = loss_fn(native(), labels=labels, num_items=kept + 3)(*problem())
+    as_tensor = loss_fn(native(), labels=labels, num_items=torch.tensor(kept + 3))(*problem())
+    assert torch.equal(as_int, as_tensor)
+    for bad in (torch.tensor([kept]), torch.tensor(float(kept)), torch.tensor(True)):
+        with pytest.raises(TypeError, match="num_items must be an int or a 0-d integer tensor"):
+            loss_fn(native(), labels=labels, num_items=bad)(*problem())
+
+
 @pytest.mark.parametrize("reduction", ("mean", "none"))
 def test_keeps_nothing_of_size_tokens_by_vocab(reduction):
     """Only (N, H), (V, H), (V,) and (N,)-sized tensors are saved for the backward."""
