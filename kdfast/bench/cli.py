@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shape", action="append", default=None, metavar="SHAPE",
                         help="explicit shape instead of the suite, repeatable: BxCxHxW or "
                              "BxCs/CtxHxW (features), BxCLASSESxHxW (maps), BxCLASSES (logits), "
-                             "BxD or BxDs/Dt (embeddings); each core takes the shapes of its "
-                             "kind")
+                             "BxD or BxDs/Dt (embeddings), NxHxV (lmhead: tokens, hidden, "
+                             "vocab); each core takes the shapes of its kind")
     parser.add_argument("--providers", type=_list(PROVIDERS, "provider"), default=None,
                         help=f"comma-separated, from {', '.join(PROVIDERS)}; default all that "
                              "can run (the quick suite leaves compile out unless named here)")

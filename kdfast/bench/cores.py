@@ -13,14 +13,29 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from kdfast.bench import floors
-from kdfast.bench.shapes import EmbeddingShape, FeatureShape, LogitShape, MapShape, Shape
-from kdfast.ops import attention, gram, mmd, softmax_kl
+from kdfast.bench.shapes import (
+    EmbeddingShape,
+    FeatureShape,
+    LmHeadShape,
+    LogitShape,
+    MapShape,
+    Shape,
+)
+from kdfast.ops import attention, fused_linear_kd, gram, mmd, softmax_kl
 
 Tensors = tuple[torch.Tensor, ...]
+
+
+class Call(NamedTuple):
+    """What a ``pack`` returns where the public function takes keyword-only tensors (a plain
+    tuple is the positional arguments alone)."""
+    args: tuple
+    keywords: dict
 
 
 def _randn(shape, dtype, device, seed, requires_grad):
@@ -55,6 +70,15 @@ def map_inputs(shape: MapShape, dtype, device) -> tuple[Tensors, Tensors]:
     return (_randn(size, dtype, device, 1, True),), (_randn(size, dtype, device, 2, False),)
 
 
+def lm_head_inputs(shape: LmHeadShape, dtype, device) -> tuple[Tensors, Tensors]:
+    """Student hidden (N, H) and lm_head weight (V, H) with grad (the weight scaled by
+    1/sqrt(H) so that the logits are O(1)), teacher logits (N, V) without."""
+    n, h, v = shape.tokens, shape.hidden, shape.vocab
+    weight = _randn((v, h), dtype, device, 2, False) * h ** -0.5
+    return ((_randn((n, h), dtype, device, 1, True), weight.requires_grad_()),
+            (_randn((n, v), dtype, device, 3, False),))
+
+
 def embedding_inputs(shape: EmbeddingShape, dtype, device) -> tuple[Tensors, Tensors]:
     return ((_randn((shape.batch, shape.s_dim), dtype, device, 1, True),),
             (_randn((shape.batch, shape.t_dim), dtype, device, 2, False),))
@@ -86,6 +110,19 @@ def naive_broadcast_bytes(students: Tensors, teachers: Tensors) -> float:
     return 6.0 * first.shape[0] * channels ** 2 * first[0, 0].numel() * first.element_size()
 
 
+IGNORE_INDEX = -100
+
+
+def with_labels(students: Tensors, teachers: Tensors) -> Call:
+    """fused_linear_kd_loss's signature: hidden, weight, ``teacher_logits=`` and (N,) labels,
+    made here (cycling through the vocabulary, every fourth token ignored) so that the float
+    inputs alone reach the backends' ``supports``."""
+    hidden, weight = students
+    tokens = torch.arange(hidden.shape[0], device=hidden.device)
+    labels = (tokens % weight.shape[0]).masked_fill(tokens % 4 == 3, IGNORE_INDEX)
+    return Call((hidden, weight), {"teacher_logits": teachers[0], "labels": labels})
+
+
 @dataclass(frozen=True)
 class Core:
     name: str                          # CLI name
@@ -94,7 +131,7 @@ class Core:
     floor: Callable[[Shape, int], dict[str, floors.Floor]]
     kind: str = "features"             # which shapes of a suite it takes
     options: Mapping = field(default_factory=dict)
-    pack: Callable[[Tensors, Tensors], tuple] = flat
+    pack: Callable[[Tensors, Tensors], tuple | Call] = flat
     registry: str | None = None        # backends.implementations(registry) are benchmarked
     naive: str | None = None           # "module:function" of the naive formulation
     naive_options: Mapping = field(default_factory=dict)
@@ -105,7 +142,9 @@ class Core:
     def loss(self, students: Tensors, teachers: Tensors, backend: str) -> torch.Tensor:
         """The public loss (mean reduction) on these inputs with ``backend``."""
         function = getattr(importlib.import_module("kdfast.functional"), self.function)
-        return function(*self.pack(students, teachers), **self.options, backend=backend)
+        packed = self.pack(students, teachers)
+        args, keywords = packed if isinstance(packed, Call) else (packed, {})
+        return function(*args, **keywords, **self.options, backend=backend)
 
     def naive_function(self) -> Callable | None:
         """The naive formulation, or None where it does not exist (yet)."""
@@ -160,4 +199,6 @@ CORES: dict[str, Core] = {core.name: core for core in (
          options={"temperature": 4.0}, pack=with_targets, registry="softmax_kl"),
     Core("cwd", "cwd_loss", map_inputs, floors.channel_softmax_kl, kind="maps",
          options={"temperature": 1.0}, registry=softmax_kl.CORE),
+    Core("fused-linear-kd", "fused_linear_kd_loss", lm_head_inputs, floors.fused_linear,
+         kind="lmhead", pack=with_labels, registry=fused_linear_kd.CORE),
 )}

@@ -36,13 +36,18 @@ D = H·W):
   B²d flops), angles the Gram of the unit differences per anchor (symmetric: B³d flops):
   forward (B³ + B²)(d_s + d_t), reading both: B(d_s + d_t)·e; backward the same products for
   the student only, un-symmetric: 2(B³ + B²)d_s flops, reads and writes the student: 2Bd_s·e.
+* **Fused linear KD** (N tokens, hidden H, vocab V; GEMM-bound): forward the student logits
+  h Wᵀ: 2NHV flops, reading h, W and the teacher logits: (NH + VH + NV)·e. Backward
+  dh = G W and dW = Gᵀ h: 2·2NHV flops (3 GEMMs of 2NHV for fwd+bwd; a chunked backward that
+  recomputes the logits does one more), reading the same and writing dh, dW:
+  (2NH + 2VH + NV)·e. The (N, V) logits are never written.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kdfast.bench.shapes import EmbeddingShape, FeatureShape, LogitShape, MapShape
+from kdfast.bench.shapes import EmbeddingShape, FeatureShape, LmHeadShape, LogitShape, MapShape
 
 
 @dataclass(frozen=True)
@@ -123,3 +128,10 @@ def relational(shape: EmbeddingShape, e: int) -> dict[str, Floor]:
     pairs = b ** 3 + b ** 2
     return _modes(Floor(b * (ds + dt) * e, pairs * (ds + dt)),
                   Floor(2 * b * ds * e, 2 * pairs * ds))
+
+
+def fused_linear(shape: LmHeadShape, e: int) -> dict[str, Floor]:
+    n, h, v = shape.tokens, shape.hidden, shape.vocab
+    gemm = 2 * n * h * v
+    return _modes(Floor((n * h + v * h + n * v) * e, gemm),
+                  Floor((2 * n * h + 2 * v * h + n * v) * e, 2 * gemm))

@@ -11,6 +11,8 @@ Three kinds of input, one per family of loss:
 * :class:`EmbeddingShape` (RKD): student (B, D_s), teacher (B, D_t).
 * :class:`MapShape` (CWD): dense-prediction logit maps (B, classes, H, W), one shape for
   student and teacher (segmentation heads, e.g. 19 Cityscapes classes).
+* :class:`LmHeadShape` (fused linear KD): N tokens of H-dim student hidden states, a (V, H)
+  lm_head and (N, V) teacher logits (language-model vocabularies).
 
 Every suite holds ResNet-style stage shapes plus two sweeps (feature-map size at fixed
 channels, channels at a fixed map) so that the plots have lines to draw.
@@ -97,10 +99,27 @@ class MapShape:
         return {"map size (H*W)": self.height * self.width, "classes": self.channels}
 
 
-Shape = FeatureShape | LogitShape | EmbeddingShape | MapShape
+@dataclass(frozen=True)
+class LmHeadShape:
+    tokens: int
+    hidden: int
+    vocab: int
+    kind: ClassVar[str] = "lmhead"
+    axis_fields: ClassVar[dict] = {"tokens": ("tokens",), "vocab": ("vocab",)}
+
+    @property
+    def label(self) -> str:
+        return f"{self.tokens}x{self.hidden}x{self.vocab}"
+
+    def axes(self) -> dict[str, int]:
+        return {"tokens": self.tokens, "vocab": self.vocab}
 
 
-KINDS = {cls.kind: cls for cls in (FeatureShape, LogitShape, EmbeddingShape, MapShape)}
+Shape = FeatureShape | LogitShape | EmbeddingShape | MapShape | LmHeadShape
+
+
+KINDS = {cls.kind: cls for cls in (FeatureShape, LogitShape, EmbeddingShape, MapShape,
+                                   LmHeadShape)}
 
 
 def shape_dict(shape: Shape) -> dict:
@@ -134,6 +153,7 @@ class Suite:
     logits: tuple[LogitShape, ...]
     embeddings: tuple[EmbeddingShape, ...]
     maps: tuple[MapShape, ...] = ()
+    lmhead: tuple[LmHeadShape, ...] = ()
     # Providers left out unless --providers names them (compiling takes minutes on a small CPU).
     skip_by_default: tuple[str, ...] = ()
 
@@ -147,13 +167,15 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
                     FeatureShape(2, 4, 5, 4, 4)),
           logits=(LogitShape(2, 7), LogitShape(3, 7)),
           embeddings=(EmbeddingShape(4, 6, 8), EmbeddingShape(5, 6, 8)),
-          maps=(MapShape(2, 3, 4, 6),)),
+          maps=(MapShape(2, 3, 4, 6),),
+          lmhead=(LmHeadShape(8, 16, 101),)),
     Suite("quick", "small CIFAR-like shapes, a minute or two on a small CPU; torch.compile "
                    "only when --providers names it",
           features=_features(8, spatial_sweep=(32, (8, 16)), channel_sweep=(16, (32, 64))),
           logits=(LogitShape(64, 100), LogitShape(256, 1000)),
           embeddings=(EmbeddingShape(32, 64, 128), EmbeddingShape(128, 64, 128)),
           maps=(MapShape(2, 19, 32, 64),),
+          lmhead=(LmHeadShape(256, 128, 8000),),
           skip_by_default=("compile", "compile-max-autotune")),
     Suite("cifar", "ResNet-style CIFAR maps 32x32/16x16/8x8, C 64-256, B 64",
           features=_features(64, stages=((64, 32), (128, 16), (256, 8)),
@@ -173,7 +195,8 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
                              channel_sweep=(64, (64, 128, 256, 512))),
           logits=(LogitShape(128, 32000), LogitShape(4096, 32000), LogitShape(8192, 32000)),
           embeddings=(EmbeddingShape(1024, 512, 2048), EmbeddingShape(2048, 512, 2048)),
-          maps=(MapShape(8, 19, 512, 1024),)),
+          maps=(MapShape(8, 19, 512, 1024),),
+          lmhead=(LmHeadShape(1024, 512, 32000), LmHeadShape(4096, 2048, 128256))),
 )}
 
 CLI_SUITES = ("quick", "cifar", "imagenet", "large")
@@ -185,13 +208,14 @@ def parse_shape(text: str, kind: str) -> Shape | None:
     """An explicit ``--shape`` for inputs of ``kind``, or None if it does not fit that kind.
 
     features: ``BxCxHxW`` or ``BxC_s/C_txHxW``; maps: ``BxCLASSESxHxW``; logits:
-    ``BxCLASSES``; embeddings: ``BxD`` or ``BxD_s/D_t``. Raises ValueError for text that is no
-    shape at all.
+    ``BxCLASSES``; embeddings: ``BxD`` or ``BxD_s/D_t``; lmhead: ``NxHxV`` (tokens, hidden,
+    vocab; the only kind of three sizes). Raises ValueError for text that is no shape at all.
     """
     parts = text.lower().replace(" ", "").split("x")
-    if not all(re.fullmatch(_SIZE, p) for p in parts) or len(parts) not in (2, 4):
+    if not all(re.fullmatch(_SIZE, p) for p in parts) or len(parts) not in (2, 3, 4):
         raise ValueError(f"--shape {text!r} is not a shape; write BxCxHxW, BxCs/CtxHxW "
-                         "(features), BxCLASSES (logits) or BxD / BxDs/Dt (embeddings)")
+                         "(features), BxCLASSES (logits), BxD / BxDs/Dt (embeddings) or "
+                         "NxHxV (lmhead)")
     sizes = [re.fullmatch(_SIZE, p).groups() for p in parts]
     if any(second is not None for i, (_, second) in enumerate(sizes) if i != 1):
         raise ValueError(f"--shape {text!r}: only the channel/dim entry may be 'S/T'")
@@ -200,6 +224,8 @@ def parse_shape(text: str, kind: str) -> Shape | None:
         return FeatureShape(int(parts[0]), first, second, int(parts[2]), int(parts[3]))
     if kind == "maps" and len(parts) == 4 and sizes[1][1] is None:
         return MapShape(int(parts[0]), first, int(parts[2]), int(parts[3]))
+    if kind == "lmhead" and len(parts) == 3 and sizes[1][1] is None:
+        return LmHeadShape(int(parts[0]), first, int(parts[2]))
     if kind == "embeddings" and len(parts) == 2:
         return EmbeddingShape(int(parts[0]), first, second)
     if kind == "logits" and len(parts) == 2 and sizes[1][1] is None:

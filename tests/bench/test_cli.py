@@ -3,7 +3,7 @@ import torch
 
 from kdfast.bench.cli import output_paths, parse_args
 from kdfast.bench.cores import CORES
-from kdfast.bench.shapes import SUITES, FeatureShape, LogitShape
+from kdfast.bench.shapes import SUITES, FeatureShape, LmHeadShape, LogitShape
 
 
 def test_defaults_run_every_core_on_the_quick_suite():
@@ -29,6 +29,13 @@ def test_lists_and_numbers():
 def test_explicit_shapes_go_to_the_cores_of_their_kind():
     args = parse_args(["--cores", "at,kd", "--shape", "4x8/16x5x5", "--shape", "32x10"])
     assert args.shapes == {"at": [FeatureShape(4, 8, 16, 5, 5)], "kd": [LogitShape(32, 10)]}
+
+
+def test_three_sizes_are_an_lm_head_shape():
+    args = parse_args(["--cores", "fused-linear-kd,kd", "--shape", "256x128x8000",
+                       "--shape", "32x10"])
+    assert args.shapes == {"fused-linear-kd": [LmHeadShape(256, 128, 8000)],
+                           "kd": [LogitShape(32, 10)]}
 
 
 @pytest.mark.parametrize("argv", [

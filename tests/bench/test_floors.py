@@ -2,7 +2,7 @@ import pytest
 
 from kdfast.bench import floors
 from kdfast.bench.cores import CORES
-from kdfast.bench.shapes import SUITES, FeatureShape, LogitShape
+from kdfast.bench.shapes import SUITES, FeatureShape, LmHeadShape, LogitShape
 
 
 def test_attention_floor_is_the_feature_bytes():
@@ -40,3 +40,11 @@ def test_every_core_has_positive_floors_for_every_mode(name):
 
 def test_kd_floor_reads_both_logits():
     assert floors.logit_kd(LogitShape(4, 10), 2)["fwd"].bytes == 2 * 40 * 2
+
+
+def test_fused_linear_floor_is_three_gemms_for_forward_and_backward():
+    floor = floors.fused_linear(LmHeadShape(4, 3, 10), 4)
+    gemm = 2 * 4 * 3 * 10
+    assert floor["fwd"].flops == gemm and floor["bwd"].flops == 2 * gemm
+    assert floor["full"].flops == 3 * gemm
+    assert floor["fwd"].bytes == (4 * 3 + 10 * 3 + 4 * 10) * 4

@@ -10,6 +10,7 @@ from kdfast.bench.shapes import (
     SUITES,
     EmbeddingShape,
     FeatureShape,
+    LmHeadShape,
     LogitShape,
     MapShape,
     parse_shape,
@@ -30,12 +31,19 @@ from kdfast.bench.shapes import (
     ("8x19x512x1024", "maps", MapShape(8, 19, 512, 1024)),
     ("8x19/21x512x1024", "maps", None),
     ("64x100", "maps", None),
+    ("256x128x8000", "lmhead", LmHeadShape(256, 128, 8000)),
+    ("256x128/64x8000", "lmhead", None),
+    ("64x100", "lmhead", None),
+    ("8x19x512x1024", "lmhead", None),
+    ("1x2x3", "features", None),
+    ("1x2x3", "logits", None),
 ])
 def test_parse_shape(text, kind, expected):
     assert parse_shape(text, kind) == expected
 
 
-@pytest.mark.parametrize("text", ["64x", "ax3", "1x2x3", "2/3x4x5x6", "1x2x3/4x5", ""])
+@pytest.mark.parametrize("text", ["64x", "ax3", "1x2x3x4x5", "2/3x4x5x6",
+                                  "1x2x3/4x5", "2/3x4x5", ""])
 def test_parse_shape_rejects_what_is_no_shape(text):
     with pytest.raises(ValueError, match="--shape"):
         parse_shape(text, "features")
@@ -58,6 +66,16 @@ def test_the_cwd_maps_are_in_the_test_quick_and_large_suites():
     assert MapShape(8, 19, 512, 1024) in SUITES["large"].maps
     for suite in SUITES.values():
         assert all(shape_from_dict(shape_dict(s)) == s for s in suite.maps)
+
+
+def test_the_lm_head_shapes_are_in_the_test_quick_and_large_suites():
+    assert SUITES["tiny"].lmhead == (LmHeadShape(8, 16, 101),)
+    assert SUITES["quick"].lmhead == (LmHeadShape(256, 128, 8000),)
+    assert set(SUITES["large"].lmhead) == {LmHeadShape(1024, 512, 32000),
+                                           LmHeadShape(4096, 2048, 128256)}
+    for suite in SUITES.values():
+        assert all(shape_from_dict(shape_dict(s)) == s for s in suite.lmhead)
+    assert LmHeadShape(256, 128, 8000).label == "256x128x8000"
 
 
 def test_cifar_and_large_suites_match_the_design():
