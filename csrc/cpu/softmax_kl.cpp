@@ -437,17 +437,16 @@ void for_each_row(const at::Tensor& s, const at::Tensor& t, const Body& body) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_cpu(
     const at::Tensor& student, const at::Tensor& teacher, double temperature,
     c10::string_view divergence, double beta, bool grad_student, bool grad_teacher) {
-  kdfast::check_softmax_kl_args(student, teacher, temperature);
-  const Divergence kind = kdfast::parse_divergence(divergence, beta);
-  const at::Tensor s = kdfast::unit_column_stride(student);
-  const at::Tensor t = kdfast::unit_column_stride(teacher);
-  const int64_t rows = s.size(0), cols = s.size(1);
+  const kdfast::LogitRows in = kdfast::logit_rows(student, teacher, temperature, divergence, beta);
+  const at::Tensor &s = in.student, &t = in.teacher;
+  const Divergence kind = in.divergence;
+  const int64_t rows = in.rows, cols = in.cols;
   const auto acc_options = s.options().dtype(kdfast::accumulation_type(s));
   at::Tensor loss = at::empty({rows}, acc_options);
   // Gradients in the accumulation type: the backward scales them by grad_output and rounds
   // once to the inputs' dtype, as the reference does.
-  at::Tensor gs = at::empty({grad_student ? rows : 0, grad_student ? cols : 0}, acc_options);
-  at::Tensor gt = at::empty({grad_teacher ? rows : 0, grad_teacher ? cols : 0}, acc_options);
+  at::Tensor gs = kdfast::gradient_or_empty(grad_student, rows, cols, acc_options);
+  at::Tensor gt = kdfast::gradient_or_empty(grad_teacher, rows, cols, acc_options);
   if (rows == 0) return {loss, gs, gt};
   if (cols == 0) return {loss.zero_(), gs, gt};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "softmax_kl", [&] {
@@ -473,11 +472,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_cpu(
 std::tuple<at::Tensor, at::Tensor> softmax_kl_with_stats_cpu(
     const at::Tensor& student, const at::Tensor& teacher, double temperature,
     c10::string_view divergence, double beta) {
-  kdfast::check_softmax_kl_args(student, teacher, temperature);
-  const Divergence kind = kdfast::parse_divergence(divergence, beta);
-  const at::Tensor s = kdfast::unit_column_stride(student);
-  const at::Tensor t = kdfast::unit_column_stride(teacher);
-  const int64_t rows = s.size(0), cols = s.size(1);
+  const kdfast::LogitRows in = kdfast::logit_rows(student, teacher, temperature, divergence, beta);
+  const at::Tensor &s = in.student, &t = in.teacher;
+  const Divergence kind = in.divergence;
+  const int64_t rows = in.rows, cols = in.cols;
   const auto acc_options = s.options().dtype(kdfast::accumulation_type(s));
   at::Tensor loss = at::zeros({rows}, acc_options);
   at::Tensor stats = at::zeros({rows, kRowStats}, acc_options);
@@ -509,8 +507,10 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_backward_cpu(
     const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
     const at::Tensor& row_stats_tensor, double temperature, c10::string_view divergence,
     double beta, bool grad_student, bool grad_teacher) {
-  kdfast::check_softmax_kl_args(student, teacher, temperature);
-  const int64_t rows = student.size(0), cols = student.size(1);
+  const kdfast::LogitRows in = kdfast::logit_rows(student, teacher, temperature, divergence, beta);
+  const at::Tensor &s = in.student, &t = in.teacher;
+  const Divergence kind = in.divergence;
+  const int64_t rows = in.rows, cols = in.cols;
   TORCH_CHECK(grad.dim() == 1 && grad.size(0) == rows,
               "softmax_kl_backward: grad must be (N,) for (N, L) inputs, got ", grad.sizes());
   const auto acc = kdfast::accumulation_type(student);
@@ -518,12 +518,9 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_backward_cpu(
                   row_stats_tensor.scalar_type() == acc,
               "softmax_kl_backward: row_stats must be softmax_kl_with_stats' (N, ", kRowStats,
               ") in the accumulation dtype, got ", row_stats_tensor.sizes());
-  const Divergence kind = kdfast::parse_divergence(divergence, beta);
-  const at::Tensor s = kdfast::unit_column_stride(student);
-  const at::Tensor t = kdfast::unit_column_stride(teacher);
   const at::Tensor grad_scales = grad.to(acc).contiguous(), stats = row_stats_tensor.contiguous();
-  at::Tensor gs = at::empty({grad_student ? rows : 0, grad_student ? cols : 0}, s.options());
-  at::Tensor gt = at::empty({grad_teacher ? rows : 0, grad_teacher ? cols : 0}, s.options());
+  at::Tensor gs = kdfast::gradient_or_empty(grad_student, rows, cols, s.options());
+  at::Tensor gt = kdfast::gradient_or_empty(grad_teacher, rows, cols, s.options());
   if (rows == 0 || cols == 0) return {gs, gt};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(),
                                   "softmax_kl_backward", [&] {

@@ -18,19 +18,18 @@ using kdfast::Divergence;
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_cuda(
     const at::Tensor& student, const at::Tensor& teacher, double temperature,
     c10::string_view divergence, double beta, bool grad_student, bool grad_teacher) {
-  kdfast::check_softmax_kl_args(student, teacher, temperature);
   TORCH_CHECK(student.is_cuda() && teacher.device() == student.device(),
               "softmax_kl: student and teacher must be on one CUDA device");
-  const Divergence kind = kdfast::parse_divergence(divergence, beta);
   const c10::cuda::CUDAGuard guard(student.device());
-  const at::Tensor s = kdfast::unit_column_stride(student);
-  const at::Tensor t = kdfast::unit_column_stride(teacher);
-  const int64_t rows = s.size(0), cols = s.size(1);
+  const kdfast::LogitRows in = kdfast::logit_rows(student, teacher, temperature, divergence, beta);
+  const at::Tensor &s = in.student, &t = in.teacher;
+  const Divergence kind = in.divergence;
+  const int64_t rows = in.rows, cols = in.cols;
   TORCH_CHECK(rows <= 0x7fffffff, "softmax_kl: at most 2^31 - 1 rows, got ", rows);
   const auto options = s.options().dtype(kdfast::accumulation_type(s));
   at::Tensor loss = at::empty({rows}, options);
-  at::Tensor gs = at::empty({grad_student ? rows : 0, grad_student ? cols : 0}, options);
-  at::Tensor gt = at::empty({grad_teacher ? rows : 0, grad_teacher ? cols : 0}, options);
+  at::Tensor gs = kdfast::gradient_or_empty(grad_student, rows, cols, options);
+  at::Tensor gt = kdfast::gradient_or_empty(grad_teacher, rows, cols, options);
   if (rows == 0) return {loss, gs, gt};
   if (cols == 0) return {loss.zero_(), gs, gt};
   kdfast::cuda::softmax_kl_forward(

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
@@ -38,6 +39,28 @@ inline void check_softmax_kl_args(const at::Tensor& student, const at::Tensor& t
 // Rows read in place when their entries are contiguous (any row stride), else copied.
 inline at::Tensor unit_column_stride(const at::Tensor& x) {
   return x.size(1) <= 1 || x.stride(1) == 1 ? x : x.contiguous();
+}
+
+// The (N, L) logit rows of one softmax_kl call: checked, the divergence parsed, each read with
+// unit column stride.
+struct LogitRows {
+  at::Tensor student, teacher;
+  Divergence divergence;
+  int64_t rows, cols;
+};
+
+inline LogitRows logit_rows(const at::Tensor& student, const at::Tensor& teacher,
+                            double temperature, c10::string_view divergence, double beta) {
+  check_softmax_kl_args(student, teacher, temperature);
+  const Divergence kind = parse_divergence(divergence, beta);
+  return {unit_column_stride(student), unit_column_stride(teacher), kind, student.size(0),
+          student.size(1)};
+}
+
+// A requested (rows, cols) gradient, or the 0 x 0 placeholder of one not requested.
+inline at::Tensor gradient_or_empty(bool wanted, int64_t rows, int64_t cols,
+                                    const at::TensorOptions& options) {
+  return at::empty({wanted ? rows : 0, wanted ? cols : 0}, options);
 }
 
 }  // namespace kdfast
