@@ -285,6 +285,9 @@ def _define_loss(name: str, kdfast_loss: type[nn.Module], *,
 _CONSECUTIVE_MAPS = (("student", "student_first_module"), ("student", "student_second_module"),
                      ("teacher", "teacher_first_module"), ("teacher", "teacher_second_module"))
 
+_CONNECTOR_NOTE = ("With ``student_channels`` / ``teacher_channels`` the criterion holds a "
+                   "trainable connector: add the criterion's parameters to the student's "
+                   "optimiser.")
 KDFastKDLoss = _define_loss(
     "KDFastKDLoss", kdfast.KDLoss,
     note="With kdfast's keywords, the batch mean of T^2 KL(p_t || p_s). With torchdistill's "
@@ -315,8 +318,7 @@ KDFastFSPLoss = _define_loss(
 KDFastRKDLoss = _define_loss("KDFastRKDLoss", kdfast.RKDLoss)
 KDFastABLoss = _define_loss(
     "KDFastABLoss", kdfast.ABLoss,
-    note="With ``student_channels`` / ``teacher_channels`` the criterion holds a trainable "
-         "connector: add the criterion's parameters to the student's optimiser.")
+    note=_CONNECTOR_NOTE)
 KDFastPKTLoss = _define_loss("KDFastPKTLoss", kdfast.PKTLoss)
 KDFastCCLoss = _define_loss("KDFastCCLoss", kdfast.CCLoss)
 KDFastDKDLoss = _define_loss("KDFastDKDLoss", kdfast.DKDLoss, uses_targets=True)
@@ -324,8 +326,7 @@ KDFastDISTLoss = _define_loss("KDFastDISTLoss", kdfast.DISTLoss)
 KDFastCWDLoss = _define_loss("KDFastCWDLoss", kdfast.CWDLoss)
 KDFastFitNetLoss = _define_loss(
     "KDFastFitNetLoss", kdfast.FitNetLoss,
-    note="With ``student_channels`` / ``teacher_channels`` the criterion holds a trainable "
-         "connector: add the criterion's parameters to the student's optimiser.")
+    note=_CONNECTOR_NOTE)
 KDFastPKDLoss = _define_loss("KDFastPKDLoss", kdfast.PKDLoss)
 KDFastLSKDLoss = _define_loss(
     "KDFastLSKDLoss", kdfast.LSKDLoss,
