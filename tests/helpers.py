@@ -134,7 +134,7 @@ def seeded_grad_output(seed: int = 0):
 def assert_matches_reference(fast_fn, reference_fn, inputs, *, grad_output=None,
                              rtol64: float = FLOAT64_RTOL, atol: float = 1e-13,
                              degenerate=(False, False), keep_channels_last: bool = False,
-                             what: str = "") -> list[torch.Tensor | None]:
+                             value_atol: float = 0.0, what: str = "") -> list[torch.Tensor | None]:
     """``fast_fn(*inputs)`` and its gradients against ``reference_fn`` run in float64: the one
     value-and-gradient comparison of the suite.
 
@@ -148,7 +148,9 @@ def assert_matches_reference(fast_fn, reference_fn, inputs, *, grad_output=None,
     dtype the reference gives in that dtype, the gradients the shape of their input (and,
     with ``keep_channels_last``, the strides of a channels_last one). ``atol`` is added to
     every bound (a reference that is 0 in exact arithmetic); ``degenerate`` (value,
-    gradients) replaces it by the rounding noise (rounding_noise) of such outputs.
+    gradients) replaces it by the rounding noise (rounding_noise) of such outputs;
+    ``value_atol`` is added to the value's bound below float64 (an output whose rounding
+    error scales with something larger than itself: LossCases.value_noise).
     Returns the fast path's outputs."""
     dtype = inputs[0].dtype
     resolve = grad_output or seeded_grad_output()
@@ -183,7 +185,7 @@ def assert_matches_reference(fast_fn, reference_fn, inputs, *, grad_output=None,
         rtol = rtol64
         if dtype != torch.float64:
             rtol = low_precision_rtol(low, ref, LOW_PRECISION_FLOORS[dtype])
-        noise = atol
+        noise = atol + (value_atol if i == 0 and dtype != torch.float64 else 0.0)
         if degenerate[min(i, 1)]:
             noise = rounding_noise(dtype, exact, weights[0] if weights else None, value=i == 0)
         assert_rel_close(out.cpu(), ref, rtol, name, noise)

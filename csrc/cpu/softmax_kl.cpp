@@ -26,8 +26,9 @@
 // that need no row sum (forward dL/ds, reverse dL/dt). 3 (only when asked for a gradient that
 // needs D or K): those gradients. After sweep 2 a row is summed up by six numbers (RowStats:
 // max and log-sum of both softmaxes, D or K_p, K_q), which is all sweep 3 needs.
-// Forward KL (KD's case) has fused loops for sweep 2 without gradients and for the backward's
-// dL/ds alone: one loop from the logits, no block arrays, the same values. x/T is a
+// Forward KL (KD's case) needs no sweep 2 for its divergence: sweep 1 also sums a cross term
+// (forward_kl_row_stats), two exps per entry instead of three; its dL/ds (sweep 2 of the fused
+// forward, the backward's one sweep) is one loop from the logits, no block arrays. x/T is a
 // multiplication when T is a power of two (exact: the same bits as the division).
 // Two operator forms. softmax_kl: the fused forward, the gradients kept in the accumulation
 // type (the backward scales them by grad_output and rounds once to the inputs' dtype).
@@ -187,6 +188,20 @@ KDFAST_SIMD_CLONES void add_block(OnlineLogSumExp<acc_t>& lse, const scalar_t* x
   lse.sum += block_sum(v, n);
 }
 
+// Forward KL's teacher-weighted cross term Σ e_t ((b − max b) − (a − max a)) of one block,
+// e_t = exp(b − max b) being the teacher's add_block output (v_t), both maxes the running
+// ones after the block; an entry b = −inf (a masked class) adds 0. scratch: kBlock.
+template <typename scalar_t, typename acc_t, typename Scale>
+KDFAST_SIMD_CLONES acc_t cross_block_sum(const scalar_t* s, const scalar_t* t, const acc_t* v_t,
+                                         int64_t n, const Scale& scale, acc_t max_s,
+                                         acc_t max_t, acc_t* scratch) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t a = scale(static_cast<acc_t>(s[i])), b = scale(static_cast<acc_t>(t[i]));
+    scratch[i] = b == kNegInf<acc_t> ? acc_t(0) : v_t[i] * ((b - max_t) - (a - max_s));
+  }
+  return block_sum(scratch, n);
+}
+
 // What a gradient sweep needs of one row: both softmax normalisers (the max of x/T and
 // log Σ exp(x/T − max)) and the divergence sums (forward/reverse: D; jsd: K_p and K_q).
 // Stored as kRowStats values per row by softmax_kl_with_stats for the backward.
@@ -310,48 +325,88 @@ struct Options {
   acc_t temperature, beta;
 };
 
+// Sweep 1 of one row: both softmax normalisers, in RowStats' first four fields.
+template <typename scalar_t, typename acc_t, typename Scale>
+RowStats<acc_t> normalisers(const scalar_t* s, const scalar_t* t, int64_t n,
+                            const Scale& scale) {
+  OnlineLogSumExp<acc_t> student_lse, teacher_lse;
+  acc_t scratch[kBlock];
+  for (int64_t begin = 0; begin < n; begin += kBlock) {
+    const int64_t len = std::min(kBlock, n - begin);
+    add_block(student_lse, s + begin, len, scale, scratch);
+    add_block(teacher_lse, t + begin, len, scale, scratch);
+  }
+  return {student_lse.max, student_lse.log_sum(), teacher_lse.max, teacher_lse.log_sum(), 0, 0};
+}
+
+// Forward KL's RowStats in one sweep: sweep 1 also sums the cross term
+// c = Σ e_t ((b − max b) − (a − max a)), e_t = exp(b − max b), moved along when a running max
+// grows (every earlier e_t scales by exp(old max b − max b), every difference shifts by the
+// change of max a − max b); then KL = Σ p (log p − log q) = c / Σ e_t − (log Σ_b − log Σ_a)
+// (Σ p = 1), the differences to the maxes exact near them as in sweep 2. Where that is not
+// finite (a masked student class under the teacher's mass, NaN, ±inf) sweep 2's
+// forward_kl_block_sum recomputes D, so special values follow the one rule of the other paths.
+template <typename scalar_t, typename acc_t, typename Scale>
+RowStats<acc_t> forward_kl_row_stats(const scalar_t* s, const scalar_t* t, int64_t n,
+                                     const Scale& scale) {
+  OnlineLogSumExp<acc_t> student_lse, teacher_lse;
+  acc_t cross = 0;
+  acc_t scratch[kBlock], v_t[kBlock];
+  for (int64_t begin = 0; begin < n; begin += kBlock) {
+    const int64_t len = std::min(kBlock, n - begin);
+    const acc_t old_max_s = student_lse.max, old_max_t = teacher_lse.max;
+    const acc_t old_sum_t = teacher_lse.sum;
+    add_block(student_lse, s + begin, len, scale, scratch);
+    add_block(teacher_lse, t + begin, len, scale, v_t);
+    if (old_sum_t > 0 && (student_lse.max != old_max_s || teacher_lse.max != old_max_t)) {
+      const acc_t shift = (student_lse.max - old_max_s) - (teacher_lse.max - old_max_t);
+      cross = (cross + shift * old_sum_t) * exp_of(old_max_t - teacher_lse.max);
+    }
+    cross += cross_block_sum(s + begin, t + begin, v_t, len, scale, student_lse.max,
+                             teacher_lse.max, scratch);
+  }
+  RowStats<acc_t> row{student_lse.max, student_lse.log_sum(), teacher_lse.max,
+                      teacher_lse.log_sum(), 0, 0};
+  row.first = cross / teacher_lse.sum - (row.log_sum_t - row.log_sum_s);
+  if (std::isfinite(row.first)) return row;
+  row.first = 0;
+  for (int64_t begin = 0; begin < n; begin += kBlock) {
+    const int64_t len = std::min(kBlock, n - begin);
+    row.first += forward_kl_block_sum(s + begin, t + begin, len, scale, row, scratch);
+  }
+  return row;
+}
+
 // Sweeps 1 and 2 of one row (length n): its RowStats, writing on the way the gradients that
 // need no sum (forward dL/ds, reverse dL/dt) times grad_scale where a pointer is given.
 template <typename scalar_t, typename acc_t, typename out_t, typename Scale>
 RowStats<acc_t> row_stats(const scalar_t* s, const scalar_t* t, int64_t n,
                           const Options<acc_t>& o, const Scale& scale, acc_t grad_scale,
                           out_t* sum_free_grad_s, out_t* sum_free_grad_t) {
-  const acc_t T = o.temperature, G = T * grad_scale;
-  OnlineLogSumExp<acc_t> student_lse, teacher_lse;
-  {
-    acc_t scratch[kBlock];
-    for (int64_t begin = 0; begin < n; begin += kBlock) {
+  const acc_t G = o.temperature * grad_scale;
+  if (o.divergence == Divergence::kForward) {
+    const RowStats<acc_t> row = forward_kl_row_stats<scalar_t, acc_t>(s, t, n, scale);
+    for (int64_t begin = 0; sum_free_grad_s && begin < n; begin += kBlock) {
       const int64_t len = std::min(kBlock, n - begin);
-      add_block(student_lse, s + begin, len, scale, scratch);
-      add_block(teacher_lse, t + begin, len, scale, scratch);
-    }
-  }
-  RowStats<acc_t> row{student_lse.max, student_lse.log_sum(), teacher_lse.max,
-                      teacher_lse.log_sum(), 0, 0};
-  acc_t scratch[kBlock];
-  if (o.divergence == Divergence::kForward && sum_free_grad_s == nullptr) {
-    for (int64_t begin = 0; begin < n; begin += kBlock) {
-      const int64_t len = std::min(kBlock, n - begin);
-      row.first += forward_kl_block_sum(s + begin, t + begin, len, scale, row, scratch);
+      write_forward_kl_student_grad(s + begin, t + begin, len, scale, row, G,
+                                    sum_free_grad_s + begin);
     }
     return row;
   }
+  RowStats<acc_t> row = normalisers<scalar_t, acc_t>(s, t, n, scale);
   const bool jsd = o.divergence == Divergence::kJsd;
-  const Needs needs{o.divergence != Divergence::kForward || sum_free_grad_s != nullptr,
-                    o.divergence != Divergence::kReverse || sum_free_grad_t != nullptr};
+  const Needs needs{true, jsd || sum_free_grad_t != nullptr};
+  acc_t scratch[kBlock];
   BlockProbabilities<acc_t> b;
   for (int64_t begin = 0; begin < n; begin += kBlock) {
     const int64_t len = std::min(kBlock, n - begin);
     fill_block(s + begin, t + begin, len, scale, row, needs, jsd, o.beta, b);
-    if (o.divergence == Divergence::kForward) {
-      row.first += masked_kl_sum(b.p, b.log_p, b.log_q, len, scratch);
-      if (sum_free_grad_s) write_second_argument_grad(b.p, b.q, G, len, sum_free_grad_s + begin);
-    } else if (o.divergence == Divergence::kReverse) {
-      row.first += masked_kl_sum(b.q, b.log_q, b.log_p, len, scratch);
-      if (sum_free_grad_t) write_second_argument_grad(b.q, b.p, G, len, sum_free_grad_t + begin);
-    } else {
+    if (jsd) {
       row.first += masked_kl_sum(b.p, b.log_p, b.log_m, len, scratch);
       row.second += masked_kl_sum(b.q, b.log_q, b.log_m, len, scratch);
+    } else {
+      row.first += masked_kl_sum(b.q, b.log_q, b.log_p, len, scratch);
+      if (sum_free_grad_t) write_second_argument_grad(b.q, b.p, G, len, sum_free_grad_t + begin);
     }
   }
   return row;
