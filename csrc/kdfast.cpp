@@ -57,10 +57,11 @@ TORCH_LIBRARY(kdfast, m) {
         "bool grad_student, bool grad_teacher) -> (Tensor, Tensor)");
   // Row-wise softmax divergence of (N, L) logits softened by T (divergence forward | reverse
   // | jsd with beta): the per-row loss T² D (N,) and dL/ds, dL/dt (N, L), contiguous (0 x 0
-  // where not requested), all in the accumulation dtype.
+  // where not requested), all in the accumulation dtype (the fused linear KD's per-chunk
+  // loss and gradient).
   m.def("softmax_kl(Tensor student, Tensor teacher, float temperature, str divergence, "
         "float beta, bool grad_student, bool grad_teacher) -> (Tensor, Tensor, Tensor)");
-  // The recomputing pair (CPU): the forward keeps nothing of row size but returns per row
+  // The recomputing pair (CPU and CUDA; the autograd path of the core): the forward keeps nothing of row size but returns per row
   // the loss (N,) and row_stats (N, 6) (both softmax normalisers and the divergence sums, in
   // the accumulation dtype); the backward rereads the inputs once and returns (d student,
   // d teacher) (N, L) scaled per row by grad (N,), contiguous, in the inputs' dtype (0 x 0

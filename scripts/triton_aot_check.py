@@ -29,12 +29,12 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kdfast.triton import _gemm, attention, gram, mmd  # noqa: E402
+from kdfast.triton import _gemm, attention, gram, mmd, softmax_kl  # noqa: E402
 
 TL = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 # Pointers that carry the input's dtype; every other pointer holds float32 results/weights.
 INPUT_POINTERS = {"x_ptr", "dx_ptr", "da_ptr", "y_ptr", "s_ptr", "t_ptr", "a_ptr", "b_ptr",
-                  "sa_ptr", "sb_ptr", "ta_ptr", "tb_ptr", "z1_ptr", "z2_ptr"}
+                  "sa_ptr", "sb_ptr", "ta_ptr", "tb_ptr", "z1_ptr", "z2_ptr", "gs_ptr", "gt_ptr"}
 FLOATS = {"eps"}
 # Opt-in shared memory per block (bytes) by compute capability: a variant above it compiles
 # but fails at launch with "out of resources", which autotuning would hit on the GPU.
@@ -101,6 +101,13 @@ def cases():
         yield ("linear_backward", mmd._linear_backward_kernel, dtype,
                {"BLOCK_R": 16, "BLOCK_HW": 64})
     yield "sp_rows", gram._sp_rows_kernel, "float32", {"SPLITS": 8, "BLOCK": 256}
+    for dtype, kind in itertools.product(TL, (0, 1, 2)):
+        yield (f"softmax_kl_stats divergence {kind}", softmax_kl._softmax_kl_stats_kernel, dtype,
+               {"DIVERGENCE": kind})
+        for grads in ((True, False), (False, True), (True, True)):
+            yield (f"softmax_kl_backward divergence {kind} grads {grads}",
+                   softmax_kl._softmax_kl_backward_kernel, dtype,
+                   {"DIVERGENCE": kind, "GRAD_S": grads[0], "GRAD_T": grads[1]})
 
 
 def main() -> int:

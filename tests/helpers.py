@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import os
 
 import torch
@@ -229,3 +230,22 @@ def spy_on_backend(monkeypatch, core: str, backend: str) -> list[tuple]:
         return impl.fn(*args, **kwargs)
     monkeypatch.setitem(backends._REGISTRY[core], backend, dataclasses.replace(impl, fn=recorded))
     return calls
+
+
+def run_docstring_example(obj):
+    """Runs the ``>>>`` statements of ``obj``'s docstring (``# doctest: +SKIP`` ignored: those
+    examples are skipped by doctest only because their output is random) with ``torch`` and
+    ``kdfast`` imported, and returns the value of the last one, an expression."""
+    import kdfast  # the examples' namespace, imported here as they assume it
+
+    statements: list[str] = []
+    for line in (line.strip() for line in inspect.getdoc(obj).splitlines()):
+        text = line[4:].split("# doctest:")[0].rstrip()
+        if line.startswith(">>> "):
+            statements.append(text)
+        elif line.startswith("... ") and statements:
+            statements[-1] += "\n" + text
+    assert statements, f"{obj.__qualname__} has no example"
+    namespace = {"torch": torch, "kdfast": kdfast}
+    exec(compile("\n".join(statements[:-1]), f"<{obj.__qualname__} example>", "exec"), namespace)
+    return eval(statements[-1], namespace)

@@ -1,20 +1,30 @@
 r"""Triton row-wise softmax divergence (the ``"softmax_kl"`` core): forward KL, reverse KL or
-the generalised JSD(β) of (N, L) logits softened by T, the per-row loss T²·D and its
-gradients in one kernel (docs/design.md, "Row-wise softmax-KL"; the derivation is atop
-csrc/cpu/softmax_kl.cpp).
+the generalised JSD(β) of (N, L) logits softened by T, in the recomputing form
+(docs/design.md, "Row-wise softmax-KL"; the derivation and the RowStats layout are atop
+csrc/cpu/softmax_kl.cpp). Grid (N,), one program per row, loops over column blocks.
 
-``_softmax_kl_kernel``, grid (N,), one program per row, loops over column blocks:
+``_softmax_kl_stats_kernel`` (the forward), two sweeps:
 
 1. online logsumexp of both rows at once: per block m' = max(m, max x), the running sum
    rescaled by exp(m − m'), plus Σ exp(x − m');
-2. log q = (s/T − m_s) − log S_s (and log p likewise), the divergence sums, and the gradients
-   that need no row sum (forward dL/ds = T (q − p), reverse dL/dt = T (p − q));
-3. only when asked for a gradient that needs the row's divergence (forward dL/dt, reverse
-   dL/ds, both of the JSD): those, x (log x − log y − KL) scaled.
+2. log q = (s/T − m_s) − log S_s (and log p likewise) and the divergence sums (forward and
+   reverse: D; JSD: K_p, K_q).
+
+It writes the per-row loss T²·D and the six RowStats (m_s, log S_s, m_t, log S_t, the two
+sums), nothing of row size.
+
+``_softmax_kl_backward_kernel``, one sweep from the inputs and the RowStats: with
+G = T · grad_output[r],
+
+    forward  dL/ds = G (q − p),                     dL/dt = G p (log p − log q − D)
+    reverse  dL/ds = G q (log q − log p − D),       dL/dt = G (p − q)
+    jsd      dL/ds = G (1−β) q (log q − log m − K_q), dL/dt = G β p (log p − log m − K_p)
+
+written once, rounded to the inputs' dtype: forward + backward hold one gradient-sized tensor.
 
 Entries −inf in both rows contribute 0 with a zero gradient; NaN and +inf give NaN. Rows are
-read through their row stride (columns must be contiguous: the launcher copies otherwise).
-Loss and gradients are in the accumulation dtype (float32 for float16/bfloat16).
+read through their row stride (columns must be contiguous: the launchers copy otherwise).
+Loss and RowStats are in the accumulation dtype (float32 for float16/bfloat16).
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import triton
 import triton.language as tl
 
 from kdfast._precision import accumulation_dtype
+from kdfast.ops.softmax_kl import ROW_STATS
 from kdfast.triton._common import configs
 
 # DIVERGENCE constexpr values.
@@ -75,15 +86,13 @@ def _block_log_probabilities(s_row, t_row, cols, mask, temperature, max_s, log_s
     return log_q, log_p, log_m
 
 
-@triton.autotune(configs=_CONFIGS, key=["L", "DIVERGENCE", "GRAD_S", "GRAD_T", "THIRD_SWEEP"])
+@triton.autotune(configs=_CONFIGS, key=["L", "DIVERGENCE"])
 @triton.jit
-def _softmax_kl_kernel(s_ptr, t_ptr, loss_ptr, gs_ptr, gt_ptr, params_ptr, L, s_stride,
-                       t_stride, DIVERGENCE: tl.constexpr, GRAD_S: tl.constexpr,
-                       GRAD_T: tl.constexpr, THIRD_SWEEP: tl.constexpr, BLOCK: tl.constexpr):
+def _softmax_kl_stats_kernel(s_ptr, t_ptr, loss_ptr, stats_ptr, params_ptr, L, s_stride,
+                             t_stride, DIVERGENCE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride
     t_row = t_ptr + row * t_stride
-    g_offset = row * L
     temperature = tl.load(params_ptr)
     beta = tl.load(params_ptr + 1)
     log_beta = tl.load(params_ptr + 2)
@@ -106,10 +115,59 @@ def _softmax_kl_kernel(s_ptr, t_ptr, loss_ptr, gs_ptr, gt_ptr, params_ptr, L, s_
     log_sum_s = tl.log(sum_s)
     log_sum_t = tl.log(sum_t)
 
-    # Sweep 2: divergence sums (forward/reverse: D in first; JSD: K_p, K_q) and the
-    # gradients that need no row sum.
+    # Sweep 2: the divergence sums (forward/reverse: D in first; JSD: K_p, K_q).
     first = tl.zeros([BLOCK], acc)
     second = tl.zeros([BLOCK], acc)
+    for start in range(0, L, BLOCK):
+        cols = start + arange
+        mask = cols < L
+        log_q, log_p, log_m = _block_log_probabilities(
+            s_row, t_row, cols, mask, temperature, max_s, log_sum_s, max_t, log_sum_t,
+            log_beta, log_rest, DIVERGENCE)
+        if DIVERGENCE == 0:
+            first += tl.where(mask, _masked_kl_terms(tl.exp(log_p), log_p, log_q), 0.0)
+        elif DIVERGENCE == 1:
+            first += tl.where(mask, _masked_kl_terms(tl.exp(log_q), log_q, log_p), 0.0)
+        else:
+            first += tl.where(mask, _masked_kl_terms(tl.exp(log_p), log_p, log_m), 0.0)
+            second += tl.where(mask, _masked_kl_terms(tl.exp(log_q), log_q, log_m), 0.0)
+    kl_first = tl.sum(first, 0)
+    kl_second = tl.sum(second, 0)
+
+    stats = stats_ptr + row * 6
+    tl.store(stats, max_s)
+    tl.store(stats + 1, log_sum_s)
+    tl.store(stats + 2, max_t)
+    tl.store(stats + 3, log_sum_t)
+    tl.store(stats + 4, kl_first)
+    tl.store(stats + 5, kl_second)
+    divergence = beta * kl_first + (1.0 - beta) * kl_second if DIVERGENCE == 2 else kl_first
+    tl.store(loss_ptr + row, temperature * temperature * divergence)
+
+
+@triton.autotune(configs=_CONFIGS, key=["L", "DIVERGENCE", "GRAD_S", "GRAD_T"])
+@triton.jit
+def _softmax_kl_backward_kernel(grad_ptr, s_ptr, t_ptr, stats_ptr, gs_ptr, gt_ptr, params_ptr,
+                                L, s_stride, t_stride, DIVERGENCE: tl.constexpr,
+                                GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
+                                BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * s_stride
+    t_row = t_ptr + row * t_stride
+    g_offset = row * L
+    temperature = tl.load(params_ptr)
+    beta = tl.load(params_ptr + 1)
+    log_beta = tl.load(params_ptr + 2)
+    log_rest = tl.load(params_ptr + 3)
+    stats = stats_ptr + row * 6
+    max_s = tl.load(stats)
+    log_sum_s = tl.load(stats + 1)
+    max_t = tl.load(stats + 2)
+    log_sum_t = tl.load(stats + 3)
+    kl_first = tl.load(stats + 4)
+    kl_second = tl.load(stats + 5)
+    scale = temperature * tl.load(grad_ptr + row)  # G = T · grad_output[r]
+    arange = tl.arange(0, BLOCK)
     for start in range(0, L, BLOCK):
         cols = start + arange
         mask = cols < L
@@ -119,51 +177,24 @@ def _softmax_kl_kernel(s_ptr, t_ptr, loss_ptr, gs_ptr, gt_ptr, params_ptr, L, s_
         q = tl.exp(log_q)
         p = tl.exp(log_p)
         if DIVERGENCE == 0:
-            first += tl.where(mask, _masked_kl_terms(p, log_p, log_q), 0.0)
-            if GRAD_S:
-                tl.store(gs_ptr + g_offset + cols, temperature * (q - p), mask=mask)
+            grad_s = q - p
+            grad_t = _first_argument_grad(p, log_p, log_q, kl_first)
         elif DIVERGENCE == 1:
-            first += tl.where(mask, _masked_kl_terms(q, log_q, log_p), 0.0)
-            if GRAD_T:
-                tl.store(gt_ptr + g_offset + cols, temperature * (p - q), mask=mask)
+            grad_s = _first_argument_grad(q, log_q, log_p, kl_first)
+            grad_t = p - q
         else:
-            first += tl.where(mask, _masked_kl_terms(p, log_p, log_m), 0.0)
-            second += tl.where(mask, _masked_kl_terms(q, log_q, log_m), 0.0)
-    kl_first = tl.sum(first, 0)
-    kl_second = tl.sum(second, 0)
-
-    # Sweep 3: the gradients that need the row's divergence.
-    if THIRD_SWEEP:
-        for start in range(0, L, BLOCK):
-            cols = start + arange
-            mask = cols < L
-            log_q, log_p, log_m = _block_log_probabilities(
-                s_row, t_row, cols, mask, temperature, max_s, log_sum_s, max_t, log_sum_t,
-                log_beta, log_rest, DIVERGENCE)
-            q = tl.exp(log_q)
-            p = tl.exp(log_p)
-            if DIVERGENCE == 0:
-                tl.store(gt_ptr + g_offset + cols,
-                         temperature * _first_argument_grad(p, log_p, log_q, kl_first),
-                         mask=mask)
-            elif DIVERGENCE == 1:
-                tl.store(gs_ptr + g_offset + cols,
-                         temperature * _first_argument_grad(q, log_q, log_p, kl_first),
-                         mask=mask)
-            else:
-                if GRAD_S:
-                    grad = _first_argument_grad(q, log_q, log_m, kl_second)
-                    tl.store(gs_ptr + g_offset + cols, temperature * (1.0 - beta) * grad,
-                             mask=mask)
-                if GRAD_T:
-                    grad = _first_argument_grad(p, log_p, log_m, kl_first)
-                    tl.store(gt_ptr + g_offset + cols, temperature * beta * grad, mask=mask)
-
-    divergence = beta * kl_first + (1.0 - beta) * kl_second if DIVERGENCE == 2 else kl_first
-    tl.store(loss_ptr + row, temperature * temperature * divergence)
+            grad_s = (1.0 - beta) * _first_argument_grad(q, log_q, log_m, kl_second)
+            grad_t = beta * _first_argument_grad(p, log_p, log_m, kl_first)
+        # The stores round once from the accumulation dtype to the gradients' (the inputs').
+        if GRAD_S:
+            tl.store(gs_ptr + g_offset + cols, scale * grad_s, mask=mask)
+        if GRAD_T:
+            tl.store(gt_ptr + g_offset + cols, scale * grad_t, mask=mask)
 
 
 def _divergence_kind(divergence: str, beta: float) -> int:
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
     if divergence == "forward" or (divergence == "jsd" and beta == 0.0):
         return _FORWARD
     if divergence == "reverse" or (divergence == "jsd" and beta == 1.0):
@@ -177,28 +208,45 @@ def _unit_column_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
 
 
-def softmax_kl_forward(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
-                       divergence: str, beta: float, grad_student: bool, grad_teacher: bool
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss (N,), dL/ds, dL/dt) in the accumulation dtype; a gradient not asked for is 0 x 0."""
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
+def _params(kind: int, temperature: float, beta: float, like: torch.Tensor) -> torch.Tensor:
+    """(T, β, log β, log(1 − β)) in the accumulation dtype on ``like``'s device."""
+    logs = (math.log(beta), math.log1p(-beta)) if kind == _JSD else (0.0, 0.0)
+    return torch.tensor([temperature, beta, *logs], dtype=accumulation_dtype(like),
+                        device=like.device)
+
+
+def softmax_kl_with_stats(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                          divergence: str, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss (N,), row_stats (N, 6)) in the accumulation dtype (zeros for L = 0)."""
     kind = _divergence_kind(divergence, beta)
     s, t = _unit_column_stride(student), _unit_column_stride(teacher)
     rows, cols = s.shape
     acc = accumulation_dtype(s)
-    loss = torch.empty(rows, dtype=acc, device=s.device)
-    grad_s = torch.empty((rows, cols) if grad_student else (0, 0), dtype=acc, device=s.device)
-    grad_t = torch.empty((rows, cols) if grad_teacher else (0, 0), dtype=acc, device=s.device)
-    if rows == 0:
-        return loss, grad_s, grad_t
-    if cols == 0:
-        return loss.zero_(), grad_s, grad_t
-    logs = (math.log(beta), math.log1p(-beta)) if kind == _JSD else (0.0, 0.0)
-    params = torch.tensor([temperature, beta, *logs], dtype=acc, device=s.device)
-    third_sweep = ((kind == _FORWARD and grad_teacher) or (kind == _REVERSE and grad_student)
-                   or (kind == _JSD and (grad_student or grad_teacher)))
-    _softmax_kl_kernel[(rows,)](s, t, loss, grad_s, grad_t, params, cols, s.stride(0),
-                                t.stride(0), DIVERGENCE=kind, GRAD_S=grad_student,
-                                GRAD_T=grad_teacher, THIRD_SWEEP=third_sweep)
-    return loss, grad_s, grad_t
+    loss = torch.zeros(rows, dtype=acc, device=s.device)
+    stats = torch.zeros((rows, ROW_STATS), dtype=acc, device=s.device)
+    if rows == 0 or cols == 0:
+        return loss, stats
+    _softmax_kl_stats_kernel[(rows,)](s, t, loss, stats, _params(kind, temperature, beta, s),
+                                      cols, s.stride(0), t.stride(0), DIVERGENCE=kind)
+    return loss, stats
+
+
+def softmax_kl_backward(grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
+                        row_stats: torch.Tensor, temperature: float, divergence: str,
+                        beta: float, grad_student: bool, grad_teacher: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d student, d teacher) (N, L), scaled per row by ``grad`` (N,), contiguous, in the
+    inputs' dtype; a gradient not asked for is 0 x 0."""
+    kind = _divergence_kind(divergence, beta)
+    s, t = _unit_column_stride(student), _unit_column_stride(teacher)
+    rows, cols = s.shape
+    acc = accumulation_dtype(s)
+    grad_s = s.new_empty((rows, cols) if grad_student else (0, 0))
+    grad_t = t.new_empty((rows, cols) if grad_teacher else (0, 0))
+    if rows == 0 or cols == 0 or not (grad_student or grad_teacher):
+        return grad_s, grad_t
+    _softmax_kl_backward_kernel[(rows,)](
+        grad.to(acc).contiguous(), s, t, row_stats.to(acc).contiguous(), grad_s, grad_t,
+        _params(kind, temperature, beta, s), cols, s.stride(0), t.stride(0), DIVERGENCE=kind,
+        GRAD_S=grad_student, GRAD_T=grad_teacher)
+    return grad_s, grad_t

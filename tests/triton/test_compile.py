@@ -8,6 +8,7 @@ import torch
 from kdfast.functional import at_loss, fsp_loss, nst_loss, sp_loss
 from kdfast.ops import attention, gram
 from kdfast.ops import mmd as mmd_ops
+from kdfast.ops import softmax_kl as softmax_kl_ops
 from tests.helpers import assert_rel_close
 
 pytestmark = pytest.mark.triton_interpret
@@ -71,6 +72,8 @@ def op_cases(precise):
     linear = mmd_ops._triton_linear(x, y, True, True)
     mmd_args = (x, y, "rbf", 2, 0.0, [0.5, 2.0], False, True, True, True, True)
     mmd = mmd_ops._triton_gram(*mmd_args)
+    logits = (precise.randn(3, 7), precise.randn(3, 7))
+    _, row_stats = softmax_kl_ops.triton_softmax_kl_with_stats_op(*logits, 2.0, "jsd", 0.3)
     return [
         (attention._triton_attention_map, (x_last, 3.0)),
         (attention._triton_attention_map_backward,
@@ -87,6 +90,11 @@ def op_cases(precise):
         (mmd_ops._triton_gram, (x, y, "rbf", 2, 0.0, [], True, False, True, True, False)),
         (mmd_ops._triton_gram_backward, (grad, x, y, *mmd[1:], "rbf", 2, 0.0, True, True, True,
                                          True)),
+        (softmax_kl_ops.triton_softmax_kl_with_stats_op, (*logits, 2.0, "jsd", 0.3)),
+        (softmax_kl_ops.triton_softmax_kl_backward_op,
+         (precise.randn(3), *logits, row_stats, 2.0, "jsd", 0.3, True, True)),
+        (softmax_kl_ops.triton_softmax_kl_backward_op,
+         (precise.randn(3), *logits, row_stats, 2.0, "jsd", 0.3, False, True)),
     ]
 
 
@@ -96,7 +104,8 @@ def test_every_operator_passes_opcheck(precise):
         f"kdfast_triton::{name}" for name in (
             "attention_map", "attention_map_backward", "similarity", "similarity_backward",
             "fsp", "fsp_backward", "channel_mmd_linear", "channel_mmd_linear_backward",
-            "channel_mmd_gram", "channel_mmd_gram_backward")}
+            "channel_mmd_gram", "channel_mmd_gram_backward", "softmax_kl_with_stats",
+            "softmax_kl_backward")}
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor",
                                                     "test_aot_dispatch_dynamic"))

@@ -59,6 +59,34 @@ def test_masked_and_extreme_logits(device, divergence, beta):
     assert torch.all(grad[:, [4, 17]] == 0)
 
 
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES[:3])
+@pytest.mark.parametrize("needs", [(True, False), (False, True)], ids=["student", "teacher"])
+def test_one_gradient_requested(device, needs, divergence, beta):
+    student, teacher = randn(3, 23, seed=12).to(device), randn(3, 23, seed=13).to(device)
+    grad_output = torch.rand(3, dtype=torch.float64, device=device) + 0.5
+    grads = []
+    for fn in (triton_softmax_kl, softmax_kl):
+        leaves = [x.detach().requires_grad_(need) for x, need in zip((student, teacher), needs,
+                                                                     strict=True)]
+        loss = fn(*leaves, 1.3, divergence, beta)
+        wanted = [x for x in leaves if x.requires_grad]
+        grads.append(torch.autograd.grad(loss, wanted, grad_output))
+    assert_rel_close(grads[0][0], grads[1][0], 1e-12, "gradient")
+
+
+def test_forward_keeps_nothing_of_row_size(device):
+    """The recomputing form: the graph holds the inputs and six numbers per row, and the
+    backward's gradients come in the inputs' dtype."""
+    student = randn(4, 40, seed=14).to(device, torch.float16).requires_grad_(True)
+    teacher = randn(4, 40, seed=15).to(device, torch.float16)
+    loss = triton_softmax_kl(student, teacher, 2.0)
+    saved = loss.grad_fn.saved_tensors
+    assert [tuple(x.shape) for x in saved] == [(4, 40), (4, 40), (4, 6)]
+    assert saved[0] is student and saved[1] is teacher and saved[2].dtype == torch.float32
+    (grad,) = torch.autograd.grad(loss.sum(), student)
+    assert grad.dtype == torch.float16
+
+
 def test_non_finite_logits_give_nan(device):
     student, teacher = randn(3, 5, seed=4), randn(3, 5, seed=5)
     teacher[0, 1], teacher[1, 2] = float("nan"), float("inf")
