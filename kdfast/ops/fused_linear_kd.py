@@ -26,7 +26,6 @@ GEMMs and the ``"softmax_kl"`` core, so it runs on any device).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 
 import torch
@@ -83,13 +82,27 @@ class FusedLinearKDOptions:
     teacher_logit_scale: float = 1.0
     teacher_softcap: float | None = None
 
-    def encoded(self) -> str:
-        """The options as the custom operator's one string argument."""
-        return json.dumps(asdict(self), sort_keys=True)
+    def encoded(self) -> tuple[list[float], list[int], str]:
+        """The options as the custom operator's arguments: the floats, the ints (a None cap
+        or count as 0, which no valid one is) and the names joined by commas."""
+        floats = [0.0 if getattr(self, f) is None else getattr(self, f) for f in FLOAT_FIELDS]
+        ints = [0 if getattr(self, f) is None else getattr(self, f) for f in INT_FIELDS]
+        return floats, ints, ",".join(getattr(self, f) for f in NAME_FIELDS)
 
     @staticmethod
-    def decoded(text: str) -> FusedLinearKDOptions:
-        return FusedLinearKDOptions(**json.loads(text))
+    def decoded(floats: list[float], ints: list[int], names: str) -> FusedLinearKDOptions:
+        values = dict(zip(FLOAT_FIELDS, floats, strict=True))
+        values.update(zip(INT_FIELDS, ints, strict=True))
+        values.update(zip(NAME_FIELDS, names.split(","), strict=True))
+        for field in ("softcap", "teacher_softcap", "num_items", "chunk_size"):
+            values[field] = values[field] or None
+        return FusedLinearKDOptions(**values)
+
+
+FLOAT_FIELDS = ("beta", "alpha", "temperature", "soft_weight", "hard_weight", "logit_scale",
+                "softcap", "teacher_logit_scale", "teacher_softcap")
+INT_FIELDS = ("ignore_index", "num_items", "chunk_size")
+NAME_FIELDS = ("divergence", "reduction", "topk_tail")
 
 
 # --- the divergence of one chunk -------------------------------------------------------
@@ -320,13 +333,15 @@ def fused_linear_kd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None,
                        teacher_bias: Tensor | None, teacher_logits: Tensor | None,
                        topk_values: Tensor | None, topk_indices: Tensor | None,
                        labels: Tensor | None, num_items: Tensor | None,
-                       row_scale: Tensor | None, options: str, needs: list[bool]
+                       row_scale: Tensor | None, floats: list[float], ints: list[int],
+                       names: str, needs: list[bool]
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, dL/dhidden, dL/dweight, dL/dbias) of the chunked sweep on flattened inputs:
     the loss reduced (() for mean/sum, (N,) for ``"none"``), the gradients those of the
     reduced loss (``row_scale`` None) or of Σ row_scale_n ℓ_n, in the accumulation dtype,
-    empty (0,) where ``needs`` says no. ``options`` is :meth:`FusedLinearKDOptions.encoded`."""
-    opts = FusedLinearKDOptions.decoded(options)
+    empty (0,) where ``needs`` says no. ``floats, ints, names`` are
+    :meth:`FusedLinearKDOptions.encoded`."""
+    opts = FusedLinearKDOptions.decoded(floats, ints, names)
     teacher = (teacher_hidden, teacher_weight, teacher_bias, teacher_logits, topk_values,
                None if topk_indices is None else topk_indices.long())
     rows_kept = kept_tokens(labels, hidden.shape[0], opts.ignore_index,
@@ -342,21 +357,21 @@ def fused_linear_kd_op(hidden: Tensor, weight: Tensor, bias: Tensor | None,
 
 @fused_linear_kd_op.register_fake
 def _(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
-      topk_values, topk_indices, labels, num_items, row_scale, options, needs):
+      topk_values, topk_indices, labels, num_items, row_scale, floats, ints, names, needs):
     acc = accumulation_dtype(hidden)
-    per_token = FusedLinearKDOptions.decoded(options).reduction == "none"
+    per_token = FusedLinearKDOptions.decoded(floats, ints, names).reduction == "none"
     shapes = (hidden.shape, weight.shape, (weight.shape[0],))
     loss = hidden.new_empty(hidden.shape[:1] if per_token else (), dtype=acc)
     return loss, *(hidden.new_empty(shape if need else (0,), dtype=acc)
                    for shape, need in zip(shapes, needs, strict=True))
 
 
-TENSOR_INPUTS = 12  # the operator's tensor arguments, before options and needs
+TENSOR_INPUTS = 12  # the operator's tensor arguments, before the options and needs
 
 
 def setup_context(ctx, inputs, output):
-    *tensors, options, _ = inputs
-    ctx.options = options
+    ctx.options = inputs[TENSOR_INPUTS:-1]
+    tensors = inputs[:TENSOR_INPUTS]
     ctx.save_for_backward(*tensors, *output[1:])
     ctx.mark_non_differentiable(*output[1:])
 
@@ -366,19 +381,19 @@ def backward(ctx, grad_loss, *_):
     tensors, grads = saved[:TENSOR_INPUTS], saved[TENSOR_INPUTS:]
     student, teacher = tensors[:3], tensors[3:9]
     labels, num_items = tensors[9], tensors[10]
-    options = FusedLinearKDOptions.decoded(ctx.options)
+    options = FusedLinearKDOptions.decoded(*ctx.options)
     needs = tuple(ctx.needs_input_grad[:3])
     if creates_graph():
         found = differentiable_grads(student, teacher, labels, num_items, options, needs,
                                      grad_loss)
     elif options.reduction == "none":
         _, *found = fused_linear_kd_op(*student, *teacher, labels, num_items, grad_loss,
-                                       ctx.options, list(needs))
+                                       *ctx.options, list(needs))
         found = [g if need else None for g, need in zip(found, needs, strict=True)]
     else:
         found = [grad_loss * g if need else None for g, need in zip(grads, needs, strict=True)]
     found = [None if g is None else g.to(x.dtype) for g, x in zip(found, student, strict=True)]
-    return *found, *(None,) * (TENSOR_INPUTS - 3 + 2)
+    return *found, *(None,) * (TENSOR_INPUTS - 3 + 4)
 
 
 fused_linear_kd_op.register_autograd(backward, setup_context=setup_context)
@@ -428,7 +443,7 @@ def native_fused_linear_kd(student, teacher, labels, num_items,
     teacher = tuple(None if x is None else x.detach() for x in teacher)
     with autocast_off(student[0]):
         loss, *_ = fused_linear_kd_op(*student, *teacher, labels, num_items, None,
-                                      options.encoded(), needs)
+                                      *options.encoded(), needs)
     return loss
 
 
