@@ -655,3 +655,39 @@ def test_inductor_compile_matches_eager():
         runs.append([loss, *torch.autograd.grad(loss, tensors[:3])])
     for got, want in zip(runs[1], runs[0], strict=True):
         assert_rel_close(got, want, 1e-12)
+
+
+@pytest.mark.parametrize("topk_tail", TOPK_TAILS)
+def test_topk_per_token_grad_output_reruns_the_sweep(topk_tail):
+    options = {"labels": token_labels(), "hard_weight": 0.5, "reduction": "none",
+               "topk_tail": topk_tail, "divergence": "jsd"}
+    assert_matches_reference(loss_fn(native(), "topk", k=6, **options),
+                             loss_fn(fused_linear_kd, "topk", k=6, **options),
+                             problem(teacher_form="topk"),
+                             grad_output=lambda value: torch.linspace(-2, 3, value.numel(),
+                                                                      dtype=value.dtype))
+
+
+def test_topk_second_derivatives_follow_the_reference():
+    options = {"labels": token_labels(), "hard_weight": 0.5, "topk_tail": "bucket"}
+    results = []
+    for function in (native(), fused_linear_kd):
+        tensors = problem(teacher_form="topk")
+        loss = loss_fn(function, "topk", k=6, **options)(*tensors)
+        (grad_hidden,) = torch.autograd.grad(loss, tensors[0], create_graph=True)
+        results.append(torch.autograd.grad(grad_hidden.square().sum(), tensors[1]))
+    assert_rel_close(results[0][0], results[1][0], 1e-10, "second derivative")
+
+
+@pytest.mark.parametrize("teacher_form,options", [
+    ("hidden", {"divergence": "skew_reverse", "softcap": 3.0, "teacher_softcap": 4.0}),
+    ("logits", {"divergence": "tv"}),
+    ("topk", {"topk_tail": "renormalize", "divergence": "skew_forward"}),
+])
+def test_bfloat16_new_options_accumulate_in_float32(teacher_form, options):
+    options = {"labels": token_labels(), "hard_weight": 0.5, "temperature": 2.0, **options}
+    k = 6 if teacher_form == "topk" else None
+    got = assert_matches_reference(loss_fn(native(), teacher_form, k=k, **options),
+                                   loss_fn(fused_linear_kd, teacher_form, k=k, **options),
+                                   problem(torch.bfloat16, teacher_form))
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.bfloat16
