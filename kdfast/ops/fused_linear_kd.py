@@ -50,15 +50,26 @@ from kdfast.reference.softmax_kl import NEG_INF, kl_terms, log_mixture, row_kl
 CORE = "fused_linear_kd"
 
 # One chunk keeps about this many (rows, V) tensors in the accumulation dtype alive: the
-# student logits, the teacher logits, dL/dlogits and the cross-entropy softmax.
+# student logits, the teacher logits, dL/dlogits and the cross-entropy softmax. The torch
+# formula of a divergence keeps about 6 more (log-softmaxes, mixture, terms), the bucket
+# and the cap 2 more each (CPU allocator peaks of fwd+bwd at 256 x 64 x 32000, chunks of 32:
+# about 3 with the kernel's divergences, 8 with TV, 9 with the skew KLs, 5 with either).
 LIVE_CHUNK_TENSORS = 4
 CHUNK_BUDGET_BYTES = 256 * 2**20
 
 
-def default_chunk_size(num_tokens: int, vocab: int, dtype: torch.dtype) -> int:
-    """Tokens per chunk: as many as keep LIVE_CHUNK_TENSORS (rows, V) tensors of ``dtype``
-    within CHUNK_BUDGET_BYTES (at least 1, at most ``num_tokens``)."""
-    row_bytes = LIVE_CHUNK_TENSORS * vocab * torch.finfo(dtype).bits // 8
+def live_chunk_tensors(options: FusedLinearKDOptions) -> int:
+    """LIVE_CHUNK_TENSORS and what the chosen options add to it (see above)."""
+    extra = 0 if options.divergence in CORE_DIVERGENCES else 6
+    extra += 2 * (options.topk_tail == "bucket") + 2 * (options.softcap is not None)
+    return LIVE_CHUNK_TENSORS + extra
+
+
+def default_chunk_size(num_tokens: int, vocab: int, dtype: torch.dtype,
+                       live: int = LIVE_CHUNK_TENSORS) -> int:
+    """Tokens per chunk: as many as keep ``live`` (rows, V) tensors of ``dtype`` within
+    CHUNK_BUDGET_BYTES (at least 1, at most ``num_tokens``)."""
+    row_bytes = live * vocab * torch.finfo(dtype).bits // 8
     return max(1, min(num_tokens, CHUNK_BUDGET_BYTES // row_bytes))
 
 
@@ -287,7 +298,8 @@ def sweep(student: tuple, teacher: tuple, labels: Tensor | None,
     grad_hidden = torch.zeros_like(hidden, dtype=acc) if needs[0] else None
     grad_weight = torch.zeros_like(weight) if needs[1] else None
     grad_bias = weight.new_zeros(vocab) if needs[2] else None
-    chunk = options.chunk_size or default_chunk_size(num_tokens, vocab, acc)
+    chunk = options.chunk_size or default_chunk_size(num_tokens, vocab, acc,
+                                                     live_chunk_tensors(options))
     for start in range(0, rows_kept.numel(), chunk):
         rows = rows_kept[start:start + chunk]
         hidden_rows = hidden[rows].to(acc)

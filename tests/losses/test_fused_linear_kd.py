@@ -691,3 +691,13 @@ def test_bfloat16_new_options_accumulate_in_float32(teacher_form, options):
                                    loss_fn(fused_linear_kd, teacher_form, k=k, **options),
                                    problem(torch.bfloat16, teacher_form))
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.bfloat16
+
+
+def test_default_chunks_are_smaller_where_the_chunk_holds_more():
+    from kdfast.ops.fused_linear_kd import FusedLinearKDOptions, live_chunk_tensors
+    core = live_chunk_tensors(FusedLinearKDOptions())
+    assert core == LIVE_CHUNK_TENSORS
+    assert live_chunk_tensors(FusedLinearKDOptions(divergence="tv")) > core
+    assert live_chunk_tensors(FusedLinearKDOptions(topk_tail="bucket", softcap=30.0)) > core
+    assert default_chunk_size(4096, 128256, torch.float32, 10) < \
+        default_chunk_size(4096, 128256, torch.float32)
