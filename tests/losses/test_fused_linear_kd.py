@@ -110,8 +110,9 @@ def test_all_tokens_ignored_give_zero_and_zero_gradients(reduction, backend):
         assert torch.equal(grad, torch.zeros_like(grad))
 
 
-def test_logits_at_1e4_stay_finite_and_match():
-    options = {"labels": token_labels(), "hard_weight": 0.5, "divergence": "jsd"}
+@pytest.mark.parametrize("divergence", ("jsd", "skew_forward", "skew_reverse", "tv"))
+def test_logits_at_1e4_stay_finite_and_match(divergence):
+    options = {"labels": token_labels(), "hard_weight": 0.5, "divergence": divergence}
     tensors = problem(scale=3e3)
     logits = tensors[0] @ tensors[1].T
     assert logits.abs().max() > 1e4
@@ -701,3 +702,19 @@ def test_default_chunks_are_smaller_where_the_chunk_holds_more():
     assert live_chunk_tensors(FusedLinearKDOptions(topk_tail="bucket", softcap=30.0)) > core
     assert default_chunk_size(4096, 128256, torch.float32, 10) < \
         default_chunk_size(4096, 128256, torch.float32)
+
+
+def test_module_takes_and_checks_the_new_options():
+    criterion = kdfast.FusedLinearKDLoss(divergence="skew_reverse", alpha=0.2,
+                                         topk_tail="bucket", softcap=3.0, chunk_size=CHUNK)
+    tensors = problem(teacher_form="topk")
+    values, indices = topk_of(tensors[3], 6)
+    got = criterion(*tensors[:2], student_bias=tensors[2], teacher_topk=(values, indices))
+    want = fused_linear_kd(*tensors[:2], student_bias=tensors[2],
+                           teacher_topk=(values, indices), divergence="skew_reverse",
+                           alpha=0.2, topk_tail="bucket", softcap=3.0)
+    assert_rel_close(got, want, 1e-12)
+    with pytest.raises(ValueError, match="softcap must be > 0"):
+        criterion.softcap = -1.0
+    with pytest.raises(ValueError, match="topk_tail must be one of"):
+        criterion.topk_tail = "tail"
