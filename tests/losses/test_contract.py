@@ -434,7 +434,7 @@ CASES = [
          (LLM_HIDDEN, LM_HEAD, LLM_HIDDEN, LM_HEAD), batched=((0, 2),),
          mismatch=fragments("student_weight has hidden size 5 but student_hidden has 4",
                             "pass the lm_head weight"),
-         bad_options=(({"divergence": "tv"}, ValueError, "divergence must be one of"),
+         bad_options=(({"divergence": "kl"}, ValueError, "divergence must be one of"),
                       ({"beta": 1.5}, ValueError, r"beta must be in \[0, 1\]"),
                       *positive("temperature"), *non_negative("soft_weight"),
                       *non_negative("hard_weight"),
