@@ -172,8 +172,16 @@ def measure(fn: Callable, students: Tensors, teachers: Tensors, mode: str, devic
     """Times ``fn(students, teachers)`` in ``mode`` and measures its peak memory (see the
     module docstring). Never raises for a failing row: the status says what happened.
     ``compiles``: the first call compiles, so the time limit starts after it."""
+    return measure_step(make_step(fn, students, teachers, mode), device, warmup=warmup,
+                        repeats=repeats, time_limit=time_limit, memory=memory,
+                        compiles=compiles)
+
+
+def measure_step(step: Step, device: torch.device, *, warmup: int = 2, repeats: int = 10,
+                 time_limit: float = 60.0, memory: bool = True,
+                 compiles: bool = False) -> Measurement:
+    """:func:`measure` of any :class:`Step` (the training-step benchmark builds its own)."""
     result = Measurement()
-    step = make_step(fn, students, teachers, mode)
     deadline = time.perf_counter() + time_limit
     try:
         for i in range(warmup + repeats):
