@@ -121,14 +121,17 @@ def _check_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.steps:
         args.steps_scale = args.steps_scale or ["cifar", "dense"]
         unknown = [p for p in args.providers or () if p not in STEP_PROVIDERS]
+        if unknown:
+            parser.error(f"--providers {', '.join(unknown)}: not a provider of --steps; "
+                         f"choose from {', '.join(STEP_PROVIDERS)}")
         sets = loss_set_names(args.steps_scale)
         stray = [s for s in args.loss_sets or () if s not in sets]
-        if unknown or stray or args.dtype != "float32":
-            parser.error(f"--steps: providers {', '.join(STEP_PROVIDERS)} (not "
-                         f"{', '.join(unknown) or '-'}), loss sets of the scales "
-                         f"{', '.join(args.steps_scale)}: {', '.join(sets)} (not "
-                         f"{', '.join(stray) or '-'}), and --dtype float32 only (the models "
-                         f"run in float32; got {args.dtype})")
+        if stray:
+            parser.error(f"--loss-sets {', '.join(stray)}: not a loss set of --steps-scale "
+                         f"{','.join(args.steps_scale)}; choose from {', '.join(sets)}")
+        if args.dtype != "float32":
+            parser.error(f"--dtype {args.dtype}: --steps runs float32 models only (no "
+                         "autocast); leave --dtype out")
     args.cores = args.cores or list(CORES)
     args.suite = args.suite or "quick"
     args.modes = args.modes or list(MODES)

@@ -269,15 +269,10 @@ def run_scale(scale: Scale, settings: Settings, env: dict, loss_sets: Sequence[s
               progress: Callable[[int], None] = lambda n: None) -> list[dict]:
     """Rows of one scale: the ``none`` row, then every loss set × provider."""
     device = settings.device
-    names = [p for p in step_providers(device)
-             if settings.providers is None or p in settings.providers]
-    sets = [s for s in LOSS_SETS[scale.family] if loss_sets is None or s.name in loss_sets]
     pair = build_pair(scale, device)
-    todo = [(None, BASELINE)] + [(s, p) for s in sets for p in names
-                                 if p != "naive" or _has_naive(s)]
     rows = []
     prov.reset_compiled()
-    for loss_set, provider in todo:
+    for loss_set, provider in _todo(scale, settings, loss_sets):
         name = BASELINE if loss_set is None else loss_set.name
         try:
             step, alone, note = _measure_row(pair, loss_set, provider, settings)
@@ -303,16 +298,19 @@ def _has_naive(loss_set: LossSet) -> bool:
     return any(t.loss != FITNET and CORES[t.loss].naive for t in loss_set.terms)
 
 
-def row_count(scales: Sequence[str], settings: Settings,
-              loss_sets: Sequence[str] | None = None) -> int:
+def _todo(scale: Scale, settings: Settings,
+          loss_sets: Sequence[str] | None) -> list[tuple[LossSet | None, str]]:
+    """(loss set, provider) of every row of ``scale``: the ``none`` row first."""
     names = [p for p in step_providers(settings.device)
              if settings.providers is None or p in settings.providers]
-    count = 0
-    for name in scales:
-        sets = [s for s in LOSS_SETS[SCALES[name].family]
-                if loss_sets is None or s.name in loss_sets]
-        count += 1 + sum(1 for s in sets for p in names if p != "naive" or _has_naive(s))
-    return count
+    sets = [s for s in LOSS_SETS[scale.family] if loss_sets is None or s.name in loss_sets]
+    return [(None, BASELINE)] + [(s, p) for s in sets for p in names
+                                 if p != "naive" or _has_naive(s)]
+
+
+def row_count(scales: Sequence[str], settings: Settings,
+              loss_sets: Sequence[str] | None = None) -> int:
+    return sum(len(_todo(SCALES[name], settings, loss_sets)) for name in scales)
 
 
 def add_step_derived(rows: list[dict]) -> None:
