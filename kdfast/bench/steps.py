@@ -23,7 +23,9 @@ are the same eager PyTorch in every row):
 Each scale also gets one ``none`` row: the same step without the distillation losses.
 
 Metrics of a row: the step's median time and the peak memory above what is resident before
-the step (models, optimiser state, the batch) from :func:`kdfast.bench.measure.measure_step`;
+the step (models, optimiser state, the batch); the steps of all rows of a scale are timed
+round-robin (:func:`kdfast.bench.measure.measure_interleaved`), so that load drift on a
+shared machine falls on every row alike;
 ``loss_median_s``: the distillation losses alone, forward + backward w.r.t. the student's
 outputs (:func:`kdfast.bench.measure.measure` in ``full`` mode on copies of the step's
 outputs), ``loss_share`` = that time over the step's; ``over_base_s``: the step's median
@@ -44,7 +46,7 @@ from torch.nn import functional as F
 from kdfast import backends
 from kdfast.bench import providers as prov
 from kdfast.bench.cores import CORES
-from kdfast.bench.measure import Measurement, Step, classify, measure, measure_step
+from kdfast.bench.measure import Measurement, Step, classify, measure, measure_interleaved
 from kdfast.bench.models import SCALES, Scale
 from kdfast.bench.runner import Settings
 from kdfast.functional import fitnet_loss
@@ -235,15 +237,24 @@ def _row(env: dict, scale: Scale, loss_set: str, provider: str, status: str, not
             "metrics": metrics or _metrics(Measurement(), None)}
 
 
-def _measure_row(pair: Pair, loss_set: LossSet | None, provider: str,
-                 settings: Settings) -> tuple[Measurement, Measurement | None, str]:
-    """(the step, the losses alone, notes) of one row; raises Unavailable."""
+@dataclass
+class RowRun:
+    """What one row runs: its step and its losses (None for the ``none`` row)."""
+    step: Step
+    losses: LossFn | None
+    students: Outputs
+    teachers: Outputs
+    compiles: bool
+    note: str
+
+
+def _build_row(pair: Pair, loss_set: LossSet | None, provider: str) -> RowRun:
+    """A fresh student copy, its losses for ``provider`` and optimiser; raises Unavailable."""
     student = copy.deepcopy(pair.student)
     modules: list[nn.Module] = [student]
     losses, positions, note = None, (), ""
     if loss_set is not None:
         positions = loss_set.outputs()
-        s_used, t_used = pick(pair.student_out, positions), pick(pair.teacher_out, positions)
         module = DistillLosses(loss_set, pair.student_out, pair.teacher_out).to(pair.images.device)
         note = module.use("reference" if provider == "compile" else provider,
                           pair.student_out, pair.teacher_out)
@@ -251,47 +262,63 @@ def _measure_row(pair: Pair, loss_set: LossSet | None, provider: str,
         losses = torch.compile(module) if provider == "compile" else module
     step = training_step(pair.teacher, student, pair.images, pair.labels, _optimizer(modules),
                          losses, positions)
-    compiles = provider == "compile"
-    options = dict(warmup=settings.warmup, repeats=settings.repeats,
-                   time_limit=settings.time_limit, compiles=compiles)
-    measured = measure_step(step, settings.device, **options)
-    alone = None
-    if losses is not None and measured.status == "ok":
-        leaves = tuple(s.detach().requires_grad_() for s in s_used)
-        alone = measure(losses, leaves, t_used, "full", settings.device, **options)
-        if alone.status != "ok":
-            note = "; ".join(p for p in (note, f"losses alone: {alone.status} {alone.note}")
-                             if p)
-    return measured, alone, note
+    leaves = tuple(s.detach().requires_grad_() for s in pick(pair.student_out, positions))
+    return RowRun(step, losses, leaves, pick(pair.teacher_out, positions),
+                  provider == "compile", note)
 
 
 def run_scale(scale: Scale, settings: Settings, env: dict, loss_sets: Sequence[str] | None = None,
               progress: Callable[[int], None] = lambda n: None) -> list[dict]:
-    """Rows of one scale: the ``none`` row, then every loss set × provider."""
+    """Rows of one scale: the ``none`` row, then every loss set × provider. The steps of all
+    rows are timed round-robin (:func:`kdfast.bench.measure.measure_interleaved`), then the
+    losses alone row by row."""
     device = settings.device
     pair = build_pair(scale, device)
-    rows = []
     prov.reset_compiled()
-    for loss_set, provider in _todo(scale, settings, loss_sets):
-        name = BASELINE if loss_set is None else loss_set.name
+    runs, failed = {}, {}
+    todo = _todo(scale, settings, loss_sets)
+    for k, (loss_set, provider) in enumerate(todo):
         try:
-            step, alone, note = _measure_row(pair, loss_set, provider, settings)
+            runs[k] = _build_row(pair, loss_set, provider)
         except prov.Unavailable as why:
-            rows.append(_row(env, scale, name, provider, why.status, why.note, None))
+            failed[k] = why.status, why.note
         except Exception as error:  # noqa: BLE001 - a failing row is reported, not raised
-            status, note = classify(error)
-            rows.append(_row(env, scale, name, provider, status, note, None))
+            failed[k] = classify(error)
+    order = sorted(runs)
+    measured = dict(zip(order, measure_interleaved(
+        [runs[k].step for k in order], device, warmup=settings.warmup, repeats=settings.repeats,
+        time_limit=settings.time_limit, compiles=[runs[k].compiles for k in order]),
+        strict=True))
+    rows = []
+    for k, (loss_set, provider) in enumerate(todo):
+        name = BASELINE if loss_set is None else loss_set.name
+        if k in failed:
+            rows.append(_row(env, scale, name, provider, *failed[k], None))
         else:
-            status = "compile failed" if provider == "compile" and step.status == "error" \
-                else step.status
-            note = "; ".join(p for p in (step.note, note) if p)
-            rows.append(_row(env, scale, name, provider, status, note, _metrics(step, alone)))
+            rows.append(_measured_row(env, scale, name, provider, runs[k], measured[k],
+                                      settings))
         progress(1)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     prov.reset_compiled()
     add_step_derived(rows)
     return rows
+
+
+def _measured_row(env: dict, scale: Scale, name: str, provider: str, run: RowRun,
+                  step: Measurement, settings: Settings) -> dict:
+    """The row of a timed step, with its losses timed alone (when the step ran)."""
+    note, alone = run.note, None
+    if run.losses is not None and step.status == "ok":
+        alone = measure(run.losses, run.students, run.teachers, "full", settings.device,
+                        warmup=settings.warmup, repeats=settings.repeats,
+                        time_limit=settings.time_limit, compiles=run.compiles)
+        if alone.status != "ok":
+            note = "; ".join(p for p in (note, f"losses alone: {alone.status} {alone.note}")
+                             if p)
+    status = "compile failed" if run.compiles and step.status == "error" else step.status
+    note = "; ".join(p for p in (step.note, note) if p)
+    if settings.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return _row(env, scale, name, provider, status, note, _metrics(step, alone))
 
 
 def _has_naive(loss_set: LossSet) -> bool:

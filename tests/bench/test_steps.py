@@ -18,6 +18,16 @@ METRICS = {"median_s", "p20_s", "p80_s", "samples", "first_call_s", "peak_bytes"
            "speedup_vs_reference", "speedup_vs_compile"}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads; on a shared 2-core machine, idle OpenMP threads
+    spinning for a descheduled one cost these tests most of their time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def fast():
     return Settings(torch.device("cpu"), providers=["reference", "native", "naive"], warmup=1,
