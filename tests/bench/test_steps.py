@@ -141,3 +141,25 @@ def test_bad_step_arguments_exit_with_a_message(argv, says, capsys):
         cli.parse_args(argv)
     assert exit_info.value.code == 2
     assert says in capsys.readouterr().err
+
+
+def test_interleaved_timing_runs_the_steps_round_robin_and_keeps_a_failure_to_its_row():
+    from kdfast.bench.measure import Step, measure_interleaved
+
+    calls = []
+
+    def step(k):
+        return Step(lambda: None, lambda _: calls.append(k))
+
+    def broken(_):
+        calls.append("x")
+        raise RuntimeError("boom")
+
+    results = measure_interleaved([step(0), Step(lambda: None, broken), step(2)],
+                                  torch.device("cpu"), warmup=1, repeats=2)
+    # warm-up and two repeats round-robin, the broken step dropped after its first call, then
+    # one peak-memory call of each step that ran
+    assert calls == [0, "x", 2, 0, 2, 0, 2, 0, 2]
+    assert [r.status for r in results] == ["ok", "error", "ok"]
+    assert results[1].note == "RuntimeError: boom" and results[1].times == []
+    assert [len(r.times) for r in results] == [2, 0, 2] and results[0].peak_bytes is not None
