@@ -6,5 +6,6 @@ Modules: :mod:`~kdfast.bench.shapes` (suites, shared with ``benchmarks/``),
 (reference, compile, naive, registered backends), :mod:`~kdfast.bench.measure` (timing and
 memory), :mod:`~kdfast.bench.floors` and :mod:`~kdfast.bench.ceilings` (the floor),
 :mod:`~kdfast.bench.runner` (rows), :mod:`~kdfast.bench.report` (table, JSON, plots),
-:mod:`~kdfast.bench.cli`.
+:mod:`~kdfast.bench.cli`; the training-step benchmark (``--steps``):
+:mod:`~kdfast.bench.models` (teacher/student pairs) and :mod:`~kdfast.bench.steps`.
 """

@@ -17,6 +17,7 @@ from kdfast.bench import report
 from kdfast.bench.ceilings import measure_ceilings
 from kdfast.bench.cores import CORES
 from kdfast.bench.measure import MODES
+from kdfast.bench.models import SCALES
 from kdfast.bench.providers import BUILTIN
 from kdfast.bench.runner import (
     DTYPES,
@@ -27,10 +28,13 @@ from kdfast.bench.runner import (
     selected_providers,
 )
 from kdfast.bench.shapes import CLI_SUITES, SUITES, parse_shape
+from kdfast.bench.steps import PROVIDERS as STEP_PROVIDERS
+from kdfast.bench.steps import loss_set_names, row_count, run_scale
 
 DEFAULT_OUT = os.path.join("benchmarks", "results")
 # Every provider name there can be: the built-in ones and the registry's backends.
 PROVIDERS = list(BUILTIN) + [b for b in BACKENDS if b not in ("auto", "reference")]
+ALL_LOSS_SETS = list(dict.fromkeys(loss_set_names(list(SCALES))))
 
 
 def _list(choices=None, what="value"):
@@ -51,9 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time and peak memory of kdfast's cores against eager PyTorch, "
                     "torch.compile and the naive formulations; markdown table on stdout, "
                     "JSON rows and PNG plots on disk.")
-    parser.add_argument("--cores", type=_list(list(CORES), "core"), default=list(CORES),
+    parser.add_argument("--cores", type=_list(list(CORES), "core"), default=None,
                         help=f"comma-separated, default all: {','.join(CORES)}")
-    parser.add_argument("--suite", choices=list(SUITES), default="quick",
+    parser.add_argument("--suite", choices=list(SUITES), default=None,
                         help=f"shape suite ({', '.join(CLI_SUITES)}; 'tiny' is for tests), "
                              "default quick")
     parser.add_argument("--shape", action="append", default=None, metavar="SHAPE",
@@ -64,14 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--providers", type=_list(PROVIDERS, "provider"), default=None,
                         help=f"comma-separated, from {', '.join(PROVIDERS)}; default all that "
                              "can run (the quick suite leaves compile out unless named here)")
-    parser.add_argument("--modes", type=_list(MODES, "mode"), default=list(MODES),
+    parser.add_argument("--modes", type=_list(MODES, "mode"), default=None,
                         help="comma-separated: fwd, bwd, full (default all)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--device", default=None,
                         help="cpu, cuda, cuda:1 ... (default cuda when available, else cpu)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls per row (10)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (2; these "
-                        "include torch.compile's compilation)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed calls per row (10; 3 with --steps)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (2; 1 "
+                        "with --steps; these include torch.compile's compilation)")
     parser.add_argument("--time-limit", type=float, default=60.0,
                         help="seconds per row, checked between calls (default 60)")
     parser.add_argument("--threads", type=int, default=None,
@@ -82,18 +87,70 @@ def build_parser() -> argparse.ArgumentParser:
                              "<device>-<suite> name (what gets committed)")
     parser.add_argument("--name", default=None, help="file stem of the JSON and plot folder")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    steps = parser.add_argument_group(
+        "training steps", "--steps times whole distillation steps of teacher/student pairs "
+        "instead of the cores (kdfast/bench/steps.py); --cores, --suite, --shape and --modes "
+        "do not apply, --providers takes " + ", ".join(STEP_PROVIDERS))
+    steps.add_argument("--steps", action="store_true",
+                       help="run the training-step benchmark")
+    steps.add_argument("--steps-scale", type=_list(list(SCALES), "scale"), default=None,
+                       help="comma-separated, default cifar,dense ('tiny' and 'tiny-dense' are "
+                            "for tests)")
+    steps.add_argument("--loss-sets", type=_list(ALL_LOSS_SETS, "loss set"), default=None,
+                       help="comma-separated, default every set of the chosen scales: "
+                            + ", ".join(ALL_LOSS_SETS))
     return parser
+
+
+CORE_ONLY = ("cores", "suite", "shape", "modes")
+STEP_ONLY = ("steps_scale", "loss_sets")
+
+
+def _option(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _check_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Each benchmark's own options, and its defaults where none was given."""
+    mode, other = ("--steps", CORE_ONLY) if args.steps else ("the core benchmark", STEP_ONLY)
+    given = [_option(dest) for dest in other if getattr(args, dest) is not None]
+    if given:
+        fix = ("choose with --steps-scale and --loss-sets" if args.steps
+               else "add --steps to run the training-step benchmark")
+        parser.error(f"{', '.join(given)} does not apply to {mode}; {fix}")
+    if args.steps:
+        args.steps_scale = args.steps_scale or ["cifar", "dense"]
+        unknown = [p for p in args.providers or () if p not in STEP_PROVIDERS]
+        if unknown:
+            parser.error(f"--providers {', '.join(unknown)}: not a provider of --steps; "
+                         f"choose from {', '.join(STEP_PROVIDERS)}")
+        sets = loss_set_names(args.steps_scale)
+        stray = [s for s in args.loss_sets or () if s not in sets]
+        if stray:
+            parser.error(f"--loss-sets {', '.join(stray)}: not a loss set of --steps-scale "
+                         f"{','.join(args.steps_scale)}; choose from {', '.join(sets)}")
+        if args.dtype != "float32":
+            parser.error(f"--dtype {args.dtype}: --steps runs float32 models only (no "
+                         "autocast); leave --dtype out")
+    args.cores = args.cores or list(CORES)
+    args.suite = args.suite or "quick"
+    args.modes = args.modes or list(MODES)
+    args.repeats = args.repeats if args.repeats is not None else (3 if args.steps else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.steps else 2)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _check_mode(parser, args)
     bad_threads = args.threads is not None and args.threads < 1
     if args.repeats < 1 or args.warmup < 0 or args.time_limit <= 0 or bad_threads:
         parser.error("--repeats must be >= 1, --warmup >= 0, --time-limit > 0, --threads >= 1")
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available to this torch")
+    if args.steps:
+        return args
     try:
         args.shapes = _shapes(args)
     except ValueError as error:
@@ -127,16 +184,20 @@ def output_paths(args, env: dict) -> tuple[str, str]:
     else:
         directory = args.out
         suite = "shapes" if args.shape else args.suite
+        if args.steps:
+            suite = "steps-" + "-".join(args.steps_scale)
         stem = args.name or f"{_slug(env['device_name'])}-{suite}"
     return os.path.join(directory, stem + ".json"), os.path.join(directory, stem)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from tqdm import tqdm
-
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.steps:
+        return main_steps(args)
+    from tqdm import tqdm
+
     skip = SUITES[args.suite].skip_by_default if args.providers is None else ()
     settings = Settings(args.device, DTYPES[args.dtype], args.modes, args.providers, skip,
                         args.warmup, args.repeats, args.time_limit)
@@ -165,6 +226,34 @@ def main(argv=None) -> int:
     print()
     print(report.markdown_table(rows))
     written = [] if args.no_plots else report.plot(rows, plot_dir)
+    print(f"\nwrote {json_path}" + (f" and {len(written)} plots in {plot_dir}/" if written
+                                     else ""), file=sys.stderr)
+    return 0
+
+
+def main_steps(args) -> int:
+    """``--steps``: the training-step rows of every chosen scale."""
+    from tqdm import tqdm
+
+    settings = Settings(args.device, providers=args.providers, warmup=args.warmup,
+                        repeats=args.repeats, time_limit=args.time_limit)
+    env = environment(args.device)
+    json_path, plot_dir = output_paths(args, env)
+    settings_dict = {k: v for k, v in vars(args).items() if k != "device"}
+    settings_dict["device"] = str(args.device)
+    rows = []
+    total = row_count(args.steps_scale, settings, args.loss_sets)
+    with tqdm(total=total, file=sys.stderr, unit="row") as bar:
+        for name in args.steps_scale:
+            bar.set_description(name)
+            rows += run_scale(SCALES[name], settings, env, args.loss_sets, progress=bar.update)
+            report.write_json(json_path, env, None, settings_dict, rows)
+    print(report.header(env, None, "training steps " + ",".join(args.steps_scale), "float32"))
+    print()
+    print(report.step_table(rows))
+    print()
+    print(report.step_summary(rows))
+    written = [] if args.no_plots else report.plot_steps(rows, plot_dir)
     print(f"\nwrote {json_path}" + (f" and {len(written)} plots in {plot_dir}/" if written
                                      else ""), file=sys.stderr)
     return 0

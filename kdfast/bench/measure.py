@@ -34,7 +34,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -199,3 +199,47 @@ def measure(fn: Callable, students: Tensors, teachers: Tensors, mode: str, devic
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return result
+
+
+def measure_interleaved(steps: Sequence[Step], device: torch.device, *, warmup: int = 1,
+                        repeats: int = 3, time_limit: float = 60.0,
+                        compiles: Sequence[bool] = ()) -> list[Measurement]:
+    """:func:`measure` of several steps at once, round-robin: call ``i`` of every step, then
+    call ``i + 1`` of every step, so that a change in the machine's load falls on all of them
+    alike (the training-step rows are seconds long, and a shared machine's load drifts over
+    the minutes a scale takes). Then one peak-memory call each. A step's time limit counts
+    the seconds of its own calls, after the first where it ``compiles``."""
+    results = [Measurement() for _ in steps]
+    spent = [0.0] * len(steps)
+    active = list(range(len(steps)))
+    for i in range(warmup + repeats):
+        for k in list(active):
+            result = results[k]
+            try:
+                elapsed = time_step(steps[k], device)
+            except Exception as error:  # noqa: BLE001 - every failure becomes the row's status
+                result.status, result.note = classify(error)
+                active.remove(k)
+                continue
+            if i == 0:
+                result.first_call_s = elapsed
+            if i >= warmup:
+                result.times.append(elapsed)
+            spent[k] += 0.0 if i == 0 and k < len(compiles) and compiles[k] else elapsed
+            if spent[k] > time_limit and i + 1 < warmup + repeats:
+                if result.times:
+                    result.note = f"{len(result.times)} of {repeats} repeats in the time limit"
+                else:
+                    result.status = "timeout"
+                    result.note = f"over the {time_limit:g} s limit before a timed call"
+                active.remove(k)
+    for k, result in enumerate(results):
+        if result.status != "ok":
+            result.times = []
+            continue
+        try:
+            result.peak_bytes = peak_bytes(steps[k], device)
+        except Exception as error:  # noqa: BLE001
+            result.status, result.note = classify(error)
+            result.times = []
+    return results

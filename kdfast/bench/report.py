@@ -120,3 +120,92 @@ def plot(rows: list[dict], directory: str) -> list[str]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+STEP_COLUMNS = ("scale", "loss set", "provider", "step ms", "p20-p80 ms", "peak MiB",
+                "losses ms", "share in losses %", "over none ms", "x ref", "x compile", "status")
+
+
+def step_table_row(row: dict) -> list[str]:
+    m = row["metrics"]
+    spread = "" if m["p20_s"] is None else f"{_g(m['p20_s'], 1e3)}-{_g(m['p80_s'], 1e3)}"
+    status = row["status"] + (f" ({row['note']})" if row["note"] else "")
+    return [row["scale"], row["loss_set"], row["provider"], _g(m["median_s"], 1e3), spread,
+            _g(m["peak_bytes"], 2.0 ** -20), _g(m["loss_median_s"], 1e3),
+            _g(m["loss_share"], 100.0, 2), _g(m["over_base_s"], 1e3),
+            _g(m["speedup_vs_reference"], digits=2), _g(m["speedup_vs_compile"], digits=2),
+            status.replace("|", "/")]
+
+
+def step_table(rows: list[dict]) -> str:
+    """One line per training-step row (kdfast/bench/steps.py has the definitions)."""
+    lines = ["| " + " | ".join(STEP_COLUMNS) + " |", "|" + "---|" * len(STEP_COLUMNS)]
+    lines += ["| " + " | ".join(step_table_row(row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def step_summary(rows: list[dict], providers=("reference", "compile", "native")) -> str:
+    """"A step with X at this scale goes from A ms / B MiB to C ms / D MiB": one line per
+    scale and loss set, one "ms / MiB" column per provider, and native over reference."""
+    cells = {(r["scale"], r["loss_set"], r["provider"]): r for r in rows if r["status"] == "ok"}
+    keys = list(dict.fromkeys((r["scale"], r["loss_set"]) for r in rows
+                              if r["loss_set"] != "none"))
+    header = ["scale", "loss set", *(f"{p} ms / MiB" for p in providers), "native x reference"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for scale, loss_set in keys:
+        row = [scale, loss_set]
+        for provider in providers:
+            r = cells.get((scale, loss_set, provider))
+            m = r["metrics"] if r else None
+            row.append("" if m is None else f"{_g(m['median_s'], 1e3)} / "
+                                            f"{_g(m['peak_bytes'], 2.0 ** -20)}")
+        native = cells.get((scale, loss_set, "native"))
+        row.append(_g(native["metrics"]["speedup_vs_reference"], digits=2) if native else "")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot_steps(rows: list[dict], directory: str) -> list[str]:
+    """PNG per scale: step time and peak memory per loss set, one bar per provider, the
+    step without distillation losses as a dashed line. Returns the files written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok" and r["metrics"]["median_s"] is not None]
+    os.makedirs(directory, exist_ok=True)
+    written = []
+    for scale in dict.fromkeys(r["scale"] for r in ok):
+        scale_rows = [r for r in ok if r["scale"] == scale]
+        sets = list(dict.fromkeys(r["loss_set"] for r in scale_rows if r["loss_set"] != "none"))
+        providers = list(dict.fromkeys(r["provider"] for r in scale_rows
+                                       if r["loss_set"] != "none"))
+        base = next((r for r in scale_rows if r["loss_set"] == "none"), None)
+        fig, grid = plt.subplots(1, 2, figsize=(13, 4.5))
+        width = 0.8 / max(len(providers), 1)
+        for ax, (metric, scale_by, label) in zip(grid, (
+                ("median_s", 1e3, "step time, median (ms)"),
+                ("peak_bytes", 2.0 ** -20, "peak memory above the resident model (MiB)")),
+                strict=True):
+            for k, provider in enumerate(providers):
+                values = {r["loss_set"]: r["metrics"][metric] for r in scale_rows
+                          if r["provider"] == provider and r["metrics"][metric] is not None}
+                xs = [i + (k - (len(providers) - 1) / 2) * width
+                      for i, name in enumerate(sets) if name in values]
+                ax.bar(xs, [values[name] * scale_by for name in sets if name in values],
+                       width, label=provider)
+            if base is not None and base["metrics"][metric] is not None:
+                ax.axhline(base["metrics"][metric] * scale_by, color="k", linestyle="--",
+                           linewidth=1, label="no distillation losses")
+            ax.set_xticks(range(len(sets)))
+            ax.set_xticklabels(sets)
+            ax.set_ylabel(label)
+            ax.grid(True, axis="y", alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"training step, {scale}: {scale_rows[0]['model']}", fontsize=9)
+        fig.tight_layout()
+        path = os.path.join(directory, f"steps-{scale}.png")
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        written.append(path)
+    return written
