@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from kdfast import functional
 from kdfast.bench import floors
 from kdfast.bench.shapes import (
     EmbeddingShape,
@@ -141,7 +142,7 @@ class Core:
 
     def loss(self, students: Tensors, teachers: Tensors, backend: str) -> torch.Tensor:
         """The public loss (mean reduction) on these inputs with ``backend``."""
-        function = getattr(importlib.import_module("kdfast.functional"), self.function)
+        function = getattr(functional, self.function)
         packed = self.pack(students, teachers)
         args, keywords = packed if isinstance(packed, Call) else (packed, {})
         return function(*args, **keywords, **self.options, backend=backend)

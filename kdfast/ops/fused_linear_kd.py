@@ -36,7 +36,7 @@ from kdfast import backends
 from kdfast._precision import accumulation_dtype, autocast_off
 from kdfast.ops._higher_order import creates_graph, reference_grads
 from kdfast.ops.softmax_kl import CORE as SOFTMAX_KL
-from kdfast.ops.softmax_kl import triton_softmax_kl_op
+from kdfast.ops.softmax_kl import triton_softmax_kl_backward_op, triton_softmax_kl_with_stats_op
 from kdfast.reference.fused_linear_kd import (
     bucket_rows,
     capped,
@@ -118,6 +118,22 @@ NAME_FIELDS = ("divergence", "reduction", "topk_tail")
 
 # --- the divergence of one chunk -------------------------------------------------------
 
+def triton_loss_and_gradient(student: Tensor, teacher: Tensor, temperature: float,
+                             divergence: str, beta: float, need_gradient: bool,
+                             teacher_gradient: bool) -> tuple[Tensor, Tensor, None]:
+    """The Triton core in the native kernel's form (loss and dL/ds of the per-row loss): its
+    stats forward, then its backward with grad_output 1 (the chunk's logits are already in
+    the accumulation dtype, so the gradient is too)."""
+    loss, row_stats = triton_softmax_kl_with_stats_op(student, teacher, temperature,
+                                                      divergence, beta)
+    if not need_gradient:
+        return loss, student.new_empty((0, 0)), None
+    grad, _ = triton_softmax_kl_backward_op(torch.ones_like(loss), student, teacher, row_stats,
+                                            temperature, divergence, beta, True,
+                                            teacher_gradient)
+    return loss, grad, None
+
+
 def core_divergence(student: Tensor, teacher: Tensor, options: FusedLinearKDOptions,
                     need_gradient: bool) -> tuple[Tensor, Tensor | None] | None:
     """The ``"softmax_kl"`` core's fused kernel (native or Triton) on one chunk: the per-row
@@ -127,7 +143,7 @@ def core_divergence(student: Tensor, teacher: Tensor, options: FusedLinearKDOpti
         return None
     backend = backends.choose(SOFTMAX_KL, None, student, teacher).backend
     kernel = {"native": getattr(torch.ops.kdfast, "softmax_kl", None) if backend == "native"
-              else None, "triton": triton_softmax_kl_op}.get(backend)
+              else None, "triton": triton_loss_and_gradient}.get(backend)
     if kernel is None:
         return None
     loss, grad, _ = kernel(student, teacher, options.temperature, options.divergence,

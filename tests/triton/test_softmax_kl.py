@@ -131,3 +131,19 @@ def test_kd_loss_on_triton_and_compiled(device):
     assert_rel_close(out, ref, 1e-12, "value")
     assert_rel_close(torch.autograd.grad(out, s)[0], torch.autograd.grad(ref, s)[0], 1e-12,
                      "gradient")
+
+
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
+def test_fused_linear_kd_chunk_kernel_is_the_core(divergence, beta):
+    # The fused linear KD's per-chunk pass on Triton (stats forward, backward with
+    # grad_output 1) gives the per-row loss and dL/ds of the reference.
+    from kdfast.ops.fused_linear_kd import triton_loss_and_gradient
+    student, teacher = randn(5, 37, seed=61) * 3, randn(5, 37, seed=62) * 3
+    loss, grad, _ = triton_loss_and_gradient(student, teacher, 2.0, divergence, beta, True, False)
+    s = student.detach().requires_grad_(True)
+    want = softmax_kl(s, teacher, 2.0, divergence, beta)
+    assert_rel_close(loss, want, 1e-12, "value")
+    assert_rel_close(grad, torch.autograd.grad(want.sum(), s)[0], 1e-12, "student gradient")
+    loss_only, empty, _ = triton_loss_and_gradient(student, teacher, 2.0, divergence, beta,
+                                                   False, False)
+    assert torch.equal(loss_only, loss) and empty.numel() == 0
