@@ -10,7 +10,7 @@ by one rule, :func:`channel_mmd_path`, for every backend and for the reference:
 * ``GRAM``, C × C Grams of the channels (poly, rbf): native ``kdfast::channel_mmd_gram`` →
   (loss, m_ss, m_st, m_tt, row_scale); Triton ``kdfast_triton::channel_mmd_gram`` → (loss,
   sq_x, sq_y, sigmas, g_ss, g_st, g_tt).
-* ``FEATURE_GRAM``, D × D Grams of the positions (poly d = 2 on maps smaller than 3/5 of
+* ``FEATURE_GRAM``, D × D Grams of the positions (poly d = 2 on maps smaller than 5/8 of
   the Gram rows): native ``kdfast::channel_mmd_feature_gram`` on CPU → (loss, feature_weights,
   feature_offsets, inv_norm_x, inv_norm_y); on CUDA and Triton
   :func:`feature_gram_channel_mmd` (torch matmuls).
@@ -64,8 +64,10 @@ MAX_BANDWIDTHS = 16
 # switch would sit at D = rows (D × D Grams: rows·D² flops, C × C ones: rows²·D), but the
 # native CPU D × D path ran at about 1.5·D/rows of the C × C path's time (one thread, forward
 # + backward, B 8-64, C 64-1024, maps 7×7 to 28×28; docs/regression_sweep.md): 0.86 at
-# D/rows = 0.61, 1.06-1.10 at 0.61-0.8, 1.4 at 1.0. Not measured on a GPU.
-FEATURE_GRAM_SHARE = (3, 5)
+# D/rows = 0.61 on 14×14 maps but 1.06 on 28×28, 1.10 at 0.8, 1.4 at 1.0; 5/8 puts the
+# 14×14 point (a 14 % win) on the D × D side and costs 6 % at the 28×28 one. Not measured on
+# a GPU.
+FEATURE_GRAM_SHARE = (5, 8)
 
 
 def channel_mmd_path(student: Tensor, teacher: Tensor, kernel: str, degree: int,
@@ -73,9 +75,9 @@ def channel_mmd_path(student: Tensor, teacher: Tensor, kernel: str, degree: int,
     """The algorithm that computes channel MMD for these inputs: the one rule, used by every
     backend and by the reference (:func:`kdfast.reference.nst.channel_mmd`).
 
-    ``LINEAR`` for the linear kernel; ``FEATURE_GRAM`` for poly d = 2 when D = H·W < 3/5 of
+    ``LINEAR`` for the linear kernel; ``FEATURE_GRAM`` for poly d = 2 when D = H·W < 5/8 of
     rows = C_s (+ C_t with the teacher term), where D × D Grams cost about rows·D² flops and
-    D² memory per sample against rows²·D and rows² for the C × C ones (the 3/5:
+    D² memory per sample against rows²·D and rows² for the C × C ones (the 5/8:
     :data:`FEATURE_GRAM_SHARE`); else ``GRAM``.
     """
     if kernel == "linear":
