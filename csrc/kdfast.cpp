@@ -10,6 +10,15 @@ TORCH_LIBRARY(kdfast, m) {
   // d features from d q_hat (same strides as features when they are dense).
   m.def("attention_map_backward(Tensor grad_map, Tensor features, Tensor q_hat, Tensor norm, "
         "float p) -> Tensor");
+  // The per-sample AT loss (B,) of student and teacher features of equal B, H, W and dtype
+  // (mode "code": mean_HW (q_s - q_t)^2; paper: ||q_s - q_t||), with both maps and norms for
+  // the backward. CPU only (other devices run the two maps and the epilogue in torch).
+  m.def("attention_loss(Tensor student, Tensor teacher, float p, bool paper) -> (Tensor loss, "
+        "Tensor q_student, Tensor norm_student, Tensor q_teacher, Tensor norm_teacher)");
+  // (d student, d teacher) from d loss (B,); 0-element where not requested.
+  m.def("attention_loss_backward(Tensor grad, Tensor student, Tensor teacher, "
+        "Tensor q_student, Tensor norm_student, Tensor q_teacher, Tensor norm_teacher, float p, "
+        "bool paper, bool grad_student, bool grad_teacher) -> (Tensor, Tensor)");
   // SP epilogue of the B x B grams A = Q Q^T: per-row loss sum_j (G_t - G_s)_ij^2 / B with
   // G = rownormalise(A), and G_s, G_t, ||A_s row||, ||A_t row|| for the backward.
   m.def("similarity_forward(Tensor gram_s, Tensor gram_t) -> (Tensor, Tensor, Tensor, Tensor, "

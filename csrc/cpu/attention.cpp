@@ -12,6 +12,13 @@
 // channels_last) reduce each position's contiguous channels. Other layouts are copied once.
 // Accumulation in the op-math type (fp32 for fp16/bf16/fp32, fp64 for fp64). Every task
 // owns its output block, and sums run in a fixed order, so results are deterministic.
+//
+// The AT loss itself (attention_loss): per sample, from both maps,
+//   code:  L = (1/HW) sum_i (q_s - q_t)_i^2,  dq_s = (2/HW) g (q_s - q_t)
+//   paper: L = ||q_s - q_t||_2,               dq_s = g (q_s - q_t) / L   (0 where L = 0)
+// and dq_t = -dq_s: one operator call forward and one backward instead of the two maps and
+// about ten small ATen calls of the B x HW epilogue (which cost as much as the passes over
+// the features at CIFAR sizes on a small CPU).
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,10 +26,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "kdfast/aten_dtype.h"
 #include "kdfast/aten_layout.h"
 #include "kdfast/math.h"
+#include "kdfast/simd.h"
 
 namespace {
 
@@ -67,18 +76,38 @@ acc_t reduce_contiguous(const scalar_t* row, int64_t n, Power power) {
   return total;
 }
 
+// out[i] = sum_c power(x[c * stride_c + i]) for i in [0, n): four channel rows per pass over
+// out (a quarter of the loads and stores of out; the channel sums in a fixed order).
+template <typename scalar_t, typename acc_t, typename Power>
+KDFAST_SIMD_CLONES void sum_channel_rows(const scalar_t* x, int64_t stride_c, int64_t channels,
+                                         int64_t n, acc_t* out, Power power) {
+  std::fill(out, out + n, acc_t(0));
+  int64_t c = 0;
+  for (; c + 4 <= channels; c += 4) {
+    const scalar_t* r0 = x + c * stride_c;
+    const scalar_t* r1 = r0 + stride_c;
+    const scalar_t* r2 = r1 + stride_c;
+    const scalar_t* r3 = r2 + stride_c;
+    for (int64_t i = 0; i < n; ++i) {
+      out[i] += (power(static_cast<acc_t>(r0[i])) + power(static_cast<acc_t>(r1[i]))) +
+                (power(static_cast<acc_t>(r2[i])) + power(static_cast<acc_t>(r3[i])));
+    }
+  }
+  for (; c < channels; ++c) {
+    const scalar_t* row = x + c * stride_c;
+    for (int64_t i = 0; i < n; ++i) out[i] += power(static_cast<acc_t>(row[i]));
+  }
+}
+
 template <typename scalar_t, typename acc_t, typename Power>
 void attention_sums(const scalar_t* x, const FeatureLayout& l, acc_t* q, Power power) {
   const acc_t inv_c = acc_t(1) / static_cast<acc_t>(l.channels);
   if (l.rows()) {
     for_each_block(l.batch, l.channels, l.hw, kHwBlock, [&](int64_t b, int64_t begin, int64_t end) {
-      acc_t* out = q + b * l.hw;
-      std::fill(out + begin, out + end, acc_t(0));
-      for (int64_t c = 0; c < l.channels; ++c) {
-        const scalar_t* row = x + b * l.stride_b + c * l.stride_c;
-        for (int64_t i = begin; i < end; ++i) out[i] += power(static_cast<acc_t>(row[i]));
-      }
-      for (int64_t i = begin; i < end; ++i) out[i] *= inv_c;
+      acc_t* out = q + b * l.hw + begin;
+      sum_channel_rows(x + b * l.stride_b + begin, l.stride_c, l.channels, end - begin, out,
+                       power);
+      for (int64_t i = 0; i < end - begin; ++i) out[i] *= inv_c;
     });
   } else {
     for_each_block(l.batch, l.channels, l.hw, kPosBlock, [&](int64_t b, int64_t begin, int64_t end) {
@@ -134,6 +163,15 @@ void map_grad(const acc_t* grad_map, const acc_t* q_hat, const acc_t* norm, int6
   });
 }
 
+// out[i] = local(row[i]) * dq[i] for i in [0, n).
+template <typename scalar_t, typename acc_t, typename Local>
+KDFAST_SIMD_CLONES void scale_row(const scalar_t* row, const acc_t* dq, int64_t n, scalar_t* out,
+                                  Local local) {
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = static_cast<scalar_t>(local(static_cast<acc_t>(row[i])) * dq[i]);
+  }
+}
+
 // dA = local(A) * dQ over the layout; dA has the same strides as A.
 template <typename scalar_t, typename acc_t, typename Local>
 void input_grad(const scalar_t* x, scalar_t* dx, const FeatureLayout& l, const acc_t* grad_q,
@@ -142,12 +180,8 @@ void input_grad(const scalar_t* x, scalar_t* dx, const FeatureLayout& l, const a
     for_each_block(l.batch, l.channels, l.hw, kHwBlock, [&](int64_t b, int64_t begin, int64_t end) {
       const acc_t* dq = grad_q + b * l.hw;
       for (int64_t c = 0; c < l.channels; ++c) {
-        const int64_t offset = b * l.stride_b + c * l.stride_c;
-        const scalar_t* row = x + offset;
-        scalar_t* out = dx + offset;
-        for (int64_t i = begin; i < end; ++i) {
-          out[i] = static_cast<scalar_t>(local(static_cast<acc_t>(row[i])) * dq[i]);
-        }
+        const int64_t offset = b * l.stride_b + c * l.stride_c + begin;
+        scale_row(x + offset, dq + begin, end - begin, dx + offset, local);
       }
     });
   } else {
@@ -232,9 +266,101 @@ at::Tensor attention_map_backward_cpu(const at::Tensor& grad_map, const at::Tens
   return grad;
 }
 
+// The per-sample AT loss of two (B, HW) maps and the weight w (B,) with dq_s = w (q_s - q_t)
+// for an upstream gradient of 1 (see the top of the file).
+template <typename acc_t>
+void map_loss(const acc_t* q_s, const acc_t* q_t, int64_t batch, int64_t hw, bool paper,
+              acc_t* loss, acc_t* weight) {
+  at::parallel_for(0, batch, grain_for(hw), [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      const acc_t* s = q_s + b * hw;
+      const acc_t* t = q_t + b * hw;
+      acc_t lanes[kLanes] = {};
+      int64_t i = 0;
+      for (; i + kLanes <= hw; i += kLanes) {
+        for (int k = 0; k < kLanes; ++k) {
+          const acc_t d = s[i + k] - t[i + k];
+          lanes[k] += d * d;
+        }
+      }
+      for (; i < hw; ++i) lanes[0] += (s[i] - t[i]) * (s[i] - t[i]);
+      acc_t sum_sq = 0;
+      for (int k = 0; k < kLanes; ++k) sum_sq += lanes[k];
+      if (paper) {
+        loss[b] = std::sqrt(sum_sq);
+        weight[b] = loss[b] > acc_t(0) ? acc_t(1) / loss[b] : acc_t(0);
+      } else {
+        loss[b] = sum_sq / static_cast<acc_t>(hw);
+        weight[b] = acc_t(2) / static_cast<acc_t>(hw);
+      }
+    }
+  });
+}
+
+void check_pair(const at::Tensor& student, const at::Tensor& teacher, double p) {
+  check_features(student, p);
+  check_features(teacher, p);
+  TORCH_CHECK(student.size(0) == teacher.size(0) && student.size(2) == teacher.size(2) &&
+                  student.size(3) == teacher.size(3),
+              "attention_loss: student ", student.sizes(), " and teacher ", teacher.sizes(),
+              " need the same B, H and W");
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
+              "attention_loss: student and teacher need one dtype");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_loss_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, double p, bool paper) {
+  check_pair(student, teacher, p);
+  auto [q_s, norm_s] = attention_map_cpu(student, p);
+  auto [q_t, norm_t] = attention_map_cpu(teacher, p);
+  const int64_t batch = q_s.size(0), hw = q_s.size(1);
+  at::Tensor loss = at::empty({batch}, q_s.options());
+  at::Tensor weight = at::empty({batch}, q_s.options());
+  AT_DISPATCH_FLOATING_TYPES(q_s.scalar_type(), "attention_loss", [&] {
+    map_loss(q_s.const_data_ptr<scalar_t>(), q_t.const_data_ptr<scalar_t>(), batch, hw, paper,
+             loss.mutable_data_ptr<scalar_t>(), weight.mutable_data_ptr<scalar_t>());
+  });
+  return {loss, q_s, norm_s, q_t, norm_t};
+}
+
+// dq_s = grad * w (q_s - q_t) (B x HW, accumulation type), then each wanted side's dA.
+std::tuple<at::Tensor, at::Tensor> attention_loss_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
+    const at::Tensor& q_s, const at::Tensor& norm_s, const at::Tensor& q_t,
+    const at::Tensor& norm_t, double p, bool paper, bool grad_student, bool grad_teacher) {
+  check_pair(student, teacher, p);
+  const at::Tensor qs = q_s.contiguous(), qt = q_t.contiguous();
+  const int64_t batch = qs.size(0), hw = qs.size(1);
+  at::Tensor grad_map = at::empty_like(qs);
+  AT_DISPATCH_FLOATING_TYPES(qs.scalar_type(), "attention_loss_backward", [&] {
+    std::vector<scalar_t> loss(batch), weight(batch);
+    const scalar_t* s = qs.const_data_ptr<scalar_t>();
+    const scalar_t* t = qt.const_data_ptr<scalar_t>();
+    map_loss(s, t, batch, hw, paper, loss.data(), weight.data());
+    const at::Tensor g = grad.to(qs.scalar_type()).contiguous();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    scalar_t* out = grad_map.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, batch, grain_for(hw), [&](int64_t first, int64_t last) {
+      for (int64_t b = first; b < last; ++b) {
+        const scalar_t w = gp[b] * weight[b];
+        for (int64_t i = b * hw; i < (b + 1) * hw; ++i) out[i] = w * (s[i] - t[i]);
+      }
+    });
+  });
+  at::Tensor d_student = grad_student
+      ? attention_map_backward_cpu(grad_map, student, qs, norm_s, p)
+      : at::empty({0}, student.options());
+  at::Tensor d_teacher = grad_teacher
+      ? attention_map_backward_cpu(grad_map.neg(), teacher, qt, norm_t, p)
+      : at::empty({0}, teacher.options());
+  return {d_student, d_teacher};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
   m.impl("attention_map", &attention_map_cpu);
   m.impl("attention_map_backward", &attention_map_backward_cpu);
+  m.impl("attention_loss", &attention_loss_cpu);
+  m.impl("attention_loss_backward", &attention_loss_backward_cpu);
 }

@@ -15,7 +15,9 @@ Three kinds of input, one per family of loss:
   lm_head and (N, V) teacher logits (language-model vocabularies).
 
 Every suite holds ResNet-style stage shapes plus two sweeps (feature-map size at fixed
-channels, channels at a fixed map) so that the plots have lines to draw.
+channels, channels at a fixed map) so that the plots have lines to draw. The ``sweep`` suite
+(the regression sweep, docs/regression_sweep.md) is the cifar and imagenet shapes together
+with teachers 2× and 4× wider than the student on 7×7 ... 64×64 maps.
 """
 
 from __future__ import annotations
@@ -161,6 +163,52 @@ class Suite:
         return getattr(self, kind)
 
 
+_CIFAR = Suite(
+    "cifar", "ResNet-style CIFAR maps 32x32/16x16/8x8, C 64-256, B 64",
+    features=_features(64, stages=((64, 32), (128, 16), (256, 8)),
+                       spatial_sweep=(128, (8, 16, 32)), channel_sweep=(16, (64, 128, 256))),
+    logits=(LogitShape(64, 10), LogitShape(64, 100)),
+    embeddings=(EmbeddingShape(64, 64, 256), EmbeddingShape(128, 64, 256)))
+
+_IMAGENET = Suite(
+    "imagenet", "ResNet-50 stages 56x56...7x7, C 256-2048, B 32 (B 256 for logits)",
+    features=_features(32, stages=((256, 56), (512, 28), (1024, 14), (2048, 7)),
+                       spatial_sweep=(512, (7, 14, 28, 56)),
+                       channel_sweep=(14, (256, 512, 1024, 2048))),
+    logits=(LogitShape(32, 1000), LogitShape(256, 1000)),
+    embeddings=(EmbeddingShape(256, 512, 2048), EmbeddingShape(512, 512, 2048)))
+
+# The regression sweep's teacher-wider-than-student pairs: C_t = 2·C_s and 4·C_s on square maps
+# 7×7 ... 64×64. With C_s = 64 and 256 the maps straddle NST poly's switch between the D × D
+# and the C × C Gram forms (D = H·W against C_s + C_t rows, e.g. 14×14 = 196 against 192 and
+# 320 rows, 28×28 = 784 against 768 and 1280).
+SWEEP_BATCH, SWEEP_STUDENT_CHANNELS, SWEEP_RATIOS = 8, (64, 256), (2, 4)
+SWEEP_MAPS = (7, 14, 28, 64)
+
+
+def _wider_teachers(batch: int, students, ratios, maps) -> tuple[FeatureShape, ...]:
+    return tuple(FeatureShape(batch, c, r * c, h, h) for h in maps for c in students
+                 for r in ratios)
+
+
+def _union(*groups):
+    """The shapes of ``groups`` in order, without repeats."""
+    return tuple(dict.fromkeys(shape for group in groups for shape in group))
+
+
+def _sweep(*suites: Suite) -> Suite:
+    """Every shape of ``suites`` plus the wider-teacher channel sweep; one CWD map and one
+    lm_head shape (of the quick suite) so that every core has rows."""
+    wider = _wider_teachers(SWEEP_BATCH, SWEEP_STUDENT_CHANNELS, SWEEP_RATIOS, SWEEP_MAPS)
+    return Suite(
+        "sweep", "regression sweep: every cifar and imagenet shape, plus teachers 2x and 4x "
+                 "wider than the student (B 8, C_s 64/256) on 7x7...64x64 maps",
+        features=_union(*(s.features for s in suites), wider),
+        logits=_union(*(s.logits for s in suites)),
+        embeddings=_union(*(s.embeddings for s in suites)),
+        maps=(MapShape(2, 19, 32, 64),), lmhead=(LmHeadShape(256, 128, 8000),))
+
+
 SUITES: dict[str, Suite] = {s.name: s for s in (
     Suite("tiny", "a few tiny shapes for the test suite (not a measurement)",
           features=(FeatureShape(2, 3, 5, 4, 4), FeatureShape(2, 3, 5, 6, 6),
@@ -177,17 +225,8 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
           maps=(MapShape(2, 19, 32, 64),),
           lmhead=(LmHeadShape(256, 128, 8000),),
           skip_by_default=("compile", "compile-max-autotune")),
-    Suite("cifar", "ResNet-style CIFAR maps 32x32/16x16/8x8, C 64-256, B 64",
-          features=_features(64, stages=((64, 32), (128, 16), (256, 8)),
-                             spatial_sweep=(128, (8, 16, 32)), channel_sweep=(16, (64, 128, 256))),
-          logits=(LogitShape(64, 10), LogitShape(64, 100)),
-          embeddings=(EmbeddingShape(64, 64, 256), EmbeddingShape(128, 64, 256))),
-    Suite("imagenet", "ResNet-50 stages 56x56...7x7, C 256-2048, B 32 (B 256 for logits)",
-          features=_features(32, stages=((256, 56), (512, 28), (1024, 14), (2048, 7)),
-                             spatial_sweep=(512, (7, 14, 28, 56)),
-                             channel_sweep=(14, (256, 512, 1024, 2048))),
-          logits=(LogitShape(32, 1000), LogitShape(256, 1000)),
-          embeddings=(EmbeddingShape(256, 512, 2048), EmbeddingShape(512, 512, 2048))),
+    _CIFAR,
+    _IMAGENET,
     Suite("large", "segmentation/detection maps up to 256x256 (8x8 -> 256x256 sweep), "
                    "LLM-vocabulary logits",
           features=_features(8, stages=((256, 128), (256, 256)),
@@ -197,9 +236,10 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
           embeddings=(EmbeddingShape(1024, 512, 2048), EmbeddingShape(2048, 512, 2048)),
           maps=(MapShape(8, 19, 512, 1024),),
           lmhead=(LmHeadShape(1024, 512, 32000), LmHeadShape(4096, 2048, 128256))),
+    _sweep(_CIFAR, _IMAGENET),
 )}
 
-CLI_SUITES = ("quick", "cifar", "imagenet", "large")
+CLI_SUITES = ("quick", "cifar", "imagenet", "large", "sweep")
 
 _SIZE = r"(\d+)(?:/(\d+))?"
 

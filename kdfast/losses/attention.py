@@ -6,8 +6,7 @@ import torch
 
 from kdfast import _checks, backends
 from kdfast.losses._module import FunctionalLoss
-from kdfast.ops.attention import CORE
-from kdfast.reference.attention import at_loss_from_maps
+from kdfast.ops.attention import CORE, at_per_sample
 
 AT_MODES = ("code", "paper")
 
@@ -51,9 +50,8 @@ def at_loss(student: torch.Tensor, teacher: torch.Tensor, *, p: float = 2.0,
     _checks.check_same_batch(student, teacher)
     student, teacher = _checks.promote(student, teacher)
     student, teacher = _checks.match_spatial(student, teacher, pool)
-    attention_map = backends.choose(CORE, backend, student, teacher).fn
-    p = float(p)
-    per_sample = at_loss_from_maps(attention_map(student, p), attention_map(teacher, p), mode)
+    impl = backends.choose(CORE, backend, student, teacher)
+    per_sample = at_per_sample(impl, student, teacher, float(p), mode)
     return _checks.reduce(per_sample, reduction)
 
 

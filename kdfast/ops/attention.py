@@ -14,6 +14,12 @@ channels_last included) and writes q_hat, and one that reads A and writes dA:
 Both go through one autograd Function shape (:func:`attention_map_function`); a backward with
 ``create_graph=True`` differentiates the reference instead (:mod:`kdfast.ops._higher_order`).
 All implementations are registered at the bottom of this file.
+
+The loss on the two maps (:func:`at_per_sample`): native on the CPU runs it fused,
+``torch.ops.kdfast.attention_loss`` / ``attention_loss_backward`` (both maps, the per-sample
+loss and, backward, both sides' dA in one call each: :class:`NativeAttentionLoss`); every
+other implementation computes the two maps and :func:`~kdfast.reference.attention.
+at_loss_from_maps` in torch.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from kdfast import backends
 from kdfast._precision import accumulation_dtype
 from kdfast.ops._higher_order import creates_graph, reference_grads
 from kdfast.ops._triton_common import TRITON_NAMESPACE
-from kdfast.reference.attention import attention_map
+from kdfast.reference.attention import at_loss, at_loss_from_maps, attention_map
 from kdfast.triton import supports_without_dot
 
 CORE = "attention_map"
@@ -85,6 +91,51 @@ def _fake_attention_map_backward(grad_map, features, q_hat, norm, p):
     return torch.empty_like(features)
 
 
+class NativeAttentionLoss(torch.autograd.Function):
+    """Per-sample AT loss (B,) of (student, teacher, p, paper) by the fused CPU operators."""
+
+    @staticmethod
+    def forward(ctx, student: Tensor, teacher: Tensor, p: float, paper: bool) -> Tensor:
+        loss, *maps = torch.ops.kdfast.attention_loss(student, teacher, p, paper)
+        ctx.p, ctx.paper = p, paper
+        ctx.save_for_backward(student, teacher, *maps)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        student, teacher, *maps = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:2]
+        if creates_graph():
+            mode = "paper" if ctx.paper else "code"
+            return *reference_grads(lambda s, t: at_loss(s, t, ctx.p, mode), (student, teacher),
+                                    needs, grad_loss), None, None
+        d_student, d_teacher = torch.ops.kdfast.attention_loss_backward(
+            grad_loss.contiguous(), student, teacher, *maps, ctx.p, ctx.paper, *needs)
+        return d_student if needs[0] else None, d_teacher if needs[1] else None, None, None
+
+
+def at_per_sample(impl: backends.Implementation, student: Tensor, teacher: Tensor, p: float,
+                  mode: str) -> Tensor:
+    """The per-sample AT loss (B,) with ``impl``, the chosen implementation of this core:
+    fused for native on the CPU (:class:`NativeAttentionLoss`), else its two maps and the
+    torch epilogue."""
+    if impl.backend == "native" and student.device.type == "cpu":
+        return NativeAttentionLoss.apply(student, teacher, float(p), mode == "paper")
+    return at_loss_from_maps(impl.fn(student, p), impl.fn(teacher, p), mode)
+
+
+def _fake_attention_loss(student: Tensor, teacher: Tensor, p: float, paper: bool):
+    q_s, norm_s = _fake_attention_map(student, p)
+    q_t, norm_t = _fake_attention_map(teacher, p)
+    return norm_s.new_empty(norm_s.shape), q_s, norm_s, q_t, norm_t
+
+
+def _fake_attention_loss_backward(grad, student, teacher, q_s, norm_s, q_t, norm_t, p, paper,
+                                  grad_student, grad_teacher):
+    return (torch.empty_like(student) if grad_student else student.new_empty(0),
+            torch.empty_like(teacher) if grad_teacher else teacher.new_empty(0))
+
+
 # --- triton ----------------------------------------------------------------------------------
 
 @torch.library.custom_op(f"{TRITON_NAMESPACE}::attention_map", mutates_args=())
@@ -116,6 +167,8 @@ def triton_attention_map(features: Tensor, p: float = 2.0) -> Tensor:
 
 backends.register_native_fake("attention_map", _fake_attention_map)
 backends.register_native_fake("attention_map_backward", _fake_attention_map_backward)
+backends.register_native_fake("attention_loss", _fake_attention_loss)
+backends.register_native_fake("attention_loss_backward", _fake_attention_loss_backward)
 backends.register(CORE, "reference", attention_map)
 backends.register(CORE, "native", native_attention_map, backends.native_supports)
 backends.register(CORE, "triton", triton_attention_map, supports_without_dot)

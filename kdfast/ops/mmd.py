@@ -10,8 +10,8 @@ by one rule, :func:`channel_mmd_path`, for every backend and for the reference:
 * ``GRAM``, C × C Grams of the channels (poly, rbf): native ``kdfast::channel_mmd_gram`` →
   (loss, m_ss, m_st, m_tt, row_scale); Triton ``kdfast_triton::channel_mmd_gram`` → (loss,
   sq_x, sq_y, sigmas, g_ss, g_st, g_tt).
-* ``FEATURE_GRAM``, D × D Grams of the positions (poly d = 2 on maps smaller than the Gram
-  rows): native ``kdfast::channel_mmd_feature_gram`` on CPU → (loss, feature_weights,
+* ``FEATURE_GRAM``, D × D Grams of the positions (poly d = 2 on maps smaller than 5/8 of
+  the Gram rows): native ``kdfast::channel_mmd_feature_gram`` on CPU → (loss, feature_weights,
   feature_offsets, inv_norm_x, inv_norm_y); on CUDA and Triton
   :func:`feature_gram_channel_mmd` (torch matmuls).
 * ``LINEAR``, no Gram (linear kernel): native ``kdfast::channel_mmd_linear`` → (loss, sum_x,
@@ -60,19 +60,32 @@ PATHS = (GRAM, FEATURE_GRAM, LINEAR)
 MAX_BANDWIDTHS = 16
 
 
+# FEATURE_GRAM takes poly d = 2 when D < FEATURE_GRAM_SHARE · rows. By the flop count the
+# switch would sit at D = rows (D × D Grams: rows·D² flops, C × C ones: rows²·D), but the
+# native CPU D × D path ran at about 1.5·D/rows of the C × C path's time (one thread, forward
+# + backward, B 8-64, C 64-1024, maps 7×7 to 28×28; docs/regression_sweep.md): 0.86 at
+# D/rows = 0.61 on 14×14 maps but 1.06 on 28×28, 1.10 at 0.8, 1.4 at 1.0; 5/8 puts the
+# 14×14 point (a 14 % win) on the D × D side and costs 6 % at the 28×28 one. Not measured on
+# a GPU.
+FEATURE_GRAM_SHARE = (5, 8)
+
+
 def channel_mmd_path(student: Tensor, teacher: Tensor, kernel: str, degree: int,
                      teacher_term: bool) -> str:
     """The algorithm that computes channel MMD for these inputs: the one rule, used by every
     backend and by the reference (:func:`kdfast.reference.nst.channel_mmd`).
 
-    ``LINEAR`` for the linear kernel; ``FEATURE_GRAM`` for poly d = 2 when D = H·W < rows =
-    C_s (+ C_t with the teacher term), where D × D Grams cost about rows·D² flops and D²
-    memory per sample against rows²·D and rows² for the C × C ones; else ``GRAM``.
+    ``LINEAR`` for the linear kernel; ``FEATURE_GRAM`` for poly d = 2 when D = H·W < 5/8 of
+    rows = C_s (+ C_t with the teacher term), where D × D Grams cost about rows·D² flops and
+    D² memory per sample against rows²·D and rows² for the C × C ones (the 5/8:
+    :data:`FEATURE_GRAM_SHARE`); else ``GRAM``.
     """
     if kernel == "linear":
         return LINEAR
     rows = student.shape[1] + (teacher.shape[1] if teacher_term else 0)
-    if kernel == "poly" and degree == 2 and student.shape[2] * student.shape[3] < rows:
+    numerator, denominator = FEATURE_GRAM_SHARE
+    if (kernel == "poly" and degree == 2
+            and denominator * student.shape[2] * student.shape[3] < numerator * rows):
         return FEATURE_GRAM
     return GRAM
 

@@ -111,3 +111,27 @@ def test_every_core_has_a_pytest_benchmark_file():
     covered = [name for path in sorted(BENCHMARKS.glob("bench_*.py"))
                for name in _load(path).CORES]
     assert sorted(covered) == sorted(CORES)
+
+
+def test_the_sweep_suite_holds_cifar_imagenet_and_the_wider_teachers():
+    sweep = SUITES["sweep"]
+    for kind in ("features", "logits", "embeddings"):
+        for suite in ("cifar", "imagenet"):
+            assert set(SUITES[suite].shapes(kind)) <= set(sweep.shapes(kind))
+    wider = [s for s in sweep.features if s.t_channels != s.s_channels]
+    assert {s.t_channels // s.s_channels for s in wider} == {2, 4}
+    assert all(s.t_channels % s.s_channels == 0 for s in wider)
+    assert {s.height for s in wider} >= {7, 64} and min(s.height for s in wider) == 7
+    assert max(s.height for s in wider) == 64 and all(s.height == s.width for s in wider)
+    for ratio in (2, 4):  # every map size at both ratios
+        assert ({s.height for s in wider if s.t_channels == ratio * s.s_channels}
+                == {s.height for s in wider})
+    assert sweep.maps and sweep.lmhead and not sweep.skip_by_default
+    assert all(SUITES["sweep"].shapes(core.kind) for core in CORES.values())
+
+
+def test_the_sweep_suite_is_a_cli_choice():
+    from kdfast.bench.cli import parse_args
+
+    args = parse_args(["--suite", "sweep", "--cores", "at,kd"])
+    assert args.shapes["at"] == list(SUITES["sweep"].features)

@@ -206,8 +206,10 @@ def test_torch_compile_fullgraph(kernel):
 @pytest.mark.parametrize("teacher_term", [True, False], ids=["tt", "no-tt"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_poly2_feature_gram_path(coef, unbiased, teacher_term, layout):
-    # H·W = 6 < C_s + C_t: the native CPU kernel (like the reference) uses the D x D Grams.
-    student, teacher = randn(2, 9, 2, 3), randn(2, 7, 2, 3)
+    # H·W = 6 < 5/8 C_s (< 5/8 (C_s + C_t)): the native CPU kernel (like the reference) uses
+    # the D x D Grams, with and without the teacher term.
+    student, teacher = randn(2, 11, 2, 3), randn(2, 7, 2, 3)
+    assert channel_mmd_path(student, teacher, "poly", 2, teacher_term) == FEATURE_GRAM
     if layout == "channels_last":
         student = student.to(memory_format=torch.channels_last)
         teacher = teacher.to(memory_format=torch.channels_last)
@@ -218,8 +220,8 @@ def test_poly2_feature_gram_path(coef, unbiased, teacher_term, layout):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_poly2_feature_gram_path_non_contiguous(layout):
-    # H·W = 20 < C_s + C_t: rows read through strides (channels_last) or from a copy.
-    student, teacher = non_contiguous_pair(layout, 3, 13, 11)
+    # H·W = 20 < 5/8 (C_s + C_t): rows read through strides (channels_last) or from a copy.
+    student, teacher = non_contiguous_pair(layout, 3, 21, 19)
     assert not student.is_contiguous() and not teacher.is_contiguous()
     compare(student.requires_grad_(), teacher.requires_grad_(), 1e-10, kernel="poly", degree=2,
             coef=0.5, unbiased=True)
@@ -332,8 +334,9 @@ def test_float32_features_whose_squared_norms_overflow(options, scale, unbiased)
 @pytest.mark.parametrize("unbiased", [False, True], ids=["biased", "unbiased"])
 @pytest.mark.parametrize("teacher_term", [True, False], ids=["tt", "no-tt"])
 def test_float32_feature_gram_path_whose_squared_norms_overflow(unbiased, teacher_term):
-    # H·W = 6 < C_s + C_t: the D × D path normalises rows itself (norm_from_sum_sq).
-    compare_scaled(randn(2, 9, 2, 3), randn(2, 7, 2, 3), 2.0**64, 1e-5, kernel="poly",
+    # H·W = 6 < 5/8 C_s (< 5/8 (C_s + C_t)): the D × D path normalises rows itself
+    # (norm_from_sum_sq).
+    compare_scaled(randn(2, 11, 2, 3), randn(2, 7, 2, 3), 2.0**64, 1e-5, kernel="poly",
                    coef=0.5, unbiased=unbiased, teacher_term=teacher_term)
 
 
@@ -395,8 +398,10 @@ def test_the_path_rule():
     assert channel_mmd_path(small, small, "rbf", 2, True) == GRAM
     assert channel_mmd_path(small, small, "linear", 2, True) == LINEAR
     assert channel_mmd_path(large, large, "poly", 2, True) == GRAM  # 16 >= 4
-    assert channel_mmd_path(randn(1, 5, 2, 3), randn(1, 4, 2, 3), "poly", 2, False) == GRAM
-    assert channel_mmd_path(randn(1, 5, 2, 3), randn(1, 4, 2, 3), "poly", 2, True) == FEATURE_GRAM
+    assert channel_mmd_path(randn(1, 7, 2, 3), randn(1, 4, 2, 3), "poly", 2, False) == GRAM
+    assert channel_mmd_path(randn(1, 7, 2, 3), randn(1, 4, 2, 3), "poly", 2, True) == FEATURE_GRAM
+    # D = 6 < rows = 9 but not below 5/8 of them: the C x C Grams (measured faster there).
+    assert channel_mmd_path(randn(1, 5, 2, 3), randn(1, 4, 2, 3), "poly", 2, True) == GRAM
 
 
 def native_operator_cases(path: str, dtype: torch.dtype, grads: tuple[bool, bool]):
