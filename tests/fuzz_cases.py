@@ -318,20 +318,25 @@ def lskd_degenerate(case):
     return case.shapes[0][1] == 2, case.shapes[0][1] == 2
 
 
-def dkd_value_noise(case):
-    """NCKD is β·T²·KL(p̂_t ‖ p̂_s), a difference of two cross-entropies of size log(C − 1)
-    whatever the KL: in float32 any formula of it (torch's log_softmax pair, the fused
-    one-sweep sum) errs by a few ulps of T²·β·log C, which for the small KLs of large T is
-    far above the floor relative to the value. Each case's torch error is one sample of that
-    size, not a bound (the errors of two formulas are independent), so the value may differ
-    by 4 such ulps per sample (the norm of B of them under "sum" and "none")."""
-    batch, classes = case.shapes[0]
-    temperature = case.options["temperature"]
-    beta = case.options.get("beta", 8.0)
-    reduction = case.options["reduction"]
-    samples = {"mean": 1.0, "sum": batch, "none": math.sqrt(batch)}[reduction]
+def softmax_value_noise(case):
+    """A softmax divergence T²·D(p_t, p_s) is a difference of two cross-entropies of size
+    log L (L classes per row) whatever D: in float32 any formula of it (torch's log_softmax
+    pair, the fused one-sweep sum) errs by a few ulps of T²·log L, which for the small
+    divergences of large T is far above the floor relative to the value. Each case's torch
+    error is one sample of that size, not a bound (the errors of two formulas are independent),
+    so the value may differ by 4 such ulps per row (times the loss's weight on the divergence:
+    DKD's α + β, CWD's loss_weight; the norm over the rows under "sum" and "none")."""
+    shape = case.shapes[0]
+    maps = len(shape) == 4  # CWD: B·C rows of H·W positions
+    rows, length = (shape[0] * shape[1], shape[2] * shape[3]) if maps else shape[:2]
+    options = case.options
+    weight = options.get("loss_weight", 1.0)
+    if case.loss == "dkd_loss":
+        weight = options.get("alpha", 1.0) + options.get("beta", 8.0)
+    reduction = options["reduction"]
+    samples = {"mean": 1.0, "sum": rows, "none": math.sqrt(shape[0])}[reduction]
     eps = torch.finfo(torch.float32).eps
-    return 4 * eps * temperature ** 2 * beta * math.log(classes) * samples
+    return 4 * eps * options["temperature"] ** 2 * weight * math.log(max(length, 2)) * samples
 
 
 def student_teacher(fn):
@@ -366,7 +371,7 @@ class LossCases:
     # whether the (value, gradients) of a case can be 0 in exact arithmetic: then both sides
     # hold rounding noise, and the comparison allows that noise (rounding_noise) on top
     degenerate: Callable[[FuzzCase], tuple[bool, bool]] = lambda case: (False, False)
-    # an absolute allowance on the value below float64 (see dkd_value_noise)
+    # an absolute allowance on the value below float64 (see softmax_value_noise)
     value_noise: Callable[[FuzzCase], float] = lambda case: 0.0
 
 
@@ -379,17 +384,20 @@ LOSSES = {
     "nst_loss": LossCases("channel_mmd", nst_draft,
                           student_teacher(kdfast.functional.nst_loss), nst_degenerate),
     "kd_loss": LossCases("softmax_kl", kd_draft, student_teacher(kdfast.functional.kd_loss),
-                         kd_degenerate),
-    "dml_loss": LossCases("softmax_kl", dml_draft, dml_arguments, kd_degenerate),
+                         kd_degenerate, softmax_value_noise),
+    "dml_loss": LossCases("softmax_kl", dml_draft, dml_arguments, kd_degenerate,
+                          softmax_value_noise),
     "dkd_loss": LossCases("softmax_kl", two_class_kd_draft,
                           with_targets(kdfast.functional.dkd_loss),
-                          value_noise=dkd_value_noise),
+                          value_noise=softmax_value_noise),
     "lskd_loss": LossCases("softmax_kl", two_class_kd_draft,
-                           student_teacher(kdfast.functional.lskd_loss), lskd_degenerate),
+                           student_teacher(kdfast.functional.lskd_loss), lskd_degenerate,
+                           softmax_value_noise),
     "wsld_loss": LossCases("softmax_kl", kd_draft, with_targets(kdfast.functional.wsld_loss),
-                           kd_degenerate),
+                           kd_degenerate, softmax_value_noise),
     "cwd_loss": LossCases("softmax_kl", cwd_draft, student_teacher(kdfast.functional.cwd_loss),
-                          lambda case: (one_pixel(case), one_pixel(case))),
+                          lambda case: (one_pixel(case), one_pixel(case)),
+                          softmax_value_noise),
 }
 
 
