@@ -92,12 +92,22 @@ class FusedLinearKDOptions:
     softcap: float | None = None
     teacher_logit_scale: float = 1.0
     teacher_softcap: float | None = None
+    scale_by_temperature_squared: bool = True
+
+    @property
+    def soft_scale(self) -> float:
+        """What multiplies the divergence kernels' T²·D: soft_weight, over T² without the
+        T² factor."""
+        if self.scale_by_temperature_squared:
+            return self.soft_weight
+        return self.soft_weight / self.temperature**2
 
     def encoded(self) -> tuple[list[float], list[int], str]:
         """The options as the custom operator's arguments: the floats, the ints (a None cap
-        or count as 0, which no valid one is) and the names joined by commas."""
+        or count as 0, which no valid one is; the flag as 0/1) and the names joined by
+        commas."""
         floats = [0.0 if getattr(self, f) is None else getattr(self, f) for f in FLOAT_FIELDS]
-        ints = [0 if getattr(self, f) is None else getattr(self, f) for f in INT_FIELDS]
+        ints = [0 if getattr(self, f) is None else int(getattr(self, f)) for f in INT_FIELDS]
         return floats, ints, ",".join(getattr(self, f) for f in NAME_FIELDS)
 
     @staticmethod
@@ -107,12 +117,13 @@ class FusedLinearKDOptions:
         values.update(zip(NAME_FIELDS, names.split(","), strict=True))
         for field in ("softcap", "teacher_softcap", "num_items", "chunk_size"):
             values[field] = values[field] or None
+        values["scale_by_temperature_squared"] = bool(values["scale_by_temperature_squared"])
         return FusedLinearKDOptions(**values)
 
 
 FLOAT_FIELDS = ("beta", "alpha", "temperature", "soft_weight", "hard_weight", "logit_scale",
                 "softcap", "teacher_logit_scale", "teacher_softcap")
-INT_FIELDS = ("ignore_index", "num_items", "chunk_size")
+INT_FIELDS = ("ignore_index", "num_items", "chunk_size", "scale_by_temperature_squared")
 NAME_FIELDS = ("divergence", "reduction", "topk_tail")
 
 
@@ -273,7 +284,7 @@ def chunk_loss(student: Tensor, teacher: tuple, rows: Tensor, labels: Tensor | N
         student_rows, teacher_rows = padded(student, width), padded(teacher_logits, width)
     divergence, grad_rows = chunk_divergence(student_rows, teacher_rows, options,
                                              need_gradient)
-    loss = options.soft_weight * divergence
+    loss = options.soft_scale * divergence
     grad = None
     if need_gradient:
         if values is None:
@@ -282,7 +293,7 @@ def chunk_loss(student: Tensor, teacher: tuple, rows: Tensor, labels: Tensor | N
             grad = student.new_zeros(student.shape).scatter_add_(1, ids, grad_rows)
         else:
             grad = bucket_gradient(grad_rows, student_rows, log_q, ids)
-        grad = grad * options.soft_weight
+        grad = grad * options.soft_scale
     if options.hard_weight > 0:
         targets = labels[rows]
         log_q = F.log_softmax(student, dim=1) if log_q is None else log_q
