@@ -718,3 +718,71 @@ def test_module_takes_and_checks_the_new_options():
         criterion.softcap = -1.0
     with pytest.raises(ValueError, match="topk_tail must be one of"):
         criterion.topk_tail = "tail"
+
+
+@pytest.mark.parametrize("scale_by_temperature_squared", (True, False))
+@pytest.mark.parametrize("divergence,beta", (("forward", 0.5), ("jsd", 0.3), ("tv", 0.5)))
+@pytest.mark.parametrize("reduction", ("mean", "none"))
+def test_temperature_squared_switch_matches_reference_float64(scale_by_temperature_squared,
+                                                              divergence, beta, reduction):
+    options = {"labels": token_labels(), "divergence": divergence, "beta": beta,
+               "temperature": 3.0, "soft_weight": 0.7, "hard_weight": 0.4,
+               "reduction": reduction,
+               "scale_by_temperature_squared": scale_by_temperature_squared}
+    assert_matches_reference(loss_fn(native(), **options), loss_fn(fused_linear_kd, **options),
+                             problem(), what=divergence)
+
+
+def test_temperature_squared_switch_divides_only_the_soft_term():
+    """Without T², ℓ = w_soft·D + w_hard·CE: the soft part of the default loss over T², the
+    cross-entropy untouched (checked on the reference, which the native path matches)."""
+    tensors, temperature = problem(), 3.0
+
+    def loss(scale, soft_weight, hard_weight):
+        return loss_fn(fused_linear_kd, labels=token_labels(), temperature=temperature,
+                       soft_weight=soft_weight, hard_weight=hard_weight,
+                       scale_by_temperature_squared=scale)(*tensors)
+    soft, hard = loss(True, 0.7, 0.0), loss(True, 0.0, 0.4)
+    assert_rel_close(loss(False, 0.7, 0.4), soft / temperature**2 + hard, 1e-13)
+    assert not torch.allclose(loss(False, 0.7, 0.0), soft)
+    criterion = kdfast.FusedLinearKDLoss(temperature=temperature, chunk_size=CHUNK,
+                                         scale_by_temperature_squared=False)
+    got = criterion(*tensors[:2], student_bias=tensors[2], teacher_hidden=tensors[3],
+                    teacher_weight=tensors[4], teacher_bias=tensors[5], labels=token_labels())
+    assert_rel_close(got, loss(True, 1.0, 0.0) / temperature**2, 1e-12)
+    with pytest.raises(TypeError, match="scale_by_temperature_squared must be True or False"):
+        criterion.scale_by_temperature_squared = 1
+
+
+LIGER_CASES = [("forward", 0.5, True, 0.0), ("reverse", 0.5, False, 0.4),
+               ("jsd", 0.3, True, 0.4), ("jsd", 0.7, False, 0.0)]
+
+
+@pytest.mark.parametrize("divergence,beta,scale_by_temperature_squared,hard_weight",
+                         LIGER_CASES)
+def test_equals_liger_kernel_fused_linear_jsd(divergence, beta, scale_by_temperature_squared,
+                                              hard_weight):
+    """kdfast and Liger-Kernel's LigerFusedLinearJSDLoss, as the benchmark's ``liger``
+    provider configures it (kdfast/bench/peers.py), give the same loss and gradients.
+    Liger accumulates the loss, and takes the cross-entropy's log-softmax, in fp32 whatever
+    the inputs' dtype: hence the fp32-sized tolerance on float64 inputs."""
+    pytest.importorskip("liger_kernel.chunked_loss",
+                        reason="liger-kernel is not installed (optional: pip install "
+                               "liger-kernel)")
+    from dataclasses import replace
+
+    from kdfast.bench.cores import CORES, lm_head_inputs
+    from kdfast.bench.peers import liger_fused_linear_jsd
+    from kdfast.bench.shapes import LmHeadShape
+
+    core = replace(CORES["fused-linear-kd"], options={
+        "divergence": divergence, "beta": beta, "temperature": 2.0, "soft_weight": 0.7,
+        "hard_weight": hard_weight, "scale_by_temperature_squared": scale_by_temperature_squared})
+    students, teachers = lm_head_inputs(LmHeadShape(TOKENS, HIDDEN, VOCAB), torch.float64, "cpu")
+    liger = liger_fused_linear_jsd(core, students, teachers, compiled=False)
+    want = liger(students, teachers)
+    got = core.loss(students, teachers, "native")
+    assert_rel_close(got, want.to(got.dtype), 1e-6, "loss")
+    for name, g, w in zip(("d hidden", "d weight"), torch.autograd.grad(got, students),
+                          torch.autograd.grad(want, students), strict=True):
+        assert_rel_close(g, w, 1e-6, name)
