@@ -8,7 +8,12 @@ import torch
 
 import kdfast
 from kdfast.losses.fused_linear_kd import fused_linear_kd_loss
-from kdfast.ops.fused_linear_kd import CHUNK_BUDGET_BYTES, LIVE_CHUNK_TENSORS, default_chunk_size
+from kdfast.ops.fused_linear_kd import (
+    CHUNK_BUDGET_BYTES,
+    LIVE_CHUNK_TENSORS,
+    MIN_CHUNK_ROWS,
+    default_chunk_size,
+)
 from kdfast.reference.fused_linear_kd import TOPK_TAILS, divergence_rows, fused_linear_kd
 from tests.helpers import assert_matches_reference, assert_rel_close, randn
 
@@ -282,10 +287,11 @@ def test_clear_errors(call, match):
         call(hidden, weight, teacher)
 
 
-def test_default_chunk_size_fits_the_budget():
-    rows = default_chunk_size(4096, 128256, torch.float32)
-    assert 1 <= rows < 4096
-    assert rows * 128256 * 4 * LIVE_CHUNK_TENSORS <= CHUNK_BUDGET_BYTES
+def test_default_chunk_size_fits_the_budget_above_the_minimum_rows():
+    rows = default_chunk_size(4096, 8000, torch.float32)
+    assert MIN_CHUNK_ROWS < rows < 4096
+    assert rows * 8000 * 4 * LIVE_CHUNK_TENSORS <= CHUNK_BUDGET_BYTES
+    assert default_chunk_size(4096, 128256, torch.float32) == MIN_CHUNK_ROWS
     assert default_chunk_size(3, 32000, torch.float32) == 3
 
 
@@ -700,8 +706,8 @@ def test_default_chunks_are_smaller_where_the_chunk_holds_more():
     assert core == LIVE_CHUNK_TENSORS
     assert live_chunk_tensors(FusedLinearKDOptions(divergence="tv")) > core
     assert live_chunk_tensors(FusedLinearKDOptions(topk_tail="bucket", softcap=30.0)) > core
-    assert default_chunk_size(4096, 128256, torch.float32, 10) < \
-        default_chunk_size(4096, 128256, torch.float32)
+    assert default_chunk_size(4096, 8000, torch.float32, 10) < \
+        default_chunk_size(4096, 8000, torch.float32)
 
 
 def test_module_takes_and_checks_the_new_options():
@@ -786,3 +792,30 @@ def test_equals_liger_kernel_fused_linear_jsd(divergence, beta, scale_by_tempera
     for name, g, w in zip(("d hidden", "d weight"), torch.autograd.grad(got, students),
                           torch.autograd.grad(want, students), strict=True):
         assert_rel_close(g, w, 1e-6, name)
+
+
+@pytest.mark.parametrize("hard_weight", (0.0, 0.5))
+def test_fwd_bwd_peak_is_three_chunks_and_two_weight_gradients(hard_weight):
+    """CPU allocator peak of forward + backward with the kernel's divergence: the chunk's
+    student logits, teacher logits and gradient (the cross-entropy's softmax reuses its
+    log-softmax), and dL/dW twice (saved, and times grad_output); no (V, H) zeros for the
+    gradient outputs' (absent) gradients."""
+    if not hasattr(torch.ops.kdfast, "softmax_kl"):
+        pytest.skip("the native extension is not built (the kernel's divergence)")
+    from kdfast.bench.measure import cpu_peak_bytes
+    tokens, hidden_size, vocab, chunk = 512, 32, 8000, 128
+    hidden = randn(tokens, hidden_size, seed=0, dtype=torch.float32, requires_grad=True)
+    weight = randn(vocab, hidden_size, seed=1, dtype=torch.float32, requires_grad=True)
+    teacher = (randn(tokens, hidden_size, seed=2, dtype=torch.float32),
+               randn(vocab, hidden_size, seed=3, dtype=torch.float32))
+    labels = torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(4))
+
+    def step():
+        loss = fused_linear_kd_loss(hidden, weight, *teacher, labels=labels, chunk_size=chunk,
+                                    hard_weight=hard_weight, backend="native")
+        return torch.autograd.grad(loss, (hidden, weight))
+    step()
+    chunk_bytes, weight_bytes = chunk * vocab * 4, vocab * hidden_size * 4
+    peak = cpu_peak_bytes(step)
+    assert peak <= 3.25 * chunk_bytes + 2 * weight_bytes + 2 * tokens * hidden_size * 4, \
+        (peak / chunk_bytes, weight_bytes / chunk_bytes)
