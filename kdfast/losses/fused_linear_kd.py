@@ -325,7 +325,7 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
             Face's ``num_items_in_batch``), else the local kept count.
         reduction: ``"mean"`` over kept tokens | ``"sum"`` | ``"none"`` (per token, the hidden
             states' leading shape, 0 at ignored tokens). Every token ignored gives 0.
-        chunk_size: tokens per chunk (default from V and a 256 MiB budget).
+        chunk_size: tokens per chunk (default from V and a 128 MiB budget, at least 256).
         topk_tail: ``"renormalize"`` (both distributions restricted to the k ids and
             renormalised there: only the student's logits at the k ids are compared and get
             a gradient) or ``"bucket"`` (k + 1 classes: the k ids and one bucket holding the
