@@ -6,8 +6,9 @@ providers, not copies). Options:
 * ``--bench-suite NAME``: shape suite (default ``quick``; ``tiny`` under
   ``--benchmark-disable``, which the test suite uses to run every case once so that they
   cannot rot).
-* ``--bench-compile``: include the ``compile`` providers under ``--benchmark-disable`` too
-  (left out there by default: compiling takes tens of seconds per graph on a small CPU).
+* ``--bench-compile``: include the ``compile`` providers and the peers (``liger``, which
+  compiles its chunks) under ``--benchmark-disable`` too (left out there by default:
+  compiling takes tens of seconds per graph on a small CPU).
 
 A case skips, with the reason, where its loss is not implemented yet or its provider cannot
 run it (a backend that does not support the device, a naive formulation that would not fit).
@@ -76,7 +77,8 @@ def cases(core_names, suite: str, device: torch.device, with_compile: bool) -> l
         core = CORES[name]
         for shape in SUITES[suite].shapes(core.kind):
             for provider in provider_names(core, device):
-                if provider.startswith("compile") and not with_compile:
+                compiles = provider.startswith("compile") or provider in core.peers
+                if compiles and not with_compile:  # a peer (Liger) compiles its chunks
                     continue
                 found += [Case(core, shape, provider, mode, device) for mode in MODES]
     return found

@@ -32,8 +32,10 @@ from kdfast.bench.steps import PROVIDERS as STEP_PROVIDERS
 from kdfast.bench.steps import loss_set_names, row_count, run_scale
 
 DEFAULT_OUT = os.path.join("benchmarks", "results")
-# Every provider name there can be: the built-in ones and the registry's backends.
-PROVIDERS = list(BUILTIN) + [b for b in BACKENDS if b not in ("auto", "reference")]
+# Every provider name there can be: the built-in ones, the registry's backends and the
+# cores' peers (other libraries).
+PROVIDERS = list(BUILTIN) + [b for b in BACKENDS if b not in ("auto", "reference")] + sorted(
+    {peer for core in CORES.values() for peer in core.peers})
 ALL_LOSS_SETS = list(dict.fromkeys(loss_set_names(list(SCALES))))
 
 
@@ -207,6 +209,7 @@ def main(argv=None) -> int:
     env = environment(args.device)
     print("measuring the copy bandwidth and matmul rate ...", file=sys.stderr)
     ceilings = measure_ceilings(args.device, settings.dtype)
+    settings.matmul_flops_per_s = ceilings.matmul_flops_per_s
     total = sum(len(args.shapes[name]) * len(selected_providers(CORES[name], settings))
                 * len(settings.modes) for name in args.cores)
     json_path, plot_dir = output_paths(args, env)

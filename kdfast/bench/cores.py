@@ -72,12 +72,15 @@ def map_inputs(shape: MapShape, dtype, device) -> tuple[Tensors, Tensors]:
 
 
 def lm_head_inputs(shape: LmHeadShape, dtype, device) -> tuple[Tensors, Tensors]:
-    """Student hidden (N, H) and lm_head weight (V, H) with grad (the weight scaled by
-    1/sqrt(H) so that the logits are O(1)), teacher logits (N, V) without."""
+    """Student hidden (N, H) and lm_head weight (V, H) with grad, the teacher's hidden (N, H)
+    and lm_head weight (V, H) without (an online teacher: the form Liger-Kernel's
+    fused-linear losses take, so that they can run the same inputs); the weights scaled by
+    1/sqrt(H) so that the logits are O(1)."""
     n, h, v = shape.tokens, shape.hidden, shape.vocab
     weight = _randn((v, h), dtype, device, 2, False) * h ** -0.5
+    teacher_weight = _randn((v, h), dtype, device, 4, False) * h ** -0.5
     return ((_randn((n, h), dtype, device, 1, True), weight.requires_grad_()),
-            (_randn((n, v), dtype, device, 3, False),))
+            (_randn((n, h), dtype, device, 3, False), teacher_weight))
 
 
 def embedding_inputs(shape: EmbeddingShape, dtype, device) -> tuple[Tensors, Tensors]:
@@ -114,14 +117,39 @@ def naive_broadcast_bytes(students: Tensors, teachers: Tensors) -> float:
 IGNORE_INDEX = -100
 
 
-def with_labels(students: Tensors, teachers: Tensors) -> Call:
-    """fused_linear_kd_loss's signature: hidden, weight, ``teacher_logits=`` and (N,) labels,
-    made here (cycling through the vocabulary, every fourth token ignored) so that the float
-    inputs alone reach the backends' ``supports``."""
-    hidden, weight = students
+def token_labels(hidden: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(N,) labels cycling through the vocabulary, every fourth token ignored."""
     tokens = torch.arange(hidden.shape[0], device=hidden.device)
-    labels = (tokens % weight.shape[0]).masked_fill(tokens % 4 == 3, IGNORE_INDEX)
-    return Call((hidden, weight), {"teacher_logits": teachers[0], "labels": labels})
+    return (tokens % vocab).masked_fill(tokens % 4 == 3, IGNORE_INDEX)
+
+
+def with_labels(students: Tensors, teachers: Tensors) -> Call:
+    """fused_linear_kd_loss's signature: hidden, weight, the teacher's hidden and weight and
+    (N,) labels (:func:`token_labels`), made here so that the float inputs alone reach the
+    backends' ``supports``."""
+    hidden, weight = students
+    return Call((hidden, weight, *teachers), {"labels": token_labels(hidden, weight.shape[0])})
+
+
+# (N, V) fp32 tensors alive at the peak of fwd+bwd: eager (reference / compile) and in one
+# Liger-Kernel chunk (its chunk_size 1024, torch.chunk into N // 1024 pieces), measured on the
+# CPU at 1024x512x32000 (docs/llm_distillation.md), rounded up.
+EAGER_LOGIT_TENSORS = 8
+LIGER_LOGIT_TENSORS = 8
+LIGER_CHUNK = 1024
+
+
+def lm_head_provider_bytes(provider: str, students: Tensors, teachers: Tensors) -> float:
+    """What the eager and Liger-Kernel providers hold of (rows, V) logits at the peak; 0 for
+    kdfast's chunked backends (a bounded chunk)."""
+    hidden, weight = students
+    tokens, row_bytes = hidden.shape[0], weight.shape[0] * max(4, weight.element_size())
+    if provider == "reference" or provider.startswith("compile"):
+        return EAGER_LOGIT_TENSORS * tokens * row_bytes
+    if provider == "liger":
+        rows = -(-tokens // max(1, tokens // LIGER_CHUNK))
+        return LIGER_LOGIT_TENSORS * rows * row_bytes
+    return 0.0
 
 
 @dataclass(frozen=True)
@@ -139,6 +167,13 @@ class Core:
     # (provider, students, teachers) -> which code that provider runs on these inputs where it
     # is not the provider's own kernel ("" otherwise); written into the row's note.
     code_note: Callable[[str, Tensors, Tensors], str] | None = None
+    # Other libraries' implementations, optional providers: name -> "module:function" of a
+    # ``build(core, students, teachers) -> fn(students, teachers) -> loss`` that raises
+    # ImportError where the library is not installed (:mod:`kdfast.bench.peers`).
+    peers: Mapping[str, str] = field(default_factory=dict)
+    # (provider, students, teachers) -> bytes that provider needs beyond the inputs, where
+    # some would not fit (the eager (N, V) logits): checked before it runs.
+    provider_bytes: Callable[[str, Tensors, Tensors], float] | None = None
 
     def loss(self, students: Tensors, teachers: Tensors, backend: str) -> torch.Tensor:
         """The public loss (mean reduction) on these inputs with ``backend``."""
@@ -201,5 +236,8 @@ CORES: dict[str, Core] = {core.name: core for core in (
     Core("cwd", "cwd_loss", map_inputs, floors.channel_softmax_kl, kind="maps",
          options={"temperature": 1.0}, registry=softmax_kl.CORE),
     Core("fused-linear-kd", "fused_linear_kd_loss", lm_head_inputs, floors.fused_linear,
-         kind="lmhead", pack=with_labels, registry=fused_linear_kd.CORE),
+         kind="lmhead", options={"temperature": 2.0}, pack=with_labels,
+         registry=fused_linear_kd.CORE,
+         peers={"liger": "kdfast.bench.peers:liger_fused_linear_jsd"},
+         provider_bytes=lm_head_provider_bytes),
 )}

@@ -36,11 +36,12 @@ D = H·W):
   B²d flops), angles the Gram of the unit differences per anchor (symmetric: B³d flops):
   forward (B³ + B²)(d_s + d_t), reading both: B(d_s + d_t)·e; backward the same products for
   the student only, un-symmetric: 2(B³ + B²)d_s flops, reads and writes the student: 2Bd_s·e.
-* **Fused linear KD** (N tokens, hidden H, vocab V; GEMM-bound): forward the student logits
-  h Wᵀ: 2NHV flops, reading h, W and the teacher logits: (NH + VH + NV)·e. Backward
-  dh = G W and dW = Gᵀ h: 2·2NHV flops (3 GEMMs of 2NHV for fwd+bwd; a chunked backward that
-  recomputes the logits does one more), reading the same and writing dh, dW:
-  (2NH + 2VH + NV)·e. The (N, V) logits are never written.
+* **Fused linear KD** (N tokens, hidden H, vocab V, the teacher as its hidden states and
+  lm_head of the same sizes; GEMM-bound): forward the student and teacher logits h Wᵀ,
+  h_t W_tᵀ: 2·2NHV flops, reading h, W, h_t, W_t: 2(NH + VH)·e. Backward dh = G W and
+  dW = Gᵀ h: 2·2NHV flops (4 GEMMs of 2NHV for fwd+bwd; a chunked backward that recomputes
+  the logits does two more), reading the same and writing dh, dW: (4NH + 4VH)·e. The (N, V)
+  logits are never written.
 """
 
 from __future__ import annotations
@@ -132,6 +133,5 @@ def relational(shape: EmbeddingShape, e: int) -> dict[str, Floor]:
 
 def fused_linear(shape: LmHeadShape, e: int) -> dict[str, Floor]:
     n, h, v = shape.tokens, shape.hidden, shape.vocab
-    gemm = 2 * n * h * v
-    return _modes(Floor((n * h + v * h + n * v) * e, gemm),
-                  Floor((2 * n * h + 2 * v * h + n * v) * e, 2 * gemm))
+    gemm, inputs = 2 * n * h * v, 2 * (n * h + v * h) * e
+    return _modes(Floor(inputs, 2 * gemm), Floor(2 * inputs, 2 * gemm))

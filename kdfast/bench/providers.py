@@ -9,10 +9,14 @@
 * every other backend registered for the core (``native``, ``triton``, ...): the public loss
   with ``backend=<name>``, where that backend's ``supports(*inputs)`` accepts the inputs. New
   backends therefore appear here without a change to the harness.
+* the core's ``peers`` (:mod:`kdfast.bench.peers`: ``liger``, Liger-Kernel's fused linear
+  JSD for ``fused-linear-kd``): another library computing the same loss, "not available"
+  with the reason where it is not installed.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +43,7 @@ class Unavailable(Exception):
 class Provider:
     name: str
     fn: LossFn
+    compiles: bool = False  # its first call compiles (the time limit starts after it)
 
 
 def backend_names(core: Core) -> list[str]:
@@ -58,7 +63,7 @@ def provider_names(core: Core, device: torch.device) -> list[str]:
         names.append("compile-max-autotune")
     if core.naive is not None:
         names.append("naive")
-    return names + backend_names(core)
+    return names + backend_names(core) + list(core.peers)
 
 
 _COMPILED: dict[tuple[str, str], LossFn] = {}
@@ -96,15 +101,34 @@ def memory_budget(device: torch.device) -> float:
 
 def build(name: str, core: Core, students: Tensors, teachers: Tensors) -> Provider:
     """The provider ``name`` for ``core`` on these inputs, or raises :class:`Unavailable`."""
+    need = core.provider_bytes(name, students, teachers) if core.provider_bytes else 0.0
+    budget = memory_budget(students[0].device) if need else float("inf")
+    if need > budget:
+        raise Unavailable("skipped", f"{name} needs ~{need / 2**30:.1f} GiB of logits, "
+                                     f"{budget / 2**30:.1f} GiB allowed")
     if name == "reference":
         return Provider(name, lambda s, t: core.loss(s, t, "reference"))
     if name == "compile":
-        return Provider(name, compiled(core, None))
+        return Provider(name, compiled(core, None), compiles=True)
     if name == "compile-max-autotune":
-        return Provider(name, compiled(core, "max-autotune-no-cudagraphs"))
+        return Provider(name, compiled(core, "max-autotune-no-cudagraphs"), compiles=True)
     if name == "naive":
         return _naive(core, students, teachers)
+    if name in core.peers:
+        return _peer(name, core, students, teachers)
     return _backend(name, core, students, teachers)
+
+
+def _peer(name: str, core: Core, students: Tensors, teachers: Tensors) -> Provider:
+    module, function = core.peers[name].split(":")
+    try:
+        fn = getattr(importlib.import_module(module), function)(core, students, teachers)
+    except ImportError as error:
+        raise Unavailable("not available", f"{name}: {error} (an optional dependency; "
+                                           "pip install liger-kernel)") from error
+    except ValueError as error:
+        raise Unavailable("unsupported", str(error)) from error
+    return Provider(name, fn, compiles=True)
 
 
 def _naive(core: Core, students: Tensors, teachers: Tensors) -> Provider:

@@ -42,6 +42,9 @@ class Settings:
     warmup: int = 2
     repeats: int = 10
     time_limit: float = 60.0
+    # The measured matmul rate (ceilings): a row whose GEMM floor alone exceeds time_limit is
+    # skipped rather than run for one over-long call. None: no such check.
+    matmul_flops_per_s: float | None = None
 
 
 def _cpu_name() -> str:
@@ -153,27 +156,46 @@ def _run_shape(core, shape, names, settings, env, extra, progress) -> list[dict]
         progress(len(names) * len(settings.modes))
         return [_row(env, core, shape, dtype, name, mode, status, note)
                 for name in names for mode in settings.modes]
+    slow = over_time_limit(core, shape, settings)
     for name in names:
-        try:
-            fn = extra[name] if name in extra else prov.build(name, core, students, teachers).fn
-        except prov.Unavailable as why:
-            progress(len(settings.modes))
-            rows += [_row(env, core, shape, dtype, name, mode, why.status, why.note)
-                     for mode in settings.modes]
+        rows += [_row(env, core, shape, dtype, name, mode, "skipped", slow[mode])
+                 for mode in settings.modes if mode in slow]
+        progress(len(slow))
+        if len(slow) == len(settings.modes):
             continue
-        for mode in settings.modes:
-            compiles = name.startswith("compile")
-            m = measure(fn, students, teachers, mode, device, warmup=settings.warmup,
+        try:
+            provider = (prov.Provider(name, extra[name], name.startswith("compile"))
+                        if name in extra else prov.build(name, core, students, teachers))
+        except prov.Unavailable as why:
+            progress(len(settings.modes) - len(slow))
+            rows += [_row(env, core, shape, dtype, name, mode, why.status, why.note)
+                     for mode in settings.modes if mode not in slow]
+            continue
+        for mode in (mode for mode in settings.modes if mode not in slow):
+            m = measure(provider.fn, students, teachers, mode, device, warmup=settings.warmup,
                         repeats=settings.repeats, time_limit=settings.time_limit,
-                        compiles=compiles)
+                        compiles=provider.compiles)
             status = m.status
-            if compiles and status == "error":
+            if name.startswith("compile") and status == "error":
                 status = "compile failed"
             ran = core.code_note(name, students, teachers) if core.code_note else ""
             note = "; ".join(part for part in (m.note, ran) if part)
             rows.append(_row(env, core, shape, dtype, name, mode, status, note, m))
             progress(1)
     return rows
+
+
+def over_time_limit(core: Core, shape: Shape, settings: Settings) -> dict[str, str]:
+    """mode -> why, for the modes whose GEMM floor (a lower bound of one call's time at the
+    measured matmul rate) exceeds the time limit: those rows are skipped, not run."""
+    if settings.matmul_flops_per_s is None:
+        return {}
+    itemsize = torch.empty((), dtype=settings.dtype).element_size()
+    floors = core.floor(shape, itemsize)
+    seconds = {mode: floors[mode].flops / settings.matmul_flops_per_s for mode in settings.modes}
+    return {mode: f"one call's GEMM floor is {s:.0f} s at the measured matmul rate, over "
+                  f"--time-limit {settings.time_limit:g} s" for mode, s in seconds.items()
+            if s > settings.time_limit}
 
 
 def add_derived(rows: list[dict], cores: dict[str, Core], ceilings: Ceilings | None) -> None:

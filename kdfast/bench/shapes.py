@@ -209,6 +209,11 @@ def _sweep(*suites: Suite) -> Suite:
         maps=(MapShape(2, 19, 32, 64),), lmhead=(LmHeadShape(256, 128, 8000),))
 
 
+# N tokens x hidden x vocab: a small Llama's lm_head to Llama 3's 128256 ids at 4096 tokens.
+LLM_SHAPES = (LmHeadShape(1024, 512, 32000), LmHeadShape(2048, 1024, 32000),
+              LmHeadShape(4096, 2048, 32000), LmHeadShape(1024, 2048, 128256),
+              LmHeadShape(4096, 2048, 128256))
+
 SUITES: dict[str, Suite] = {s.name: s for s in (
     Suite("tiny", "a few tiny shapes for the test suite (not a measurement)",
           features=(FeatureShape(2, 3, 5, 4, 4), FeatureShape(2, 3, 5, 6, 6),
@@ -237,9 +242,14 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
           maps=(MapShape(8, 19, 512, 1024),),
           lmhead=(LmHeadShape(1024, 512, 32000), LmHeadShape(4096, 2048, 128256))),
     _sweep(_CIFAR, _IMAGENET),
+    Suite("llm", "language-model lm_head + KD (fused-linear-kd), tokens x hidden x vocab from "
+                 "1024x512x32000 to 4096x2048x128256 (Llama 3's vocabulary); a row whose GEMM "
+                 "floor exceeds --time-limit is skipped, so is a provider whose logits would not "
+                 "fit in memory",
+          features=(), logits=(), embeddings=(), lmhead=LLM_SHAPES),
 )}
 
-CLI_SUITES = ("quick", "cifar", "imagenet", "large", "sweep")
+CLI_SUITES = ("quick", "cifar", "imagenet", "large", "sweep", "llm")
 
 _SIZE = r"(\d+)(?:/(\d+))?"
 

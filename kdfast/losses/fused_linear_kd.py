@@ -2,7 +2,7 @@
 tokens: ``fused_linear_kd_loss`` and ``FusedLinearKDLoss`` (docs/llm_distillation.md).
 
 Not yet offered: a Triton sweep on CUDA (the native sweep runs there on torch GEMMs and the
-``"softmax_kl"`` core's CUDA/Triton kernel), switching the T² factor off.
+``"softmax_kl"`` core's CUDA/Triton kernel).
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ def check_fused_linear_kd_options(divergence: str = "forward", beta: float = 0.5
                                   topk_tail: str = "renormalize", logit_scale: float = 1.0,
                                   softcap: float | None = None,
                                   teacher_logit_scale: float = 1.0,
-                                  teacher_softcap: float | None = None) -> None:
+                                  teacher_softcap: float | None = None,
+                                  scale_by_temperature_squared: bool = True) -> None:
     _checks.check_choice("divergence", divergence, DIVERGENCES)
+    _checks.check_flag("scale_by_temperature_squared", scale_by_temperature_squared)
     if not 0.0 <= _checks.check_real("beta", beta) <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     if not 0.0 <= _checks.check_real("alpha", alpha) < 1.0:
@@ -268,6 +270,7 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
                          topk_tail: str = "renormalize", logit_scale: float = 1.0,
                          softcap: float | None = None, teacher_logit_scale: float = 1.0,
                          teacher_softcap: float | None = None,
+                         scale_by_temperature_squared: bool = True,
                          backend: str | None = None) -> torch.Tensor:
     r"""Knowledge distillation of a language model's logits, its lm_head fused in.
 
@@ -311,14 +314,18 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
         divergence: ``"forward"`` | ``"reverse"`` | ``"jsd"`` (``beta`` in [0, 1]) |
             ``"skew_forward"`` | ``"skew_reverse"`` (``alpha`` in [0, 1), 0 = plain KL) |
             ``"tv"``.
-        temperature: T > 0 (the T² factor is always applied).
+        temperature: T > 0, the KD temperature (not a sampling temperature).
+        scale_by_temperature_squared: multiply the soft term by T² (default True, Hinton
+            et al.'s factor, as kdfast's other logit losses; it keeps the soft gradients'
+            size independent of T). False drops it, as Liger-Kernel's fused-linear
+            distillation losses and TRL's GKD do (their logits / T, no T²).
         soft_weight, hard_weight: >= 0, the weights of the KD and cross-entropy terms.
         num_items: the global number of kept tokens for ``reduction="mean"`` (gradient
             accumulation, data parallel ranks), an int or a 0-d integer tensor (Hugging
             Face's ``num_items_in_batch``), else the local kept count.
         reduction: ``"mean"`` over kept tokens | ``"sum"`` | ``"none"`` (per token, the hidden
             states' leading shape, 0 at ignored tokens). Every token ignored gives 0.
-        chunk_size: tokens per chunk (default from V and a 256 MiB budget).
+        chunk_size: tokens per chunk (default from V and a 128 MiB budget, at least 256).
         topk_tail: ``"renormalize"`` (both distributions restricted to the k ids and
             renormalised there: only the student's logits at the k ids are compared and get
             a gradient) or ``"bucket"`` (k + 1 classes: the k ids and one bucket holding the
@@ -337,7 +344,7 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
     The teacher is frozen: its tensors are detached and no gradient is ever computed for
     them, even when they require grad (their ``.grad`` stays None).
 
-    Not yet offered: a Triton sweep, switching the T² factor off.
+    Not yet offered: a Triton sweep.
 
     Example:
         >>> loss = kdfast.functional.fused_linear_kd_loss(  # doctest: +SKIP
@@ -349,7 +356,8 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
                 "hard_weight": hard_weight, "ignore_index": ignore_index,
                 "reduction": reduction, "chunk_size": chunk_size, "topk_tail": topk_tail,
                 "logit_scale": logit_scale, "softcap": softcap,
-                "teacher_logit_scale": teacher_logit_scale, "teacher_softcap": teacher_softcap}
+                "teacher_logit_scale": teacher_logit_scale, "teacher_softcap": teacher_softcap,
+                "scale_by_temperature_squared": scale_by_temperature_squared}
     check_fused_linear_kd_options(**settings)
     num_items = check_num_items(num_items)
     _checks.check_tensor("student_hidden", student_hidden, (2, 3), HIDDEN_LAYOUT)
@@ -379,7 +387,8 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
         float(hard_weight), int(ignore_index), num_items if isinstance(num_items, int) else None,
         reduction, chunk_size, topk_tail, float(logit_scale),
         None if softcap is None else float(softcap), float(teacher_logit_scale),
-        None if teacher_softcap is None else float(teacher_softcap))
+        None if teacher_softcap is None else float(teacher_softcap),
+        scale_by_temperature_squared)
     impl = backends.choose(CORE, backend, hidden, weight)
     loss = impl.fn((flat(hidden), weight, bias),
                    (flat(t_hidden), t_weight, t_bias, flat(t_logits), values, indices), labels,
@@ -408,6 +417,7 @@ class FusedLinearKDLoss(FunctionalLoss):
                  chunk_size: int | None = None, topk_tail: str = "renormalize",
                  logit_scale: float = 1.0, softcap: float | None = None,
                  teacher_logit_scale: float = 1.0, teacher_softcap: float | None = None,
+                 scale_by_temperature_squared: bool = True,
                  backend: str | None = None) -> None:
         super().__init__(divergence=divergence, beta=beta, alpha=alpha,
                          temperature=temperature, soft_weight=soft_weight,
@@ -415,7 +425,9 @@ class FusedLinearKDLoss(FunctionalLoss):
                          reduction=reduction, chunk_size=chunk_size, topk_tail=topk_tail,
                          logit_scale=logit_scale, softcap=softcap,
                          teacher_logit_scale=teacher_logit_scale,
-                         teacher_softcap=teacher_softcap, backend=backend)
+                         teacher_softcap=teacher_softcap,
+                         scale_by_temperature_squared=scale_by_temperature_squared,
+                         backend=backend)
 
     def forward(self, student_hidden, student_weight, teacher_hidden=None,
                 teacher_weight=None, *, teacher_logits=None, teacher_topk=None,

@@ -52,10 +52,18 @@ CORE = "fused_linear_kd"
 # One chunk keeps about this many (rows, V) tensors in the accumulation dtype alive: the
 # student logits, the teacher logits, dL/dlogits and the cross-entropy softmax. The torch
 # formula of a divergence keeps about 6 more (log-softmaxes, mixture, terms), the bucket
-# and the cap 2 more each (CPU allocator peaks of fwd+bwd at 256 x 64 x 32000, chunks of 32:
-# about 3 with the kernel's divergences, 8 with TV, 9 with the skew KLs, 5 with either).
+# and the cap 2 more each (CPU allocator peaks of fwd+bwd: 3 with the kernel's divergences
+# at 1024 x 512 x 32000, the temporaries updated in place; before that, at 256 x 64 x 32000,
+# 8 with TV, 9 with the skew KLs, 5 with the bucket or the cap).
 LIVE_CHUNK_TENSORS = 4
-CHUNK_BUDGET_BYTES = 256 * 2**20
+# Beside the chunk, fwd+bwd holds the (V, H) fp32 dL/dW twice at its peak (the saved one and
+# grad_output times it): at 1024 x 512 x 32000 fp32, 161 MiB above the inputs with this
+# budget (262-row chunks) against 1156 MiB eager, 257 MiB with 256 MiB, the same time.
+CHUNK_BUDGET_BYTES = 128 * 2**20
+# dL/dW += gᵀ h reads and writes the (V, H) accumulator once per chunk (2·rows·V·H flops for
+# 8·V·H bytes): short chunks make it memory-bound (131-row chunks at V = 32000: fwd+bwd 17 %
+# slower on the CPU than 262-row ones), so large vocabularies get at least this many rows.
+MIN_CHUNK_ROWS = 256
 
 
 def live_chunk_tensors(options: FusedLinearKDOptions) -> int:
@@ -68,9 +76,9 @@ def live_chunk_tensors(options: FusedLinearKDOptions) -> int:
 def default_chunk_size(num_tokens: int, vocab: int, dtype: torch.dtype,
                        live: int = LIVE_CHUNK_TENSORS) -> int:
     """Tokens per chunk: as many as keep ``live`` (rows, V) tensors of ``dtype`` within
-    CHUNK_BUDGET_BYTES (at least 1, at most ``num_tokens``)."""
+    CHUNK_BUDGET_BYTES, but at least MIN_CHUNK_ROWS (at least 1, at most ``num_tokens``)."""
     row_bytes = live * vocab * torch.finfo(dtype).bits // 8
-    return max(1, min(num_tokens, CHUNK_BUDGET_BYTES // row_bytes))
+    return max(1, min(num_tokens, max(MIN_CHUNK_ROWS, CHUNK_BUDGET_BYTES // row_bytes)))
 
 
 @dataclass(frozen=True)
@@ -92,12 +100,22 @@ class FusedLinearKDOptions:
     softcap: float | None = None
     teacher_logit_scale: float = 1.0
     teacher_softcap: float | None = None
+    scale_by_temperature_squared: bool = True
+
+    @property
+    def soft_scale(self) -> float:
+        """What multiplies the divergence kernels' T²·D: soft_weight, over T² without the
+        T² factor."""
+        if self.scale_by_temperature_squared:
+            return self.soft_weight
+        return self.soft_weight / self.temperature**2
 
     def encoded(self) -> tuple[list[float], list[int], str]:
         """The options as the custom operator's arguments: the floats, the ints (a None cap
-        or count as 0, which no valid one is) and the names joined by commas."""
+        or count as 0, which no valid one is; the flag as 0/1) and the names joined by
+        commas."""
         floats = [0.0 if getattr(self, f) is None else getattr(self, f) for f in FLOAT_FIELDS]
-        ints = [0 if getattr(self, f) is None else getattr(self, f) for f in INT_FIELDS]
+        ints = [0 if getattr(self, f) is None else int(getattr(self, f)) for f in INT_FIELDS]
         return floats, ints, ",".join(getattr(self, f) for f in NAME_FIELDS)
 
     @staticmethod
@@ -107,12 +125,13 @@ class FusedLinearKDOptions:
         values.update(zip(NAME_FIELDS, names.split(","), strict=True))
         for field in ("softcap", "teacher_softcap", "num_items", "chunk_size"):
             values[field] = values[field] or None
+        values["scale_by_temperature_squared"] = bool(values["scale_by_temperature_squared"])
         return FusedLinearKDOptions(**values)
 
 
 FLOAT_FIELDS = ("beta", "alpha", "temperature", "soft_weight", "hard_weight", "logit_scale",
                 "softcap", "teacher_logit_scale", "teacher_softcap")
-INT_FIELDS = ("ignore_index", "num_items", "chunk_size")
+INT_FIELDS = ("ignore_index", "num_items", "chunk_size", "scale_by_temperature_squared")
 NAME_FIELDS = ("divergence", "reduction", "topk_tail")
 
 
@@ -248,47 +267,55 @@ def bucket_gradient(grad_rows: Tensor, student_rows: Tensor, log_q: Tensor,
     return grad.sub_(log_q.exp() * grad_rows.sum(dim=1, keepdim=True))
 
 
+def compared_rows(student: Tensor, teacher: tuple, rows: Tensor, options: FusedLinearKDOptions
+                  ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """(student rows, teacher rows) the divergence compares for the chunk's rows, the top-k
+    ids (or None) and the student's log-probabilities where the bucket computed them."""
+    t_hidden, t_weight, t_bias, t_logits, values, indices = teacher
+    acc, vocab = student.dtype, student.shape[1]
+    if values is not None:
+        ids = indices[rows]
+        if options.topk_tail == "renormalize":
+            return student.gather(1, ids), values[rows].to(acc), ids, None
+        log_q = F.log_softmax(student, dim=1)
+        return *bucket_rows(log_q, values[rows].to(acc), ids), ids, log_q
+    if t_logits is not None:
+        teacher_logits = t_logits[rows].to(acc)
+    else:
+        teacher_logits = capped(linear_in(acc, t_hidden[rows], t_weight, t_bias),
+                                options.teacher_logit_scale, options.teacher_softcap)
+    width = max(vocab, teacher_logits.shape[1])
+    return padded(student, width), padded(teacher_logits, width), None, None
+
+
 def chunk_loss(student: Tensor, teacher: tuple, rows: Tensor, labels: Tensor | None,
                options: FusedLinearKDOptions, need_gradient: bool
                ) -> tuple[Tensor, Tensor | None]:
     """ℓ of the chunk's rows (rows,) from its student logits (rows, V_s) and, when asked,
-    dℓ/d(student logits) (rows, V_s)."""
-    t_hidden, t_weight, t_bias, t_logits, values, indices = teacher
-    acc, vocab = student.dtype, student.shape[1]
-    log_q = None
-    if values is not None:
-        ids = indices[rows]
-        if options.topk_tail == "renormalize":
-            student_rows, teacher_rows = student.gather(1, ids), values[rows].to(acc)
-        else:
-            log_q = F.log_softmax(student, dim=1)
-            student_rows, teacher_rows = bucket_rows(log_q, values[rows].to(acc), ids)
-    else:
-        if t_logits is not None:
-            teacher_logits = t_logits[rows].to(acc)
-        else:
-            teacher_logits = capped(linear_in(acc, t_hidden[rows], t_weight, t_bias),
-                                    options.teacher_logit_scale, options.teacher_softcap)
-        width = max(vocab, teacher_logits.shape[1])
-        student_rows, teacher_rows = padded(student, width), padded(teacher_logits, width)
+    dℓ/d(student logits) (rows, V_s). Every (rows, V) temporary is freed or updated in place
+    once used: with a full teacher and a kernel divergence three are alive at the peak (the
+    student's and teacher's logits, the kernel's gradient)."""
+    student_rows, teacher_rows, ids, log_q = compared_rows(student, teacher, rows, options)
     divergence, grad_rows = chunk_divergence(student_rows, teacher_rows, options,
                                              need_gradient)
-    loss = options.soft_weight * divergence
+    del teacher_rows  # the teacher's chunk is not needed past the divergence
+    loss = options.soft_scale * divergence
     grad = None
     if need_gradient:
-        if values is None:
-            grad = grad_rows[:, :vocab]
+        if ids is None:
+            grad = grad_rows[:, :student.shape[1]]
         elif options.topk_tail == "renormalize":
             grad = student.new_zeros(student.shape).scatter_add_(1, ids, grad_rows)
         else:
             grad = bucket_gradient(grad_rows, student_rows, log_q, ids)
-        grad = grad * options.soft_weight
+        del grad_rows, student_rows
+        grad.mul_(options.soft_scale)  # a fresh tensor (kernel output, formula, scatter)
     if options.hard_weight > 0:
         targets = labels[rows]
         log_q = F.log_softmax(student, dim=1) if log_q is None else log_q
         loss = loss - options.hard_weight * log_q.gather(1, targets[:, None]).squeeze(1)
         if need_gradient:
-            probs = log_q.exp()
+            probs = log_q.exp_()  # log_q is not needed past the gather
             probs[torch.arange(len(rows), device=rows.device), targets] -= 1.0
             grad.add_(probs, alpha=options.hard_weight)
     return loss, grad
@@ -296,10 +323,10 @@ def chunk_loss(student: Tensor, teacher: tuple, rows: Tensor, labels: Tensor | N
 
 def through_cap(grad: Tensor, logits: Tensor, logit_scale: float, softcap: float | None
                 ) -> Tensor:
-    """dL/d(h Wᵀ + b) from dL/ds, s = c tanh(σ z / c): ds/dz = σ (1 − (s/c)²)."""
+    """dL/d(h Wᵀ + b) from dL/ds, s = c tanh(σ z / c): ds/dz = σ (1 − (s/c)²); in place."""
     if softcap is not None:
-        grad = grad * (1.0 - (logits / softcap).square())
-    return grad * logit_scale if logit_scale != 1.0 else grad
+        grad.mul_((logits / softcap).square_().neg_().add_(1.0))
+    return grad.mul_(logit_scale) if logit_scale != 1.0 else grad
 
 
 def sweep(student: tuple, teacher: tuple, labels: Tensor | None,
@@ -334,16 +361,18 @@ def sweep(student: tuple, teacher: tuple, labels: Tensor | None,
                         options.softcap)
         loss[rows], grad = chunk_loss(logits, teacher, rows, labels, options, need_gradient)
         if not need_gradient:
+            del logits
             continue
         grad = through_cap(grad, logits, options.logit_scale, options.softcap)
-        scale = row_scale[rows, None] if isinstance(row_scale, Tensor) else row_scale
-        grad = grad * scale
+        del logits
+        grad.mul_(row_scale[rows, None] if isinstance(row_scale, Tensor) else row_scale)
         if needs[0]:
             grad_hidden[rows] = grad @ weight
         if needs[1]:
             grad_weight.addmm_(grad.T, hidden_rows)
         if needs[2]:
             grad_bias += grad.sum(dim=0)
+        del grad  # before the next chunk's logits
     return loss, grad_hidden, grad_weight, grad_bias
 
 
@@ -413,6 +442,9 @@ def setup_context(ctx, inputs, output):
     tensors = inputs[:TENSOR_INPUTS]
     ctx.save_for_backward(*tensors, *output[1:])
     ctx.mark_non_differentiable(*output[1:])
+    # The gradient outputs get no gradient: without this autograd passes zeros of their
+    # shapes to the backward (a (V, H) fp32 tensor more at its peak).
+    ctx.set_materialize_grads(False)
 
 
 def backward(ctx, grad_loss, *_):

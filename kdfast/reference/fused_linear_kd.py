@@ -22,7 +22,9 @@ Per kept token (``labels != ignore_index`` when labels are given, every token ot
     ℓ_n = soft_weight · T² · D(p_t, p_s) + hard_weight · CE(s_n, labels_n),
     p = softmax(z / T),
 
-with D one of :data:`DIVERGENCES`:
+the T² factor (Hinton et al.'s: it keeps the soft gradients' size independent of T) dropped
+with ``scale_by_temperature_squared=False`` (what Liger-Kernel's and TRL's LLM losses do), and
+D one of :data:`DIVERGENCES`:
 
 * ``"forward"`` KL(p_t ‖ p_s), ``"reverse"`` KL(p_s ‖ p_t) and ``"jsd"`` (generalised JSD(β))
   as the ``"softmax_kl"`` core defines them (:mod:`kdfast.reference.softmax_kl`);
@@ -172,7 +174,8 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
                     ignore_index: int = -100, num_items=None, reduction: str = "mean",
                     topk_tail: str = "renormalize", logit_scale: float = 1.0,
                     softcap: float | None = None, teacher_logit_scale: float = 1.0,
-                    teacher_softcap: float | None = None) -> torch.Tensor:
+                    teacher_softcap: float | None = None,
+                    scale_by_temperature_squared: bool = True) -> torch.Tensor:
     """The loss above, eagerly: a scalar, or per token (the hidden states' leading shape)
     for ``reduction="none"``; in the accumulation dtype (fp32 for fp16/bf16 inputs)."""
     token_shape = student_hidden.shape[:-1]
@@ -199,6 +202,8 @@ def fused_linear_kd(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     kept = kept_tokens(labels, student.shape[0], ignore_index, student.device)
     per_token = soft_weight * divergence_rows(student_rows, teacher_rows, temperature,
                                               divergence, beta, alpha)
+    if not scale_by_temperature_squared:
+        per_token = per_token / temperature**2
     if hard_weight > 0:
         targets = torch.where(kept, labels.reshape(-1), 0)
         per_token = per_token + hard_weight * F.cross_entropy(student, targets,

@@ -42,9 +42,9 @@ def test_kd_floor_reads_both_logits():
     assert floors.logit_kd(LogitShape(4, 10), 2)["fwd"].bytes == 2 * 40 * 2
 
 
-def test_fused_linear_floor_is_three_gemms_for_forward_and_backward():
+def test_fused_linear_floor_is_four_gemms_for_forward_and_backward():
     floor = floors.fused_linear(LmHeadShape(4, 3, 10), 4)
     gemm = 2 * 4 * 3 * 10
-    assert floor["fwd"].flops == gemm and floor["bwd"].flops == 2 * gemm
-    assert floor["full"].flops == 3 * gemm
-    assert floor["fwd"].bytes == (4 * 3 + 10 * 3 + 4 * 10) * 4
+    assert floor["fwd"].flops == 2 * gemm and floor["bwd"].flops == 2 * gemm
+    assert floor["full"].flops == 4 * gemm
+    assert floor["fwd"].bytes == 2 * (4 * 3 + 10 * 3) * 4

@@ -8,7 +8,12 @@ import torch
 
 import kdfast
 from kdfast.losses.fused_linear_kd import fused_linear_kd_loss
-from kdfast.ops.fused_linear_kd import CHUNK_BUDGET_BYTES, LIVE_CHUNK_TENSORS, default_chunk_size
+from kdfast.ops.fused_linear_kd import (
+    CHUNK_BUDGET_BYTES,
+    LIVE_CHUNK_TENSORS,
+    MIN_CHUNK_ROWS,
+    default_chunk_size,
+)
 from kdfast.reference.fused_linear_kd import TOPK_TAILS, divergence_rows, fused_linear_kd
 from tests.helpers import assert_matches_reference, assert_rel_close, randn
 
@@ -282,10 +287,11 @@ def test_clear_errors(call, match):
         call(hidden, weight, teacher)
 
 
-def test_default_chunk_size_fits_the_budget():
-    rows = default_chunk_size(4096, 128256, torch.float32)
-    assert 1 <= rows < 4096
-    assert rows * 128256 * 4 * LIVE_CHUNK_TENSORS <= CHUNK_BUDGET_BYTES
+def test_default_chunk_size_fits_the_budget_above_the_minimum_rows():
+    rows = default_chunk_size(4096, 8000, torch.float32)
+    assert MIN_CHUNK_ROWS < rows < 4096
+    assert rows * 8000 * 4 * LIVE_CHUNK_TENSORS <= CHUNK_BUDGET_BYTES
+    assert default_chunk_size(4096, 128256, torch.float32) == MIN_CHUNK_ROWS
     assert default_chunk_size(3, 32000, torch.float32) == 3
 
 
@@ -700,8 +706,8 @@ def test_default_chunks_are_smaller_where_the_chunk_holds_more():
     assert core == LIVE_CHUNK_TENSORS
     assert live_chunk_tensors(FusedLinearKDOptions(divergence="tv")) > core
     assert live_chunk_tensors(FusedLinearKDOptions(topk_tail="bucket", softcap=30.0)) > core
-    assert default_chunk_size(4096, 128256, torch.float32, 10) < \
-        default_chunk_size(4096, 128256, torch.float32)
+    assert default_chunk_size(4096, 8000, torch.float32, 10) < \
+        default_chunk_size(4096, 8000, torch.float32)
 
 
 def test_module_takes_and_checks_the_new_options():
@@ -718,3 +724,98 @@ def test_module_takes_and_checks_the_new_options():
         criterion.softcap = -1.0
     with pytest.raises(ValueError, match="topk_tail must be one of"):
         criterion.topk_tail = "tail"
+
+
+@pytest.mark.parametrize("scale_by_temperature_squared", (True, False))
+@pytest.mark.parametrize("divergence,beta", (("forward", 0.5), ("jsd", 0.3), ("tv", 0.5)))
+@pytest.mark.parametrize("reduction", ("mean", "none"))
+def test_temperature_squared_switch_matches_reference_float64(scale_by_temperature_squared,
+                                                              divergence, beta, reduction):
+    options = {"labels": token_labels(), "divergence": divergence, "beta": beta,
+               "temperature": 3.0, "soft_weight": 0.7, "hard_weight": 0.4,
+               "reduction": reduction,
+               "scale_by_temperature_squared": scale_by_temperature_squared}
+    assert_matches_reference(loss_fn(native(), **options), loss_fn(fused_linear_kd, **options),
+                             problem(), what=divergence)
+
+
+def test_temperature_squared_switch_divides_only_the_soft_term():
+    """Without T², ℓ = w_soft·D + w_hard·CE: the soft part of the default loss over T², the
+    cross-entropy untouched (checked on the reference, which the native path matches)."""
+    tensors, temperature = problem(), 3.0
+
+    def loss(scale, soft_weight, hard_weight):
+        return loss_fn(fused_linear_kd, labels=token_labels(), temperature=temperature,
+                       soft_weight=soft_weight, hard_weight=hard_weight,
+                       scale_by_temperature_squared=scale)(*tensors)
+    soft, hard = loss(True, 0.7, 0.0), loss(True, 0.0, 0.4)
+    assert_rel_close(loss(False, 0.7, 0.4), soft / temperature**2 + hard, 1e-13)
+    assert not torch.allclose(loss(False, 0.7, 0.0), soft)
+    criterion = kdfast.FusedLinearKDLoss(temperature=temperature, chunk_size=CHUNK,
+                                         scale_by_temperature_squared=False)
+    got = criterion(*tensors[:2], student_bias=tensors[2], teacher_hidden=tensors[3],
+                    teacher_weight=tensors[4], teacher_bias=tensors[5], labels=token_labels())
+    assert_rel_close(got, loss(True, 1.0, 0.0) / temperature**2, 1e-12)
+    with pytest.raises(TypeError, match="scale_by_temperature_squared must be True or False"):
+        criterion.scale_by_temperature_squared = 1
+
+
+LIGER_CASES = [("forward", 0.5, True, 0.0), ("reverse", 0.5, False, 0.4),
+               ("jsd", 0.3, True, 0.4), ("jsd", 0.7, False, 0.0)]
+
+
+@pytest.mark.parametrize("divergence,beta,scale_by_temperature_squared,hard_weight",
+                         LIGER_CASES)
+def test_equals_liger_kernel_fused_linear_jsd(divergence, beta, scale_by_temperature_squared,
+                                              hard_weight):
+    """kdfast and Liger-Kernel's LigerFusedLinearJSDLoss, as the benchmark's ``liger``
+    provider configures it (kdfast/bench/peers.py), give the same loss and gradients.
+    Liger accumulates the loss, and takes the cross-entropy's log-softmax, in fp32 whatever
+    the inputs' dtype: hence the fp32-sized tolerance on float64 inputs."""
+    pytest.importorskip("liger_kernel.chunked_loss",
+                        reason="liger-kernel is not installed (optional: pip install "
+                               "liger-kernel)")
+    from dataclasses import replace
+
+    from kdfast.bench.cores import CORES, lm_head_inputs
+    from kdfast.bench.peers import liger_fused_linear_jsd
+    from kdfast.bench.shapes import LmHeadShape
+
+    core = replace(CORES["fused-linear-kd"], options={
+        "divergence": divergence, "beta": beta, "temperature": 2.0, "soft_weight": 0.7,
+        "hard_weight": hard_weight, "scale_by_temperature_squared": scale_by_temperature_squared})
+    students, teachers = lm_head_inputs(LmHeadShape(TOKENS, HIDDEN, VOCAB), torch.float64, "cpu")
+    liger = liger_fused_linear_jsd(core, students, teachers, compiled=False)
+    want = liger(students, teachers)
+    got = core.loss(students, teachers, "native")
+    assert_rel_close(got, want.to(got.dtype), 1e-6, "loss")
+    for name, g, w in zip(("d hidden", "d weight"), torch.autograd.grad(got, students),
+                          torch.autograd.grad(want, students), strict=True):
+        assert_rel_close(g, w, 1e-6, name)
+
+
+@pytest.mark.parametrize("hard_weight", (0.0, 0.5))
+def test_fwd_bwd_peak_is_three_chunks_and_two_weight_gradients(hard_weight):
+    """CPU allocator peak of forward + backward with the kernel's divergence: the chunk's
+    student logits, teacher logits and gradient (the cross-entropy's softmax reuses its
+    log-softmax), and dL/dW twice (saved, and times grad_output); no (V, H) zeros for the
+    gradient outputs' (absent) gradients."""
+    if not hasattr(torch.ops.kdfast, "softmax_kl"):
+        pytest.skip("the native extension is not built (the kernel's divergence)")
+    from kdfast.bench.measure import cpu_peak_bytes
+    tokens, hidden_size, vocab, chunk = 512, 32, 8000, 128
+    hidden = randn(tokens, hidden_size, seed=0, dtype=torch.float32, requires_grad=True)
+    weight = randn(vocab, hidden_size, seed=1, dtype=torch.float32, requires_grad=True)
+    teacher = (randn(tokens, hidden_size, seed=2, dtype=torch.float32),
+               randn(vocab, hidden_size, seed=3, dtype=torch.float32))
+    labels = torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(4))
+
+    def step():
+        loss = fused_linear_kd_loss(hidden, weight, *teacher, labels=labels, chunk_size=chunk,
+                                    hard_weight=hard_weight, backend="native")
+        return torch.autograd.grad(loss, (hidden, weight))
+    step()
+    chunk_bytes, weight_bytes = chunk * vocab * 4, vocab * hidden_size * 4
+    peak = cpu_peak_bytes(step)
+    assert peak <= 3.25 * chunk_bytes + 2 * weight_bytes + 2 * tokens * hidden_size * 4, \
+        (peak / chunk_bytes, weight_bytes / chunk_bytes)
