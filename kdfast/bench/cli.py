@@ -228,7 +228,12 @@ def main(argv=None) -> int:
                         args.dtype))
     print()
     print(report.markdown_table(rows))
-    written = [] if args.no_plots else report.plot(rows, plot_dir)
+    return _plotted(args, report.plot, rows, json_path, plot_dir)
+
+
+def _plotted(args, plot, rows, json_path: str, plot_dir: str) -> int:
+    """Draws the plots (unless --no-plots), says what was written, returns the exit code."""
+    written = [] if args.no_plots else plot(rows, plot_dir)
     print(f"\nwrote {json_path}" + (f" and {len(written)} plots in {plot_dir}/" if written
                                      else ""), file=sys.stderr)
     return 0
@@ -256,7 +261,4 @@ def main_steps(args) -> int:
     print(report.step_table(rows))
     print()
     print(report.step_summary(rows))
-    written = [] if args.no_plots else report.plot_steps(rows, plot_dir)
-    print(f"\nwrote {json_path}" + (f" and {len(written)} plots in {plot_dir}/" if written
-                                     else ""), file=sys.stderr)
-    return 0
+    return _plotted(args, report.plot_steps, rows, json_path, plot_dir)
