@@ -58,7 +58,10 @@ test-triton: build
 test-bench: build
 	$(PYTEST) benchmarks --benchmark-disable
 
-test: lint check-cuda test-unit test-triton test-bench
+# Two jobs at a time: the unit tests and the Triton interpreter are about one core's work each
+# (nvcc runs beside the extension build), which keeps a 2-core run well inside 15 minutes.
+test: | $(VENV)/.deps
+	$(MAKE) -j2 --output-sync=target lint check-cuda test-unit test-triton test-bench
 
 bench: build
 	$(PY) -m kdfast.bench
