@@ -249,3 +249,12 @@ def run_docstring_example(obj):
     namespace = {"torch": torch, "kdfast": kdfast}
     exec(compile("\n".join(statements[:-1]), f"<{obj.__qualname__} example>", "exec"), namespace)
     return eval(statements[-1], namespace)
+
+
+def docstring_example_loss(obj) -> torch.Tensor:
+    """The loss of ``obj``'s docstring example (run_docstring_example with torch seeded 0),
+    asserted to be a finite scalar."""
+    torch.manual_seed(0)
+    out = run_docstring_example(obj)
+    assert out.shape == () and torch.isfinite(out), f"{obj.__qualname__} example gave {out}"
+    return out
