@@ -30,7 +30,9 @@ def _extension():
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     # -fno-trapping-math: loops with floating-point selects vectorise on AVX2 too (GCC may
     # then speculate comparisons; only FP exception flags, never read, can differ).
-    cxx = ["-O3", "-fopenmp", "-std=c++17", "-fno-trapping-math"]
+    # -ffp-contract=fast: a * b + c as one FMA where the ISA has it (csrc/include/kdfast/simd.h;
+    # GCC's default outside ISO mode, which -std=c++17 turns off).
+    cxx = ["-O3", "-fopenmp", "-std=c++17", "-fno-trapping-math", "-ffp-contract=fast"]
     if _want_cuda():
         sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
         return cpp_extension.CUDAExtension(
