@@ -51,6 +51,7 @@
 #include <limits>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "kdfast/aten_dtype.h"
 #include "kdfast/aten_softmax_kl.h"
@@ -339,40 +340,107 @@ RowStats<acc_t> normalisers(const scalar_t* s, const scalar_t* t, int64_t n,
   return {student_lse.max, student_lse.log_sum(), teacher_lse.max, teacher_lse.log_sum(), 0, 0};
 }
 
-// Forward KL's RowStats in one sweep: sweep 1 also sums the cross term
+// Forward KL's sweep 1 state: both running logsumexps and the cross term
 // c = Σ e_t ((b − max b) − (a − max a)), e_t = exp(b − max b), moved along when a running max
 // grows (every earlier e_t scales by exp(old max b − max b), every difference shifts by the
 // change of max a − max b); then KL = Σ p (log p − log q) = c / Σ e_t − (log Σ_b − log Σ_a)
-// (Σ p = 1), the differences to the maxes exact near them as in sweep 2. Where that is not
-// finite (a masked student class under the teacher's mass, NaN, ±inf) sweep 2's
-// forward_kl_block_sum recomputes D, so special values follow the one rule of the other paths.
-template <typename scalar_t, typename acc_t, typename Scale>
-RowStats<acc_t> forward_kl_row_stats(const scalar_t* s, const scalar_t* t, int64_t n,
-                                     const Scale& scale) {
-  OnlineLogSumExp<acc_t> student_lse, teacher_lse;
+// (Σ p = 1), the differences to the maxes exact near them as in sweep 2.
+template <typename acc_t>
+struct ForwardKlSweep {
+  OnlineLogSumExp<acc_t> student, teacher;
   acc_t cross = 0;
-  acc_t scratch[kBlock], v_t[kBlock];
-  for (int64_t begin = 0; begin < n; begin += kBlock) {
-    const int64_t len = std::min(kBlock, n - begin);
-    const acc_t old_max_s = student_lse.max, old_max_t = teacher_lse.max;
-    const acc_t old_sum_t = teacher_lse.sum;
-    add_block(student_lse, s + begin, len, scale, scratch);
-    add_block(teacher_lse, t + begin, len, scale, v_t);
-    if (old_sum_t > 0 && (student_lse.max != old_max_s || teacher_lse.max != old_max_t)) {
-      const acc_t shift = (student_lse.max - old_max_s) - (teacher_lse.max - old_max_t);
-      cross = (cross + shift * old_sum_t) * exp_of(old_max_t - teacher_lse.max);
-    }
-    cross += cross_block_sum(s + begin, t + begin, v_t, len, scale, student_lse.max,
-                             teacher_lse.max, scratch);
+
+  RowStats<acc_t> row_stats() const {
+    RowStats<acc_t> row{student.max, student.log_sum(), teacher.max, teacher.log_sum(), 0, 0};
+    row.first = cross / teacher.sum - (row.log_sum_t - row.log_sum_s);
+    return row;
   }
-  RowStats<acc_t> row{student_lse.max, student_lse.log_sum(), teacher_lse.max,
-                      teacher_lse.log_sum(), 0, 0};
-  row.first = cross / teacher_lse.sum - (row.log_sum_t - row.log_sum_s);
-  if (std::isfinite(row.first)) return row;
+};
+
+// Adds one block of both rows to the sweep, leaving exp(x/T − running max after the block) of
+// the student's entries in e_s and of the teacher's in e_t (kBlock each); scratch: kBlock.
+template <typename scalar_t, typename acc_t, typename Scale>
+void add_forward_kl_block(ForwardKlSweep<acc_t>& sweep, const scalar_t* s, const scalar_t* t,
+                          int64_t len, const Scale& scale, acc_t* e_s, acc_t* e_t,
+                          acc_t* scratch) {
+  const acc_t old_max_s = sweep.student.max, old_max_t = sweep.teacher.max;
+  const acc_t old_sum_t = sweep.teacher.sum;
+  add_block(sweep.student, s, len, scale, e_s);
+  add_block(sweep.teacher, t, len, scale, e_t);
+  const acc_t max_s = sweep.student.max, max_t = sweep.teacher.max;
+  if (old_sum_t > 0 && (max_s != old_max_s || max_t != old_max_t)) {
+    const acc_t shift = (max_s - old_max_s) - (max_t - old_max_t);
+    sweep.cross = (sweep.cross + shift * old_sum_t) * exp_of(old_max_t - max_t);
+  }
+  sweep.cross += cross_block_sum(s, t, e_t, len, scale, max_s, max_t, scratch);
+}
+
+// Forward KL's D by sweep 2 (forward_kl_block_sum), for the rows whose one-sweep D is not
+// finite (a masked student class under the teacher's mass, NaN, ±inf): special values then
+// follow the one rule of the other paths.
+template <typename scalar_t, typename acc_t, typename Scale>
+void recompute_forward_kl(const scalar_t* s, const scalar_t* t, int64_t n, const Scale& scale,
+                          RowStats<acc_t>& row) {
+  acc_t scratch[kBlock];
   row.first = 0;
   for (int64_t begin = 0; begin < n; begin += kBlock) {
     const int64_t len = std::min(kBlock, n - begin);
     row.first += forward_kl_block_sum(s + begin, t + begin, len, scale, row, scratch);
+  }
+}
+
+// Forward KL's RowStats in one sweep (ForwardKlSweep), two exps per entry.
+template <typename scalar_t, typename acc_t, typename Scale>
+RowStats<acc_t> forward_kl_row_stats(const scalar_t* s, const scalar_t* t, int64_t n,
+                                     const Scale& scale) {
+  ForwardKlSweep<acc_t> sweep;
+  acc_t scratch[kBlock], e_s[kBlock], e_t[kBlock];
+  for (int64_t begin = 0; begin < n; begin += kBlock) {
+    add_forward_kl_block(sweep, s + begin, t + begin, std::min(kBlock, n - begin), scale, e_s,
+                         e_t, scratch);
+  }
+  RowStats<acc_t> row = sweep.row_stats();
+  if (!std::isfinite(row.first)) recompute_forward_kl(s, t, n, scale, row);
+  return row;
+}
+
+// grad = f_s e_s − f_t e_t over a block: the kept exps times their block's normalising factors.
+template <typename acc_t>
+KDFAST_SIMD_CLONES void write_kept_exps_grad(const acc_t* e_t, acc_t f_s, acc_t f_t, int64_t n,
+                                             acc_t* grad) {
+  for (int64_t i = 0; i < n; ++i) grad[i] = f_s * grad[i] - f_t * e_t[i];
+}
+
+// Forward KL with dL/ds = G (q − p) in one read of the rows (the saving operator's KD case):
+// the sweep keeps each block's exps (the student's in grad_s itself, the teacher's in e_t, n
+// entries) and the running maxes m_s, m_t they were taken against (block_max, one pair per
+// block); then q = e_s · exp(m_s − max_s − log Σ_s) and p likewise, one multiply per entry
+// instead of two more exps. Rows whose D is not finite take the two-sweep path.
+template <typename scalar_t, typename acc_t, typename Scale>
+RowStats<acc_t> forward_kl_with_student_grad(const scalar_t* s, const scalar_t* t, int64_t n,
+                                             const Scale& scale, acc_t G, acc_t* grad_s,
+                                             acc_t* e_t, acc_t* block_max) {
+  ForwardKlSweep<acc_t> sweep;
+  acc_t scratch[kBlock];
+  for (int64_t begin = 0, k = 0; begin < n; begin += kBlock, ++k) {
+    add_forward_kl_block(sweep, s + begin, t + begin, std::min(kBlock, n - begin), scale,
+                         grad_s + begin, e_t + begin, scratch);
+    block_max[2 * k] = sweep.student.max;
+    block_max[2 * k + 1] = sweep.teacher.max;
+  }
+  RowStats<acc_t> row = sweep.row_stats();
+  if (!std::isfinite(row.first)) {
+    recompute_forward_kl(s, t, n, scale, row);
+    for (int64_t begin = 0; begin < n; begin += kBlock) {
+      write_forward_kl_student_grad(s + begin, t + begin, std::min(kBlock, n - begin), scale,
+                                    row, G, grad_s + begin);
+    }
+    return row;
+  }
+  for (int64_t begin = 0, k = 0; begin < n; begin += kBlock, ++k) {
+    const acc_t f_s = G * exp_of((block_max[2 * k] - row.max_s) - row.log_sum_s);
+    const acc_t f_t = G * exp_of((block_max[2 * k + 1] - row.max_t) - row.log_sum_t);
+    write_kept_exps_grad(e_t + begin, f_s, f_t, std::min(kBlock, n - begin), grad_s + begin);
   }
   return row;
 }
@@ -461,12 +529,29 @@ acc_t row_loss(const RowStats<acc_t>& row, const Options<acc_t>& o) {
   return o.temperature * o.temperature * divergence;
 }
 
+// n + 2 ceil(n / kBlock) values of scratch for the calling thread (kept between calls, grown
+// as needed: the teacher's exps and the block maxes of forward_kl_with_student_grad).
+template <typename acc_t>
+acc_t* kept_exps_scratch(int64_t n) {
+  thread_local std::vector<acc_t> buffer;
+  const size_t size = static_cast<size_t>(n + 2 * ((n + kBlock - 1) / kBlock));
+  if (buffer.size() < size) buffer.resize(size);
+  return buffer.data();
+}
+
 // The fused forward of one row: its loss, writing the requested gradients (nullptr: not
-// requested) in two sweeps, or three when a gradient needs the sums.
+// requested) in two sweeps, or three when a gradient needs the sums; KD's case (forward KL,
+// the student's gradient only) in one read of the rows (forward_kl_with_student_grad).
 template <typename scalar_t, typename acc_t, typename Scale>
 acc_t softmax_kl_row(const scalar_t* s, const scalar_t* t, int64_t n, const Options<acc_t>& o,
                      const Scale& scale, acc_t* grad_s, acc_t* grad_t) {
   const bool forward = o.divergence == Divergence::kForward;
+  if (forward && grad_s && !grad_t) {
+    acc_t* scratch = kept_exps_scratch<acc_t>(n);
+    return row_loss(forward_kl_with_student_grad(s, t, n, scale, o.temperature, grad_s, scratch,
+                                                 scratch + n),
+                    o);
+  }
   const bool reverse = o.divergence == Divergence::kReverse;
   const RowStats<acc_t> row = row_stats(s, t, n, o, scale, acc_t(1),
                                         forward ? grad_s : nullptr, reverse ? grad_t : nullptr);

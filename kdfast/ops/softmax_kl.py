@@ -5,18 +5,23 @@ softmax(s/T)), forward KL (KD, DML, BAN), reverse KL or the generalised JSD(β)
 Signature of every implementation:
 ``fn(student, teacher, temperature, divergence="forward", beta=0.5) -> (N,)``.
 
-The gradients are recomputed, on every backend: the forward (``softmax_kl_with_stats``)
-computes the loss and keeps nothing of row size, only six numbers per row (both softmax
-normalisers and the divergence sums); the backward (``softmax_kl_backward``) rereads the
-inputs once and writes ``grad_output[r] · dL/ds`` (and dL/dt when the teacher requires grad)
-in the inputs' dtype straight into the returned gradient: forward + backward hold one
-gradient-sized tensor at the peak (the target of CWD's segmentation maps, B·C rows of H·W),
-for one more read of the inputs than a forward that keeps the gradient.
+The gradients are recomputed on every backend (KD's CPU case below aside): the forward
+(``softmax_kl_with_stats``) computes the loss and keeps nothing of row size, only six numbers
+per row (both softmax normalisers and the divergence sums); the backward
+(``softmax_kl_backward``) rereads the inputs once and writes ``grad_output[r] · dL/ds`` (and
+dL/dt when the teacher requires grad) in the inputs' dtype straight into the returned
+gradient: forward + backward hold one gradient-sized tensor at the peak (the target of CWD's
+segmentation maps, B·C rows of H·W), for one more read of the inputs than a forward that keeps
+the gradient.
 
 The native operator ``kdfast::softmax_kl`` (CPU and CUDA) is the other form, the gradient
-computed in the forward pass and returned in the accumulation dtype: the chunked fused linear
-KD (:mod:`kdfast.ops.fused_linear_kd`) needs it there, chunk by chunk; no autograd Function
-here uses it.
+computed in the forward pass and returned in the accumulation dtype. The chunked fused linear
+KD (:mod:`kdfast.ops.fused_linear_kd`) needs it there, chunk by chunk; and KD's case on the CPU
+takes it too (:func:`keeps_gradient`: forward KL, the student's gradient only, fp32/fp64 rows of
+at most ``KEPT_GRADIENT_MAX_COLUMNS``): the kernel then keeps the exps of its one read of the
+rows and the gradient costs a multiply per entry instead of the backward's two exps and second
+read — for one gradient-sized tensor held from the forward to the backward (segmentation-map
+rows, longer, keep recomputing).
 
 A backward with ``create_graph=True`` differentiates the reference instead
 (:mod:`kdfast.ops._higher_order`). Backends: ``reference``, ``native`` (CPU:
@@ -40,29 +45,60 @@ CORE = "softmax_kl"
 ROW_STATS = 6  # per row: max and log-sum of both softmaxes, the two divergence sums
 
 
-def recomputing_function(name: str, with_stats, backward) -> type:
+KEPT_GRADIENT_MAX_COLUMNS = 65536  # rows up to here keep their gradient on the CPU
+
+
+def keeps_gradient(student: torch.Tensor, teacher: torch.Tensor, divergence: str) -> bool:
+    """Whether the native forward computes the gradient and keeps it for the backward (the
+    fused ``kdfast::softmax_kl``) rather than six numbers per row: KD's case on the CPU —
+    forward KL, a backward to come for the student only (grad mode on, the teacher frozen),
+    the inputs in their accumulation dtype (fp32, fp64) and rows of at most
+    ``KEPT_GRADIENT_MAX_COLUMNS`` logits (a vocabulary, not a segmentation map's H·W: those
+    keep the recomputing form's memory)."""
+    return (student.device.type == "cpu" and divergence == "forward"
+            and torch.is_grad_enabled() and student.requires_grad and not teacher.requires_grad
+            and accumulation_dtype(student) == student.dtype
+            and student.shape[-1] <= KEPT_GRADIENT_MAX_COLUMNS)
+
+
+def softmax_kl_function(name: str, with_stats, backward, fused=None) -> type:
     """An autograd Function over a recomputing pair of operators: ``with_stats(student,
     teacher, temperature, divergence, beta) -> (loss, row_stats)`` and ``backward(grad,
     student, teacher, row_stats, temperature, divergence, beta, grad_student, grad_teacher)
-    -> (d student, d teacher)`` (0 x 0 where not requested)."""
+    -> (d student, d teacher)`` (0 x 0 where not requested). ``apply(student, teacher,
+    temperature, divergence, beta, keep_gradient)``: with ``keep_gradient`` the forward runs
+    ``fused`` (the signature of ``kdfast::softmax_kl``) and keeps the student's gradient
+    instead (:func:`keeps_gradient`)."""
 
     class SoftmaxKL(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, student, teacher, temperature, divergence, beta):
-            loss, row_stats = with_stats(student, teacher, temperature, divergence, beta)
+        def forward(ctx, student, teacher, temperature, divergence, beta, keep_gradient):
             ctx.options = (temperature, divergence, beta)
+            ctx.kept_gradient = None
+            if keep_gradient:
+                # Not a saved tensor: the first backward scales it in place and hands it on.
+                loss, ctx.kept_gradient, _ = fused(student, teacher, temperature, divergence,
+                                                   beta, True, False)
+                ctx.save_for_backward(student, teacher)
+                return loss
+            loss, row_stats = with_stats(student, teacher, temperature, divergence, beta)
             ctx.save_for_backward(student, teacher, row_stats)
             return loss
 
         @staticmethod
         def backward(ctx, grad_loss):
-            student, teacher, row_stats = ctx.saved_tensors
+            student, teacher, *row_stats = ctx.saved_tensors
             need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            unused = (None, None, None)
+            unused = (None, None, None, None)
             if creates_graph():
                 return *reference_grads(lambda s, t: softmax_kl(s, t, *ctx.options),
                                         (student, teacher), (need_s, need_t), grad_loss), *unused
-            grad_s, grad_t = backward(grad_loss, student, teacher, row_stats, *ctx.options,
+            if not row_stats:
+                kept, ctx.kept_gradient = ctx.kept_gradient, None
+                if kept is None:  # a second backward (retain_graph): the same kernel again
+                    kept = fused(student, teacher, *ctx.options, True, False)[1]
+                return kept.mul_(grad_loss[:, None]), None, *unused
+            grad_s, grad_t = backward(grad_loss, student, teacher, row_stats[0], *ctx.options,
                                       need_s, need_t)
             return grad_s if need_s else None, grad_t if need_t else None, *unused
 
@@ -70,16 +106,18 @@ def recomputing_function(name: str, with_stats, backward) -> type:
     return SoftmaxKL
 
 
-NativeSoftmaxKL = recomputing_function(
+NativeSoftmaxKL = softmax_kl_function(
     "NativeSoftmaxKL", lambda *args: torch.ops.kdfast.softmax_kl_with_stats(*args),
-    lambda *args: torch.ops.kdfast.softmax_kl_backward(*args))
+    lambda *args: torch.ops.kdfast.softmax_kl_backward(*args),
+    lambda *args: torch.ops.kdfast.softmax_kl(*args))
 
 
 def native_softmax_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
                       divergence: str = "forward", beta: float = 0.5) -> torch.Tensor:
     """Core ``"softmax_kl"`` on the native kernels (csrc/cpu/softmax_kl.cpp; CUDA tensors in a
     CUDA build: csrc/cuda/softmax_kl.cu): (N,)."""
-    return NativeSoftmaxKL.apply(student, teacher, float(temperature), divergence, float(beta))
+    return NativeSoftmaxKL.apply(student, teacher, float(temperature), divergence, float(beta),
+                                 keeps_gradient(student, teacher, divergence))
 
 
 def fake_softmax_kl(student, teacher, temperature, divergence, beta, grad_student,
@@ -135,14 +173,15 @@ def triton_softmax_kl_backward_op(grad: torch.Tensor, student: torch.Tensor,
 triton_softmax_kl_with_stats_op.register_fake(fake_softmax_kl_with_stats)
 triton_softmax_kl_backward_op.register_fake(fake_softmax_kl_backward)
 
-TritonSoftmaxKL = recomputing_function("TritonSoftmaxKL", triton_softmax_kl_with_stats_op,
-                                       triton_softmax_kl_backward_op)
+TritonSoftmaxKL = softmax_kl_function("TritonSoftmaxKL", triton_softmax_kl_with_stats_op,
+                                      triton_softmax_kl_backward_op)
 
 
 def triton_softmax_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
                       divergence: str = "forward", beta: float = 0.5) -> torch.Tensor:
     """Core ``"softmax_kl"`` on Triton (kdfast/triton/softmax_kl.py): (N,)."""
-    return TritonSoftmaxKL.apply(student, teacher, float(temperature), divergence, float(beta))
+    return TritonSoftmaxKL.apply(student, teacher, float(temperature), divergence, float(beta),
+                                 False)
 
 
 backends.register_native_fake("softmax_kl", fake_softmax_kl)

@@ -7,7 +7,7 @@ import torch
 
 import kdfast
 from kdfast import backends
-from kdfast.ops.softmax_kl import CORE, native_softmax_kl
+from kdfast.ops.softmax_kl import CORE, KEPT_GRADIENT_MAX_COLUMNS, keeps_gradient, native_softmax_kl
 from kdfast.reference.softmax_kl import softmax_kl
 from tests.helpers import assert_rel_close, dtype_tolerance, randn
 
@@ -225,15 +225,47 @@ def test_recomputed_gradients_are_the_saved_ones_scaled(divergence, beta):
     torch.testing.assert_close(grad_t, grad[:, None] * d_teacher, rtol=1e-14, atol=0)
 
 
-def test_native_cpu_forward_saves_nothing_of_row_size():
+def row_sized_saves(loss, *inputs):
+    """The tensors of row size the loss's backward node saved, other than the inputs."""
+    pointers = {x.data_ptr() for x in inputs}
+    return [x for x in loss.grad_fn.saved_tensors
+            if x.numel() >= inputs[0].numel() and x.data_ptr() not in pointers]
+
+
+@pytest.mark.parametrize("case", ["segmentation rows", "teacher grad", "reverse", "fp16"])
+def test_native_cpu_forward_saves_nothing_of_row_size(case):
     # Forward + backward then hold one gradient-sized tensor: the gradient itself.
-    student = randn(6, 100, seed=29, requires_grad=True)
-    teacher = randn(6, 100, seed=30)
-    loss = native_softmax_kl(student, teacher, 2.0)
-    saved = loss.grad_fn.saved_tensors
-    row_sized = [x for x in saved if x.numel() >= student.numel()]
-    assert all(x is student or x is teacher or x.data_ptr() in (student.data_ptr(),
-                                                                teacher.data_ptr())
-               for x in row_sized)
-    assert sum(x.numel() for x in saved if x.data_ptr() not in (
-        student.data_ptr(), teacher.data_ptr())) <= 6 * len(student)
+    rows, cols = (2, KEPT_GRADIENT_MAX_COLUMNS + 1) if case == "segmentation rows" else (6, 100)
+    dtype = torch.float16 if case == "fp16" else torch.float64
+    student = randn(rows, cols, seed=29).to(dtype).requires_grad_()
+    teacher = randn(rows, cols, seed=30).to(dtype).requires_grad_(case == "teacher grad")
+    loss = native_softmax_kl(student, teacher, 2.0, "reverse" if case == "reverse" else "forward")
+    assert row_sized_saves(loss, student, teacher) == []
+    assert sum(x.numel() for x in loss.grad_fn.saved_tensors
+               if x.data_ptr() not in (student.data_ptr(), teacher.data_ptr())) <= 6 * rows
+
+
+def test_native_cpu_kd_case_keeps_its_gradient_from_the_forward():
+    """Forward KL, a frozen teacher, fp32/fp64 rows of a vocabulary: the forward's gradient
+    (kept exps, csrc/cpu/softmax_kl.cpp forward_kl_with_student_grad) is what the first
+    backward scales in place; it equals the recomputing backward's, a second backward
+    (retain_graph) reruns the kernel (bitwise the same), and no-grad calls keep nothing."""
+    student = (randn(5, 1537, seed=31) * 3).requires_grad_()
+    teacher = randn(5, 1537, seed=32) * 3
+    grad = randn(5, seed=33)
+    loss = native_softmax_kl(student, teacher, 1.5)
+    assert row_sized_saves(loss, student, teacher) == []
+    assert loss.grad_fn.kept_gradient.shape == student.shape
+    (kept,) = torch.autograd.grad(loss, student, grad, retain_graph=True)
+    assert loss.grad_fn.kept_gradient is None  # scaled in place and handed on
+    (again,) = torch.autograd.grad(loss, student, grad)  # the kernel rerun
+    assert torch.equal(again, kept)
+    _, row_stats = torch.ops.kdfast.softmax_kl_with_stats(student.detach(), teacher, 1.5,
+                                                          "forward", 0.5)
+    recomputed, _ = torch.ops.kdfast.softmax_kl_backward(grad, student.detach(), teacher,
+                                                         row_stats, 1.5, "forward", 0.5, True,
+                                                         False)
+    torch.testing.assert_close(kept, recomputed, rtol=1e-13, atol=1e-17)
+    with torch.no_grad():
+        assert native_softmax_kl(student, teacher, 1.5).grad_fn is None
+        assert not keeps_gradient(student, teacher, "forward")
