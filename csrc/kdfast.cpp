@@ -80,6 +80,10 @@ TORCH_LIBRARY(kdfast, m) {
   m.def("softmax_kl_backward(Tensor grad, Tensor student, Tensor teacher, Tensor row_stats, "
         "float temperature, str divergence, float beta, bool grad_student, bool grad_teacher) "
         "-> (Tensor, Tensor)");
+  // Decoupled KD (CPU): per row with the gold class targets[r], T² (α TCKD + β NCKD) (N,) and
+  // dL/d student (N, C) (0 x 0 where not requested), both in the accumulation dtype.
+  m.def("dkd(Tensor student, Tensor teacher, Tensor targets, float temperature, float alpha, "
+        "float beta, bool grad_student) -> (Tensor, Tensor)");
 }
 
 static bool built_with_cuda() {

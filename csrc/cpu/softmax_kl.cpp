@@ -51,6 +51,7 @@
 #include <limits>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "kdfast/aten_dtype.h"
@@ -283,19 +284,20 @@ KDFAST_SIMD_CLONES acc_t forward_kl_block_sum(const scalar_t* s, const scalar_t*
   return block_sum(scratch, n);
 }
 
-// Forward KL's grad_s = G (q − p) over a block in one loop from the logits (the values of
-// fill_block + write_second_argument_grad without the intermediate arrays).
+// Forward KL's grad_s = c_s q − c_t p over a block in one loop from the logits (KD: c_s = c_t =
+// G, the values of fill_block + write_second_argument_grad without the intermediate arrays;
+// DKD: its two coefficients).
 template <typename scalar_t, typename acc_t, typename Scale, typename out_t>
 KDFAST_SIMD_CLONES void write_forward_kl_student_grad(const scalar_t* s, const scalar_t* t,
                                                       int64_t n, const Scale& scale,
-                                                      const RowStats<acc_t>& row, acc_t G,
-                                                      out_t* grad) {
+                                                      const RowStats<acc_t>& row, acc_t c_s,
+                                                      acc_t c_t, out_t* grad) {
   const acc_t max_s = row.max_s, log_sum_s = row.log_sum_s;
   const acc_t max_t = row.max_t, log_sum_t = row.log_sum_t;
   for (int64_t i = 0; i < n; ++i) {
     const acc_t q = exp_of((scale(static_cast<acc_t>(s[i])) - max_s) - log_sum_s);
     const acc_t p = exp_of((scale(static_cast<acc_t>(t[i])) - max_t) - log_sum_t);
-    grad[i] = static_cast<out_t>(G * (q - p));
+    grad[i] = static_cast<out_t>(c_s * q - c_t * p);
   }
 }
 
@@ -411,14 +413,16 @@ KDFAST_SIMD_CLONES void write_kept_exps_grad(const acc_t* e_t, acc_t f_s, acc_t 
   for (int64_t i = 0; i < n; ++i) grad[i] = f_s * grad[i] - f_t * e_t[i];
 }
 
-// Forward KL with dL/ds = G (q − p) in one read of the rows (the saving operator's KD case):
-// the sweep keeps each block's exps (the student's in grad_s itself, the teacher's in e_t, n
-// entries) and the running maxes m_s, m_t they were taken against (block_max, one pair per
-// block); then q = e_s · exp(m_s − max_s − log Σ_s) and p likewise, one multiply per entry
-// instead of two more exps. Rows whose D is not finite take the two-sweep path.
-template <typename scalar_t, typename acc_t, typename Scale>
+// Forward KL with a gradient grad_s = c_s q − c_t p in one read of the rows (KD's case: c_s =
+// c_t = T; DKD's: its coefficients), the pair (c_s, c_t) = coefficients(row stats): the sweep
+// keeps each block's exps (the student's in grad_s itself, the teacher's in e_t, n entries)
+// and the running maxes m_s, m_t they were taken against (block_max, one pair per block);
+// then q = e_s · exp(m_s − max_s − log Σ_s) and p likewise, one multiply per entry instead of
+// two more exps. Rows whose D is not finite take the two-sweep path.
+template <typename scalar_t, typename acc_t, typename Scale, typename Coefficients>
 RowStats<acc_t> forward_kl_with_student_grad(const scalar_t* s, const scalar_t* t, int64_t n,
-                                             const Scale& scale, acc_t G, acc_t* grad_s,
+                                             const Scale& scale,
+                                             const Coefficients& coefficients, acc_t* grad_s,
                                              acc_t* e_t, acc_t* block_max) {
   ForwardKlSweep<acc_t> sweep;
   acc_t scratch[kBlock];
@@ -429,17 +433,19 @@ RowStats<acc_t> forward_kl_with_student_grad(const scalar_t* s, const scalar_t* 
     block_max[2 * k + 1] = sweep.teacher.max;
   }
   RowStats<acc_t> row = sweep.row_stats();
-  if (!std::isfinite(row.first)) {
-    recompute_forward_kl(s, t, n, scale, row);
+  const bool finite = std::isfinite(row.first);
+  if (!finite) recompute_forward_kl(s, t, n, scale, row);
+  const auto [c_s, c_t] = coefficients(row);
+  if (!finite) {
     for (int64_t begin = 0; begin < n; begin += kBlock) {
       write_forward_kl_student_grad(s + begin, t + begin, std::min(kBlock, n - begin), scale,
-                                    row, G, grad_s + begin);
+                                    row, c_s, c_t, grad_s + begin);
     }
     return row;
   }
   for (int64_t begin = 0, k = 0; begin < n; begin += kBlock, ++k) {
-    const acc_t f_s = G * exp_of((block_max[2 * k] - row.max_s) - row.log_sum_s);
-    const acc_t f_t = G * exp_of((block_max[2 * k + 1] - row.max_t) - row.log_sum_t);
+    const acc_t f_s = c_s * exp_of((block_max[2 * k] - row.max_s) - row.log_sum_s);
+    const acc_t f_t = c_t * exp_of((block_max[2 * k + 1] - row.max_t) - row.log_sum_t);
     write_kept_exps_grad(e_t + begin, f_s, f_t, std::min(kBlock, n - begin), grad_s + begin);
   }
   return row;
@@ -456,7 +462,7 @@ RowStats<acc_t> row_stats(const scalar_t* s, const scalar_t* t, int64_t n,
     const RowStats<acc_t> row = forward_kl_row_stats<scalar_t, acc_t>(s, t, n, scale);
     for (int64_t begin = 0; sum_free_grad_s && begin < n; begin += kBlock) {
       const int64_t len = std::min(kBlock, n - begin);
-      write_forward_kl_student_grad(s + begin, t + begin, len, scale, row, G,
+      write_forward_kl_student_grad(s + begin, t + begin, len, scale, row, G, G,
                                     sum_free_grad_s + begin);
     }
     return row;
@@ -490,7 +496,7 @@ void write_row_gradients(const scalar_t* s, const scalar_t* t, int64_t n,
   if (o.divergence == Divergence::kForward && grad_s && !grad_t) {
     for (int64_t begin = 0; begin < n; begin += kBlock) {
       const int64_t len = std::min(kBlock, n - begin);
-      write_forward_kl_student_grad(s + begin, t + begin, len, scale, row, G, grad_s + begin);
+      write_forward_kl_student_grad(s + begin, t + begin, len, scale, row, G, G, grad_s + begin);
     }
     return;
   }
@@ -529,15 +535,17 @@ acc_t row_loss(const RowStats<acc_t>& row, const Options<acc_t>& o) {
   return o.temperature * o.temperature * divergence;
 }
 
-// n + 2 ceil(n / kBlock) values of scratch for the calling thread (kept between calls, grown
-// as needed: the teacher's exps and the block maxes of forward_kl_with_student_grad).
+// size values of scratch for the calling thread (kept between calls, grown as needed).
 template <typename acc_t>
-acc_t* kept_exps_scratch(int64_t n) {
+acc_t* row_scratch(int64_t size) {
   thread_local std::vector<acc_t> buffer;
-  const size_t size = static_cast<size_t>(n + 2 * ((n + kBlock - 1) / kBlock));
-  if (buffer.size() < size) buffer.resize(size);
+  if (buffer.size() < static_cast<size_t>(size)) buffer.resize(static_cast<size_t>(size));
   return buffer.data();
 }
+
+// The scratch of forward_kl_with_student_grad for rows of n: the teacher's exps, then the
+// block maxes.
+int64_t kept_exps_size(int64_t n) { return n + 2 * ((n + kBlock - 1) / kBlock); }
 
 // The fused forward of one row: its loss, writing the requested gradients (nullptr: not
 // requested) in two sweeps, or three when a gradient needs the sums; KD's case (forward KL,
@@ -547,9 +555,12 @@ acc_t softmax_kl_row(const scalar_t* s, const scalar_t* t, int64_t n, const Opti
                      const Scale& scale, acc_t* grad_s, acc_t* grad_t) {
   const bool forward = o.divergence == Divergence::kForward;
   if (forward && grad_s && !grad_t) {
-    acc_t* scratch = kept_exps_scratch<acc_t>(n);
-    return row_loss(forward_kl_with_student_grad(s, t, n, scale, o.temperature, grad_s, scratch,
-                                                 scratch + n),
+    acc_t* scratch = row_scratch<acc_t>(kept_exps_size(n));
+    const auto both_temperature = [&](const RowStats<acc_t>&) {
+      return std::pair<acc_t, acc_t>{o.temperature, o.temperature};
+    };
+    return row_loss(forward_kl_with_student_grad(s, t, n, scale, both_temperature, grad_s,
+                                                 scratch, scratch + n),
                     o);
   }
   const bool reverse = o.divergence == Divergence::kReverse;
@@ -559,6 +570,79 @@ acc_t softmax_kl_row(const scalar_t* s, const scalar_t* t, int64_t n, const Opti
   acc_t* rest_t = reverse ? nullptr : grad_t;
   if (rest_s || rest_t) write_row_gradients(s, t, n, o, scale, row, acc_t(1), rest_s, rest_t);
   return row_loss(row, o);
+}
+
+// DKD (Zhao et al., CVPR 2022; kdfast/reference/dkd.py): per row with gold class g,
+//   loss = T² (α TCKD + β NCKD),  NCKD = KL(p̂_t ‖ p̂_s) over the classes ≠ g (p̂: the softmax
+//   of the row with z_g = −inf), TCKD = KL(b_t ‖ b_s) of b = (p_g, 1 − p_g) under the full
+//   softmax: log p_g = a_g − lse(a), log(1 − p_g) = lse_{≠g}(a) − lse(a), and
+//   lse(a) = logaddexp(a_g, lse_{≠g}(a)) from NCKD's own normaliser (no other pass).
+// Gradient in a = s/T (∂/∂s = (1/T) ∂/∂a, with T² → T): NCKD gives q̂_j − p̂_j (0 at g); TCKD,
+// through p_s,g = softmax(a)_g with ∂p_s,g/∂a_j = p_s,g (δ_gj − p_s,j) and p_s,j = q̂_j (1 − p_s,g):
+//   j = g: Δ = p_s,g − p_t,g,   j ≠ g: −Δ q̂_j.
+// So dL/ds_j = T ((β − αΔ) q̂_j − β p̂_j) for j ≠ g and T α Δ at g: forward KL's kept-exps sweep
+// over the masked row with the coefficients (T (β − αΔ), T β), then the gold entry.
+template <typename acc_t>
+struct DkdOptions {
+  acc_t temperature, alpha, beta;
+};
+
+// log(e^x + e^y), −inf when both are.
+template <typename acc_t>
+acc_t log_add_exp(acc_t x, acc_t y) {
+  const acc_t hi = x > y ? x : y, lo = x > y ? y : x;
+  return hi == kNegInf<acc_t> ? hi : hi + std::log1p(std::exp(lo - hi));
+}
+
+// p (log p − log q) of one entry, 0 where log p = −inf.
+template <typename acc_t>
+acc_t kl_term(acc_t log_p, acc_t log_q) {
+  return log_p == kNegInf<acc_t> ? acc_t(0) : std::exp(log_p) * (log_p - log_q);
+}
+
+// (log p_g, log(1 − p_g)) of one row's full softmax, from the gold logit over T and the
+// normaliser (max, log-sum) of the other classes.
+template <typename acc_t>
+std::pair<acc_t, acc_t> log_binary(acc_t gold, acc_t max_others, acc_t log_sum_others) {
+  const acc_t others = max_others + log_sum_others;
+  const acc_t total = log_add_exp(gold, others);
+  return {gold - total, others - total};
+}
+
+// One row's DKD loss, writing dL/ds (accumulation type) where grad_s is given. The row is
+// copied with its gold entry at −inf (two rows of scratch in cache) and the masked copies run
+// forward KL's sweep.
+template <typename scalar_t, typename acc_t, typename Scale>
+acc_t dkd_row(const scalar_t* s, const scalar_t* t, int64_t n, int64_t gold,
+              const DkdOptions<acc_t>& o, const Scale& scale, acc_t* grad_s) {
+  acc_t* scratch = row_scratch<acc_t>(2 * n + kept_exps_size(n));
+  acc_t *s_others = scratch, *t_others = scratch + n;
+  for (int64_t i = 0; i < n; ++i) {
+    s_others[i] = static_cast<acc_t>(s[i]);
+    t_others[i] = static_cast<acc_t>(t[i]);
+  }
+  s_others[gold] = t_others[gold] = kNegInf<acc_t>;
+  const acc_t a_gold = scale(static_cast<acc_t>(s[gold]));
+  const acc_t b_gold = scale(static_cast<acc_t>(t[gold]));
+  const auto gold_gap = [&](const RowStats<acc_t>& row) {  // Δ = p_s,g − p_t,g
+    return std::exp(log_binary(a_gold, row.max_s, row.log_sum_s).first) -
+           std::exp(log_binary(b_gold, row.max_t, row.log_sum_t).first);
+  };
+  const acc_t T = o.temperature;
+  const RowStats<acc_t> row =
+      grad_s ? forward_kl_with_student_grad(
+                   s_others, t_others, n, scale,
+                   [&](const RowStats<acc_t>& r) {
+                     return std::pair<acc_t, acc_t>{T * (o.beta - o.alpha * gold_gap(r)),
+                                                    T * o.beta};
+                   },
+                   grad_s, scratch + 2 * n, scratch + 3 * n)
+             : forward_kl_row_stats<acc_t, acc_t>(s_others, t_others, n, scale);
+  if (grad_s) grad_s[gold] = T * o.alpha * gold_gap(row);
+  const auto [log_gold_s, log_rest_s] = log_binary(a_gold, row.max_s, row.log_sum_s);
+  const auto [log_gold_t, log_rest_t] = log_binary(b_gold, row.max_t, row.log_sum_t);
+  const acc_t tckd = kl_term(log_gold_t, log_gold_s) + kl_term(log_rest_t, log_rest_s);
+  return T * T * (o.alpha * tckd + o.beta * row.first);
 }
 
 // body(r, s_row, t_row) for every row r in parallel (rows of L = cols entries).
@@ -683,10 +767,50 @@ std::tuple<at::Tensor, at::Tensor> softmax_kl_backward_cpu(
   return {gs, gt};
 }
 
+// DKD per row (dkd_row): the loss (N,) and, when asked, dL/ds (N, C), both in the
+// accumulation dtype (the autograd Function scales the gradient by grad_output).
+std::tuple<at::Tensor, at::Tensor> dkd_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                           const at::Tensor& targets, double temperature,
+                                           double alpha, double beta, bool grad_student) {
+  const kdfast::LogitRows in = kdfast::logit_rows(student, teacher, temperature, "forward", 0.5);
+  const at::Tensor &s = in.student, &t = in.teacher;
+  const int64_t rows = in.rows, cols = in.cols;
+  TORCH_CHECK(cols >= 2, "dkd: the logits need at least two classes, got ", cols);
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == rows &&
+                  targets.scalar_type() == at::kLong && targets.device() == s.device(),
+              "dkd: targets must be (N,) int64 class indices on the logits' device, got ",
+              targets.sizes(), " ", targets.scalar_type());
+  const at::Tensor labels = targets.contiguous();
+  const int64_t* label_data = labels.const_data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(label_data[r] >= 0 && label_data[r] < cols, "dkd: targets must be in [0, ",
+                cols - 1, "], got ", label_data[r]);
+  }
+  const auto acc_options = s.options().dtype(kdfast::accumulation_type(s));
+  at::Tensor loss = at::empty({rows}, acc_options);
+  at::Tensor gs = kdfast::gradient_or_empty(grad_student, rows, cols, acc_options);
+  if (rows == 0) return {loss, gs};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "dkd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const DkdOptions<acc_t> options{static_cast<acc_t>(temperature), static_cast<acc_t>(alpha),
+                                    static_cast<acc_t>(beta)};
+    acc_t* gs_data = grad_student ? gs.mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* loss_data = loss.mutable_data_ptr<acc_t>();
+    with_scale(options.temperature, [&](const auto& scale) {
+      for_each_row<scalar_t>(s, t, [&](int64_t r, const scalar_t* s_row, const scalar_t* t_row) {
+        loss_data[r] = dkd_row(s_row, t_row, cols, label_data[r], options, scale,
+                               gs_data ? gs_data + r * cols : nullptr);
+      });
+    });
+  });
+  return {loss, gs};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
   m.impl("softmax_kl", &softmax_kl_cpu);
   m.impl("softmax_kl_with_stats", &softmax_kl_with_stats_cpu);
   m.impl("softmax_kl_backward", &softmax_kl_backward_cpu);
+  m.impl("dkd", &dkd_cpu);
 }

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from kdfast import _checks
+from kdfast import _checks, backends
 from kdfast.losses._module import FunctionalLoss
-from kdfast.losses.kd import check_logit_pair, kd_per_sample
+from kdfast.losses.kd import check_logit_pair
+from kdfast.ops.dkd import fused_dkd_applies, native_dkd
+from kdfast.ops.softmax_kl import CORE
 from kdfast.reference.dkd import tckd, without_gold
 
 
@@ -43,12 +45,15 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     (warmup = 20 epochs); pass that value here each epoch (the default 1.0 is "warmed up").
     The loss keeps no state.
 
-    NCKD runs on the fused ``"softmax_kl"`` core with the gold column at −inf in both rows
-    (probability 0, gradient 0): the exact limit of mdistiller's ``z/T − 1000·gold`` trick,
-    equal to it up to rounding for ordinary logits. TCKD is computed in log space (exact
-    log(1 − p_g) for a confident teacher, where the peers' log of a summed softmax gives
-    −inf); it is two numbers per sample (reference code on every backend). The teacher is not
-    detached: run it under ``torch.no_grad()``.
+    NCKD is the ``"softmax_kl"`` core with the gold column at −inf in both rows (probability
+    0, gradient 0): the exact limit of mdistiller's ``z/T − 1000·gold`` trick, equal to it up
+    to rounding for ordinary logits. TCKD is computed in log space (exact log(1 − p_g) for a
+    confident teacher, where the peers' log of a summed softmax gives −inf). On the native
+    CPU backend with a frozen teacher both run in one pass per row (``kdfast::dkd``: the gold
+    column masked inside the pass, TCKD from NCKD's normalisers, the combined gradient kept
+    from the forward); otherwise the core runs on masked copies and TCKD (two numbers per
+    sample) is reference code. The teacher is not detached: run it under
+    ``torch.no_grad()``.
 
     Args:
         student_logits: (B, num_classes) logits, num_classes >= 2.
@@ -58,8 +63,9 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         alpha: weight of TCKD, >= 0, default 1.0. beta: weight of NCKD, >= 0, default 8.0.
         warmup_factor: w >= 0 multiplying the whole loss, default 1.0.
         reduction: ``"mean"`` (batch mean, default) | ``"sum"`` | ``"none"`` for (B,) losses.
-        backend: the backend of the NCKD ``"softmax_kl"`` core (the policy of
-            :func:`kdfast.functional.kd_loss`).
+        backend: the backend of the ``"softmax_kl"`` core (the policy of
+            :func:`kdfast.functional.kd_loss`); ``"native"`` on CPU tensors runs the fused
+            DKD pass above.
 
     Example:
         >>> s, t, y = torch.randn(8, 100), torch.randn(8, 100), torch.randint(100, (8,))
@@ -76,9 +82,15 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     targets = _checks.check_labels("targets", targets, batch, num_classes,
                                    student_logits.device)
     temperature = float(temperature)
+    core = backends.choose(CORE, backend, student_logits, teacher_logits)
+    if core.backend == "native" and fused_dkd_applies(student_logits, teacher_logits):
+        weight = float(warmup_factor)
+        return _checks.reduce(native_dkd(student_logits, teacher_logits, targets, temperature,
+                                         weight * float(alpha), weight * float(beta)),
+                              reduction)
     student_others = without_gold(student_logits, targets)
     teacher_others = without_gold(teacher_logits, targets)
-    non_target = kd_per_sample(student_others, teacher_others, temperature, backend)
+    non_target = core.fn(student_others, teacher_others, temperature)
     target = tckd(student_logits, teacher_logits, student_others, teacher_others, targets,
                   temperature)
     per_sample = float(warmup_factor) * (float(alpha) * target + float(beta) * non_target)
