@@ -109,6 +109,34 @@ def test_non_contiguous_inputs(layout, options):
     compare(student.requires_grad_(), teacher.requires_grad_(), 1e-10, **options)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("unbiased", [False, True], ids=["biased", "unbiased"])
+def test_linear_rows_in_several_blocks(layout, unbiased):
+    # The CPU linear forward sums s over blocks of 256 rows (kLinearRowBlock in
+    # csrc/cpu/mmd_linear.cpp): 300 and 520 channels are 2 and 3 blocks, one zero channel.
+    student, teacher = randn(2, 300, 2, 3), randn(2, 520, 2, 3)
+    student[1, 270] = 0
+    if layout == "channels_last":
+        student = student.to(memory_format=torch.channels_last)
+        teacher = teacher.to(memory_format=torch.channels_last)
+    compare(student.requires_grad_(), teacher.requires_grad_(), 1e-10, kernel="linear",
+            unbiased=unbiased)
+
+
+def test_linear_forward_does_not_depend_on_the_thread_count():
+    student, teacher = randn(3, 600, 7, 7).float(), randn(3, 1100, 7, 7).float()
+    threads = torch.get_num_threads()
+    try:
+        outputs = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            outputs.append(torch.ops.kdfast.channel_mmd_linear(student, teacher, True, True))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*outputs, strict=True):
+        assert torch.equal(one, two)
+
+
 @pytest.mark.parametrize("options", KERNELS, ids=KERNEL_IDS)
 def test_grad_output_per_sample(options):
     student = randn(3, 6, 4, 3, requires_grad=True)
