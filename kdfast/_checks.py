@@ -119,7 +119,7 @@ def promote(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     its own dtype. Inputs already in the promoted dtype are returned as they are.
     """
     dtype = promoted_dtype(*tensors)
-    return tuple(tensor.to(dtype) for tensor in tensors)
+    return tuple(tensor if tensor.dtype == dtype else tensor.to(dtype) for tensor in tensors)
 
 
 def match_spatial(student: torch.Tensor, teacher: torch.Tensor, pool: bool,

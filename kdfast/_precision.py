@@ -22,9 +22,10 @@ _AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
 def autocast_off(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
-    """A context with autocast disabled for ``tensor``'s device type (a no-op elsewhere)."""
+    """A context with autocast disabled for ``tensor``'s device type (a no-op where it is not
+    on: entering an autocast context costs as much as a small kernel)."""
     device = tensor.device.type
-    if device not in _AUTOCAST_DEVICES:
+    if device not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device, enabled=False)
 

@@ -149,8 +149,10 @@ def choose(core: str, backend: str | None, *tensors: torch.Tensor) -> Implementa
     return impls["reference"]
 
 
+@functools.cache
 def native_extension():
-    """The compiled extension module ``kdfast._C``, or None (with one warning) if not built."""
+    """The compiled extension module ``kdfast._C``, or None (with one warning) if not built;
+    looked up once (every dispatch asks)."""
     try:
         from kdfast import _C
     except ImportError as error:  # pragma: no cover - depends on the build

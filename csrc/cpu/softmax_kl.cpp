@@ -111,18 +111,32 @@ inline acc_t block_sum(const acc_t* v, int64_t n) {
   return total;
 }
 
-// max over a block, NaN ignored (a NaN reaches the sums through exp(NaN − max) instead).
+// max over a block, NaN ignored (a NaN reaches the sums through exp(NaN − max) instead). GCC
+// keeps a lane-array max scalar (a floating-point max reduction needs -ffast-math to
+// vectorise); with its vector extension the two 32-byte maxes are explicit and compile to
+// whatever each clone's ISA has.
 template <typename acc_t>
 inline acc_t block_max(const acc_t* v, int64_t n) {
-  acc_t lanes[kLanes];
-  std::fill(lanes, lanes + kLanes, kNegInf<acc_t>);
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int k = 0; k < kLanes; ++k) lanes[k] = v[i + k] > lanes[k] ? v[i + k] : lanes[k];
-  }
-  for (; i < n; ++i) lanes[0] = v[i] > lanes[0] ? v[i] : lanes[0];
   acc_t peak = kNegInf<acc_t>;
-  for (int k = 0; k < kLanes; ++k) peak = lanes[k] > peak ? lanes[k] : peak;
+  int64_t i = 0;
+#if defined(__GNUC__)
+  typedef acc_t Vector __attribute__((vector_size(32)));
+  constexpr int kWidth = 32 / sizeof(acc_t);
+  Vector lo, hi;
+  for (int k = 0; k < kWidth; ++k) lo[k] = hi[k] = kNegInf<acc_t>;
+  for (; i + 2 * kWidth <= n; i += 2 * kWidth) {
+    Vector x, y;
+    std::memcpy(&x, v + i, sizeof x);
+    std::memcpy(&y, v + i + kWidth, sizeof y);
+    lo = x > lo ? x : lo;
+    hi = y > hi ? y : hi;
+  }
+  for (int k = 0; k < kWidth; ++k) {
+    peak = lo[k] > peak ? lo[k] : peak;
+    peak = hi[k] > peak ? hi[k] : peak;
+  }
+#endif
+  for (; i < n; ++i) peak = v[i] > peak ? v[i] : peak;
   return peak;
 }
 
@@ -284,20 +298,20 @@ KDFAST_SIMD_CLONES acc_t forward_kl_block_sum(const scalar_t* s, const scalar_t*
   return block_sum(scratch, n);
 }
 
-// Forward KL's grad_s = c_s q − c_t p over a block in one loop from the logits (KD: c_s = c_t =
-// G, the values of fill_block + write_second_argument_grad without the intermediate arrays;
-// DKD: its two coefficients).
+// Forward KL's grad_s = c (q − p) + d q over a block in one loop from the logits (KD: c = G,
+// d = 0, the values of fill_block + write_second_argument_grad without the intermediate
+// arrays, the same bits; DKD: c = T β, d = −T α Δ).
 template <typename scalar_t, typename acc_t, typename Scale, typename out_t>
 KDFAST_SIMD_CLONES void write_forward_kl_student_grad(const scalar_t* s, const scalar_t* t,
                                                       int64_t n, const Scale& scale,
-                                                      const RowStats<acc_t>& row, acc_t c_s,
-                                                      acc_t c_t, out_t* grad) {
+                                                      const RowStats<acc_t>& row, acc_t c,
+                                                      acc_t d, out_t* grad) {
   const acc_t max_s = row.max_s, log_sum_s = row.log_sum_s;
   const acc_t max_t = row.max_t, log_sum_t = row.log_sum_t;
   for (int64_t i = 0; i < n; ++i) {
     const acc_t q = exp_of((scale(static_cast<acc_t>(s[i])) - max_s) - log_sum_s);
     const acc_t p = exp_of((scale(static_cast<acc_t>(t[i])) - max_t) - log_sum_t);
-    grad[i] = static_cast<out_t>(c_s * q - c_t * p);
+    grad[i] = static_cast<out_t>(c * (q - p) + d * q);
   }
 }
 
@@ -439,7 +453,7 @@ RowStats<acc_t> forward_kl_with_student_grad(const scalar_t* s, const scalar_t* 
   if (!finite) {
     for (int64_t begin = 0; begin < n; begin += kBlock) {
       write_forward_kl_student_grad(s + begin, t + begin, std::min(kBlock, n - begin), scale,
-                                    row, c_s, c_t, grad_s + begin);
+                                    row, c_t, c_s - c_t, grad_s + begin);
     }
     return row;
   }
@@ -462,7 +476,7 @@ RowStats<acc_t> row_stats(const scalar_t* s, const scalar_t* t, int64_t n,
     const RowStats<acc_t> row = forward_kl_row_stats<scalar_t, acc_t>(s, t, n, scale);
     for (int64_t begin = 0; sum_free_grad_s && begin < n; begin += kBlock) {
       const int64_t len = std::min(kBlock, n - begin);
-      write_forward_kl_student_grad(s + begin, t + begin, len, scale, row, G, G,
+      write_forward_kl_student_grad(s + begin, t + begin, len, scale, row, G, acc_t(0),
                                     sum_free_grad_s + begin);
     }
     return row;
@@ -496,7 +510,8 @@ void write_row_gradients(const scalar_t* s, const scalar_t* t, int64_t n,
   if (o.divergence == Divergence::kForward && grad_s && !grad_t) {
     for (int64_t begin = 0; begin < n; begin += kBlock) {
       const int64_t len = std::min(kBlock, n - begin);
-      write_forward_kl_student_grad(s + begin, t + begin, len, scale, row, G, G, grad_s + begin);
+      write_forward_kl_student_grad(s + begin, t + begin, len, scale, row, G, acc_t(0),
+                                    grad_s + begin);
     }
     return;
   }

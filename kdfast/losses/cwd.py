@@ -65,8 +65,12 @@ def cwd_loss(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float
     rows_s, rows_t = channel_rows(student), channel_rows(teacher)
     core = backends.choose(CORE, backend, rows_s, rows_t).fn
     per_channel = core(rows_s, rows_t, float(temperature))
-    per_sample = per_channel.view(student.shape[0], student.shape[1]).mean(dim=1)
-    return _checks.reduce(float(loss_weight) * per_sample, reduction)
+    if reduction == "mean":  # the batch mean of the channel means: one mean over B·C
+        loss = per_channel.mean()
+    else:
+        per_sample = per_channel.view(student.shape[0], student.shape[1]).mean(dim=1)
+        loss = _checks.reduce(per_sample, reduction)
+    return loss if float(loss_weight) == 1.0 else float(loss_weight) * loss
 
 
 class CWDLoss(FunctionalLoss):

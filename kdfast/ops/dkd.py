@@ -18,6 +18,7 @@ import torch
 from kdfast import backends
 from kdfast._precision import accumulation_dtype
 from kdfast.ops._higher_order import creates_graph, reference_grads
+from kdfast.ops.softmax_kl import needs_autograd
 from kdfast.reference.dkd import dkd_loss as reference_dkd
 
 
@@ -30,17 +31,17 @@ def fused_dkd_applies(student: torch.Tensor, teacher: torch.Tensor) -> bool:
 
 class NativeDKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, targets, temperature, alpha, beta, needs_gradient):
+    def forward(ctx, student, teacher, targets, temperature, alpha, beta):
         ctx.options = (temperature, alpha, beta)
         loss, ctx.kept_gradient = torch.ops.kdfast.dkd(student, teacher, targets, temperature,
-                                                       alpha, beta, needs_gradient)
+                                                       alpha, beta, True)
         ctx.save_for_backward(student, teacher, targets)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         student, teacher, targets = ctx.saved_tensors
-        unused = (None, None, None, None, None, None)
+        unused = (None, None, None, None, None)
         if creates_graph():
             return *reference_grads(lambda s: reference_dkd(s, teacher, targets, *ctx.options),
                                     (student,), (True,), grad_loss), *unused
@@ -56,9 +57,11 @@ def native_dkd(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tens
                temperature: float, alpha: float, beta: float) -> torch.Tensor:
     """α · TCKD + β · NCKD per sample (B,) in one native pass per row; validated inputs of one
     dtype, :func:`fused_dkd_applies`."""
-    needs_gradient = torch.is_grad_enabled() and student.requires_grad
+    if not needs_autograd(student):  # the op alone: no Function to set up
+        return torch.ops.kdfast.dkd(student, teacher, targets, float(temperature),
+                                    float(alpha), float(beta), False)[0]
     return NativeDKD.apply(student, teacher, targets, float(temperature), float(alpha),
-                           float(beta), needs_gradient)
+                           float(beta))
 
 
 def fake_dkd(student, teacher, targets, temperature, alpha, beta, grad_student):

@@ -45,6 +45,11 @@ CORE = "softmax_kl"
 ROW_STATS = 6  # per row: max and log-sum of both softmaxes, the two divergence sums
 
 
+def needs_autograd(*tensors: torch.Tensor) -> bool:
+    """Whether a call on ``tensors`` records a graph (grad mode on and one requires grad)."""
+    return torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+
+
 KEPT_GRADIENT_MAX_COLUMNS = 65536  # rows up to here keep their gradient on the CPU
 
 
@@ -116,6 +121,9 @@ def native_softmax_kl(student: torch.Tensor, teacher: torch.Tensor, temperature:
                       divergence: str = "forward", beta: float = 0.5) -> torch.Tensor:
     """Core ``"softmax_kl"`` on the native kernels (csrc/cpu/softmax_kl.cpp; CUDA tensors in a
     CUDA build: csrc/cuda/softmax_kl.cu): (N,)."""
+    if not needs_autograd(student, teacher):  # the op alone: no Function to set up
+        return torch.ops.kdfast.softmax_kl_with_stats(student, teacher, float(temperature),
+                                                      divergence, float(beta))[0]
     return NativeSoftmaxKL.apply(student, teacher, float(temperature), divergence, float(beta),
                                  keeps_gradient(student, teacher, divergence))
 
