@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 torch.set_num_threads(1)
+# The checkout this script sits in, not the one an editable install points at (a worktree).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kdfast.bench import floors  # noqa: E402 - after the thread count
 from kdfast.bench import providers as prov  # noqa: E402
