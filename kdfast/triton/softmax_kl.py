@@ -86,17 +86,20 @@ def _block_log_probabilities(s_row, t_row, cols, mask, temperature, max_s, log_s
     return log_q, log_p, log_m
 
 
+@triton.jit
+def _row_and_parameters(s_ptr, t_ptr, params_ptr, s_stride, t_stride):
+    """The program's row of both inputs and the four parameters (T, β, log β, log(1−β))."""
+    row = tl.program_id(0).to(tl.int64)
+    return (row, s_ptr + row * s_stride, t_ptr + row * t_stride, tl.load(params_ptr),
+            tl.load(params_ptr + 1), tl.load(params_ptr + 2), tl.load(params_ptr + 3))
+
+
 @triton.autotune(configs=_CONFIGS, key=["L", "DIVERGENCE"])
 @triton.jit
 def _softmax_kl_stats_kernel(s_ptr, t_ptr, loss_ptr, stats_ptr, params_ptr, L, s_stride,
                              t_stride, DIVERGENCE: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    s_row = s_ptr + row * s_stride
-    t_row = t_ptr + row * t_stride
-    temperature = tl.load(params_ptr)
-    beta = tl.load(params_ptr + 1)
-    log_beta = tl.load(params_ptr + 2)
-    log_rest = tl.load(params_ptr + 3)
+    row, s_row, t_row, temperature, beta, log_beta, log_rest = _row_and_parameters(
+        s_ptr, t_ptr, params_ptr, s_stride, t_stride)
     acc = temperature.dtype
     arange = tl.arange(0, BLOCK)
 
@@ -151,14 +154,9 @@ def _softmax_kl_backward_kernel(grad_ptr, s_ptr, t_ptr, stats_ptr, gs_ptr, gt_pt
                                 L, s_stride, t_stride, DIVERGENCE: tl.constexpr,
                                 GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
                                 BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    s_row = s_ptr + row * s_stride
-    t_row = t_ptr + row * t_stride
+    row, s_row, t_row, temperature, beta, log_beta, log_rest = _row_and_parameters(
+        s_ptr, t_ptr, params_ptr, s_stride, t_stride)
     g_offset = row * L
-    temperature = tl.load(params_ptr)
-    beta = tl.load(params_ptr + 1)
-    log_beta = tl.load(params_ptr + 2)
-    log_rest = tl.load(params_ptr + 3)
     stats = stats_ptr + row * 6
     max_s = tl.load(stats)
     log_sum_s = tl.load(stats + 1)
