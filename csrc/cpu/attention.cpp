@@ -76,13 +76,32 @@ acc_t reduce_contiguous(const scalar_t* row, int64_t n, Power power) {
   return total;
 }
 
-// out[i] = sum_c power(x[c * stride_c + i]) for i in [0, n): four channel rows per pass over
-// out (a quarter of the loads and stores of out; the channel sums in a fixed order).
+// out[i] = sum_c power(x[c * stride_c + i]) for i in [0, n), the channel sums in a fixed order.
+// Rows longer than kShortRow bytes: four channel rows per pass over out (a quarter of the
+// loads and stores of out). Shorter rows (HW <= 256 in fp32, the small CIFAR stages): one row
+// at a time, in memory order, with a software prefetch of the row kPrefetchAhead bytes ahead:
+// four interleaved short rows are four streams of a few cache lines each, too short for the
+// hardware prefetcher (docs/regression_sweep.md, part 3).
+constexpr int64_t kShortRow = 1024;
+constexpr int64_t kPrefetchAhead = 2048;
+
 template <typename scalar_t, typename acc_t, typename Power>
 KDFAST_SIMD_CLONES void sum_channel_rows(const scalar_t* x, int64_t stride_c, int64_t channels,
                                          int64_t n, acc_t* out, Power power) {
   std::fill(out, out + n, acc_t(0));
+  const int64_t row_bytes = n * static_cast<int64_t>(sizeof(scalar_t));
   int64_t c = 0;
+  if (row_bytes <= kShortRow) {
+    const int64_t ahead = (kPrefetchAhead + row_bytes - 1) / row_bytes;  // in rows
+    for (; c < channels; ++c) {
+      const scalar_t* row = x + c * stride_c;
+      // A prefetch past the tensor's end is harmless (a hint, never a fault).
+      const char* next = reinterpret_cast<const char*>(row + ahead * stride_c);
+      for (int64_t k = 0; k < row_bytes; k += 64) __builtin_prefetch(next + k);
+      for (int64_t i = 0; i < n; ++i) out[i] += power(static_cast<acc_t>(row[i]));
+    }
+    return;
+  }
   for (; c + 4 <= channels; c += 4) {
     const scalar_t* r0 = x + c * stride_c;
     const scalar_t* r1 = r0 + stride_c;
@@ -99,24 +118,56 @@ KDFAST_SIMD_CLONES void sum_channel_rows(const scalar_t* x, int64_t stride_c, in
   }
 }
 
+// One side of the forward: features x with layout l, and its map Q (B x HW).
+template <typename scalar_t, typename acc_t>
+struct MapSide {
+  const scalar_t* x;
+  FeatureLayout l;
+  acc_t* q;
+  int64_t block() const { return l.rows() ? kHwBlock : kPosBlock; }
+  int64_t blocks() const { return (l.hw + block() - 1) / block(); }
+  int64_t tasks() const { return l.batch * blocks(); }
+};
+
+// Q[b, begin:end] = (1/C) sum_c power(A[b, c, begin:end]) of one side.
 template <typename scalar_t, typename acc_t, typename Power>
-void attention_sums(const scalar_t* x, const FeatureLayout& l, acc_t* q, Power power) {
+void map_block(const MapSide<scalar_t, acc_t>& side, int64_t b, int64_t begin, int64_t end,
+               Power power) {
+  const FeatureLayout& l = side.l;
   const acc_t inv_c = acc_t(1) / static_cast<acc_t>(l.channels);
+  acc_t* out = side.q + b * l.hw + begin;
   if (l.rows()) {
-    for_each_block(l.batch, l.channels, l.hw, kHwBlock, [&](int64_t b, int64_t begin, int64_t end) {
-      acc_t* out = q + b * l.hw + begin;
-      sum_channel_rows(x + b * l.stride_b + begin, l.stride_c, l.channels, end - begin, out,
-                       power);
-      for (int64_t i = 0; i < end - begin; ++i) out[i] *= inv_c;
-    });
+    sum_channel_rows(side.x + b * l.stride_b + begin, l.stride_c, l.channels, end - begin, out,
+                     power);
+    for (int64_t i = 0; i < end - begin; ++i) out[i] *= inv_c;
   } else {
-    for_each_block(l.batch, l.channels, l.hw, kPosBlock, [&](int64_t b, int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const scalar_t* row = x + b * l.stride_b + i * l.stride_hw;
-        q[b * l.hw + i] = reduce_contiguous<scalar_t, acc_t>(row, l.channels, power) * inv_c;
-      }
-    });
+    for (int64_t i = begin; i < end; ++i) {
+      const scalar_t* row = side.x + b * l.stride_b + i * l.stride_hw;
+      out[i - begin] = reduce_contiguous<scalar_t, acc_t>(row, l.channels, power) * inv_c;
+    }
   }
+}
+
+// Q of every side, all sides' (sample, block of positions) tasks in one parallel region, the
+// sides in the order given.
+template <typename scalar_t, typename acc_t, typename Power>
+void attention_sums(const MapSide<scalar_t, acc_t>* sides, int count, Power power) {
+  int64_t tasks = 0, work = 0;
+  for (int k = 0; k < count; ++k) {
+    tasks += sides[k].tasks();
+    work += sides[k].l.channels * std::min(sides[k].block(), sides[k].l.hw);
+  }
+  at::parallel_for(0, tasks, grain_for(work / count), [&](int64_t first, int64_t last) {
+    int k = 0;
+    int64_t base = 0;  // the first task of side k
+    for (int64_t task = first; task < last; ++task) {
+      while (task >= base + sides[k].tasks()) base += sides[k++].tasks();
+      const int64_t blocks = sides[k].blocks(), block = sides[k].block();
+      const int64_t begin = ((task - base) % blocks) * block;
+      map_block(sides[k], (task - base) / blocks, begin,
+                std::min(sides[k].l.hw, begin + block), power);
+    }
+  });
 }
 
 template <typename acc_t>
@@ -220,21 +271,48 @@ void check_features(const at::Tensor& features, double p) {
   TORCH_CHECK(p >= 1.0, "p must be >= 1, got ", p);
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_map_cpu(const at::Tensor& features, double p) {
-  check_features(features, p);
-  at::Tensor x;
-  const FeatureLayout l = layout_or_copy(features, /*need_dense=*/false, &x);
-  at::Tensor q = at::empty({l.batch, l.hw}, x.options().dtype(kdfast::accumulation_type(x)));
-  at::Tensor norm = at::empty({l.batch}, x.options().dtype(kdfast::accumulation_type(x)));
-  if (x.numel() == 0) return {q.zero_(), norm.zero_()};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attention_map", [&] {
+// (q_hat, ||Q||) of each of the features (one dtype): the sums of all of them in one parallel
+// region, in the order given.
+std::vector<std::tuple<at::Tensor, at::Tensor>> attention_maps(
+    const std::vector<at::Tensor>& features, double p) {
+  const int count = static_cast<int>(features.size());
+  std::vector<at::Tensor> xs(count);
+  std::vector<FeatureLayout> layouts(count);
+  std::vector<std::tuple<at::Tensor, at::Tensor>> maps;
+  for (int k = 0; k < count; ++k) {
+    check_features(features[k], p);
+    layouts[k] = layout_or_copy(features[k], /*need_dense=*/false, &xs[k]);
+    const auto options = xs[k].options().dtype(kdfast::accumulation_type(xs[k]));
+    maps.emplace_back(at::empty({layouts[k].batch, layouts[k].hw}, options),
+                      at::empty({layouts[k].batch}, options));
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs[0].scalar_type(), "attention_map", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* in = x.const_data_ptr<scalar_t>();
-    acc_t* out = q.mutable_data_ptr<acc_t>();
-    with_power<acc_t>(p, [&](auto power) { attention_sums(in, l, out, power); });
-    normalise_rows(out, norm.mutable_data_ptr<acc_t>(), l.batch, l.hw);
+    std::vector<MapSide<scalar_t, acc_t>> sides;
+    for (int k = 0; k < count; ++k) {
+      acc_t* q = std::get<0>(maps[k]).template mutable_data_ptr<acc_t>();
+      if (xs[k].numel() == 0) {  // no channels (or nothing at all): Q = 0
+        std::get<0>(maps[k]).zero_();
+        continue;
+      }
+      sides.push_back({xs[k].template const_data_ptr<scalar_t>(), layouts[k], q});
+    }
+    if (!sides.empty()) {
+      with_power<acc_t>(p, [&](auto power) {
+        attention_sums(sides.data(), static_cast<int>(sides.size()), power);
+      });
+    }
+    for (int k = 0; k < count; ++k) {
+      normalise_rows(std::get<0>(maps[k]).template mutable_data_ptr<acc_t>(),
+                     std::get<1>(maps[k]).template mutable_data_ptr<acc_t>(), layouts[k].batch,
+                     layouts[k].hw);
+    }
   });
-  return {q, norm};
+  return maps;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_map_cpu(const at::Tensor& features, double p) {
+  return attention_maps({features}, p)[0];
 }
 
 at::Tensor attention_map_backward_cpu(const at::Tensor& grad_map, const at::Tensor& features,
@@ -311,8 +389,11 @@ void check_pair(const at::Tensor& student, const at::Tensor& teacher, double p) 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_loss_cpu(
     const at::Tensor& student, const at::Tensor& teacher, double p, bool paper) {
   check_pair(student, teacher, p);
-  auto [q_s, norm_s] = attention_map_cpu(student, p);
-  auto [q_t, norm_t] = attention_map_cpu(teacher, p);
+  // The teacher first: the student, read last, is the likelier to be in the cache for the
+  // backward.
+  auto maps = attention_maps({teacher, student}, p);
+  auto [q_t, norm_t] = maps[0];
+  auto [q_s, norm_s] = maps[1];
   const int64_t batch = q_s.size(0), hw = q_s.size(1);
   at::Tensor loss = at::empty({batch}, q_s.options());
   at::Tensor weight = at::empty({batch}, q_s.options());
