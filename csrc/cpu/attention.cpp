@@ -214,12 +214,17 @@ void map_grad(const acc_t* grad_map, const acc_t* q_hat, const acc_t* norm, int6
   });
 }
 
-// out[i] = local(row[i]) * dq[i] for i in [0, n).
+// out[c * stride_c + i] = local(x[c * stride_c + i]) * dq[i] for every channel c and i in
+// [0, n): one call of the SIMD clone (an indirect call) per block, not per channel row.
 template <typename scalar_t, typename acc_t, typename Local>
-KDFAST_SIMD_CLONES void scale_row(const scalar_t* row, const acc_t* dq, int64_t n, scalar_t* out,
-                                  Local local) {
-  for (int64_t i = 0; i < n; ++i) {
-    out[i] = static_cast<scalar_t>(local(static_cast<acc_t>(row[i])) * dq[i]);
+KDFAST_SIMD_CLONES void scale_rows(const scalar_t* x, int64_t stride_c, int64_t channels,
+                                   const acc_t* dq, int64_t n, scalar_t* out, Local local) {
+  for (int64_t c = 0; c < channels; ++c) {
+    const scalar_t* row = x + c * stride_c;
+    scalar_t* out_row = out + c * stride_c;
+    for (int64_t i = 0; i < n; ++i) {
+      out_row[i] = static_cast<scalar_t>(local(static_cast<acc_t>(row[i])) * dq[i]);
+    }
   }
 }
 
@@ -230,10 +235,8 @@ void input_grad(const scalar_t* x, scalar_t* dx, const FeatureLayout& l, const a
   if (l.rows()) {
     for_each_block(l.batch, l.channels, l.hw, kHwBlock, [&](int64_t b, int64_t begin, int64_t end) {
       const acc_t* dq = grad_q + b * l.hw;
-      for (int64_t c = 0; c < l.channels; ++c) {
-        const int64_t offset = b * l.stride_b + c * l.stride_c + begin;
-        scale_row(x + offset, dq + begin, end - begin, dx + offset, local);
-      }
+      const int64_t offset = b * l.stride_b + begin;
+      scale_rows(x + offset, l.stride_c, l.channels, dq + begin, end - begin, dx + offset, local);
     });
   } else {
     for_each_block(l.batch, l.channels, l.hw, kPosBlock, [&](int64_t b, int64_t begin, int64_t end) {
