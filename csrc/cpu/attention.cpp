@@ -289,7 +289,8 @@ std::vector<std::tuple<at::Tensor, at::Tensor>> attention_maps(
     maps.emplace_back(at::empty({layouts[k].batch, layouts[k].hw}, options),
                       at::empty({layouts[k].batch}, options));
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs[0].scalar_type(), "attention_map", [&] {
+  const auto dtype = xs[0].scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "attention_map", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<MapSide<scalar_t, acc_t>> sides;
     for (int k = 0; k < count; ++k) {
