@@ -149,23 +149,29 @@ void map_block(const MapSide<scalar_t, acc_t>& side, int64_t b, int64_t begin, i
 }
 
 // Q of every side, all sides' (sample, block of positions) tasks in one parallel region, the
-// sides in the order given.
+// sides in the order given. The region is split by work (C x positions a task), not by task
+// count, so a teacher wider than the student does not land on one thread: each chunk
+// [first, last) of work runs the tasks that start in it.
 template <typename scalar_t, typename acc_t, typename Power>
 void attention_sums(const MapSide<scalar_t, acc_t>* sides, int count, Power power) {
-  int64_t tasks = 0, work = 0;
+  std::vector<int64_t> task_work(count), start(count + 1, 0);
   for (int k = 0; k < count; ++k) {
-    tasks += sides[k].tasks();
-    work += sides[k].l.channels * std::min(sides[k].block(), sides[k].l.hw);
+    const int64_t positions = std::min(sides[k].block(), sides[k].l.hw);
+    task_work[k] = std::max<int64_t>(1, sides[k].l.channels * positions);
+    start[k + 1] = start[k] + sides[k].tasks() * task_work[k];
   }
-  at::parallel_for(0, tasks, grain_for(work / count), [&](int64_t first, int64_t last) {
-    int k = 0;
-    int64_t base = 0;  // the first task of side k
-    for (int64_t task = first; task < last; ++task) {
-      while (task >= base + sides[k].tasks()) base += sides[k++].tasks();
-      const int64_t blocks = sides[k].blocks(), block = sides[k].block();
-      const int64_t begin = ((task - base) % blocks) * block;
-      map_block(sides[k], (task - base) / blocks, begin,
-                std::min(sides[k].l.hw, begin + block), power);
+  at::parallel_for(0, start[count], kGrainWork, [&](int64_t first, int64_t last) {
+    for (int k = 0; k < count; ++k) {
+      const MapSide<scalar_t, acc_t>& side = sides[k];
+      const auto task_at = [&](int64_t work) {  // the first task starting at or after work
+        const int64_t offset = std::max<int64_t>(0, work - start[k]);
+        return std::min(side.tasks(), (offset + task_work[k] - 1) / task_work[k]);
+      };
+      const int64_t blocks = side.blocks(), block = side.block();
+      for (int64_t task = task_at(first); task < task_at(last); ++task) {
+        const int64_t begin = (task % blocks) * block;
+        map_block(side, task / blocks, begin, std::min(side.l.hw, begin + block), power);
+      }
     }
   });
 }
