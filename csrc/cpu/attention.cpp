@@ -39,10 +39,15 @@ constexpr int64_t kHwBlock = 1024;   // positions per task in the rows layout
 constexpr int64_t kPosBlock = 64;    // positions per task in the channels-inner layout
 constexpr int kLanes = 8;            // independent partial sums (vectorisable, fixed order)
 constexpr int64_t kGrainWork = 32768;  // elements below which a loop runs on one thread
+// The same for the B x HW loops around the passes over the features (normalising the maps,
+// the loss, dQ): a few flops an element, cheaper than a parallel region's start and barrier
+// up to about 2^20 elements (on a loaded 2-core machine each region waited for a descheduled
+// thread: 8 ms a region, 9 regions a step at 64x64x32x32 before).
+constexpr int64_t kGrainMapWork = 1 << 20;
 
-// parallel_for grain (tasks) so that one thread gets at least kGrainWork elements.
-int64_t grain_for(int64_t work_per_task) {
-  return std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, work_per_task));
+// parallel_for grain (tasks) so that one thread gets at least min_work elements.
+int64_t grain_for(int64_t work_per_task, int64_t min_work = kGrainWork) {
+  return std::max<int64_t>(1, min_work / std::max<int64_t>(1, work_per_task));
 }
 
 using kdfast::FeatureLayout;
@@ -178,7 +183,7 @@ void attention_sums(const MapSide<scalar_t, acc_t>* sides, int count, Power powe
 
 template <typename acc_t>
 void normalise_rows(acc_t* q, acc_t* norm, int64_t batch, int64_t hw) {
-  at::parallel_for(0, batch, grain_for(hw), [&](int64_t first, int64_t last) {
+  at::parallel_for(0, batch, grain_for(hw, kGrainMapWork), [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
       acc_t* row = q + b * hw;
       // ||Q|| stays finite where sum Q^2 overflows (norm_from_sum_sq); a NaN stays NaN.
@@ -196,7 +201,7 @@ template <typename acc_t>
 void map_grad(const acc_t* grad_map, const acc_t* q_hat, const acc_t* norm, int64_t batch,
               int64_t hw, acc_t scale, acc_t* grad_q) {
   const acc_t eps = static_cast<acc_t>(kdfast::kNormEps);
-  at::parallel_for(0, batch, grain_for(hw), [&](int64_t first, int64_t last) {
+  at::parallel_for(0, batch, grain_for(hw, kGrainMapWork), [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
       const acc_t* g = grad_map + b * hw;
       const acc_t* q = q_hat + b * hw;
@@ -359,7 +364,7 @@ at::Tensor attention_map_backward_cpu(const at::Tensor& grad_map, const at::Tens
 template <typename acc_t>
 void map_loss(const acc_t* q_s, const acc_t* q_t, int64_t batch, int64_t hw, bool paper,
               acc_t* loss, acc_t* weight) {
-  at::parallel_for(0, batch, grain_for(hw), [&](int64_t first, int64_t last) {
+  at::parallel_for(0, batch, grain_for(hw, kGrainMapWork), [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
       const acc_t* s = q_s + b * hw;
       const acc_t* t = q_t + b * hw;
@@ -431,7 +436,7 @@ std::tuple<at::Tensor, at::Tensor> attention_loss_backward_cpu(
     const at::Tensor g = grad.to(qs.scalar_type()).contiguous();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* out = grad_map.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, batch, grain_for(hw), [&](int64_t first, int64_t last) {
+    at::parallel_for(0, batch, grain_for(hw, kGrainMapWork), [&](int64_t first, int64_t last) {
       for (int64_t b = first; b < last; ++b) {
         const scalar_t w = gp[b] * weight[b];
         for (int64_t i = b * hw; i < (b + 1) * hw; ++i) out[i] = w * (s[i] - t[i]);
