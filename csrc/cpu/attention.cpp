@@ -39,10 +39,15 @@ constexpr int64_t kHwBlock = 1024;   // positions per task in the rows layout
 constexpr int64_t kPosBlock = 64;    // positions per task in the channels-inner layout
 constexpr int kLanes = 8;            // independent partial sums (vectorisable, fixed order)
 constexpr int64_t kGrainWork = 32768;  // elements below which a loop runs on one thread
+// The same for the B x HW loops around the passes over the features (normalising the maps,
+// the loss, dQ): a few flops an element, cheaper than a parallel region's start and barrier
+// up to about 2^20 elements (on a loaded 2-core machine each region waited for a descheduled
+// thread: 8 ms a region, 9 regions a step at 64x64x32x32 before).
+constexpr int64_t kGrainMapWork = 1 << 20;
 
-// parallel_for grain (tasks) so that one thread gets at least kGrainWork elements.
-int64_t grain_for(int64_t work_per_task) {
-  return std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, work_per_task));
+// parallel_for grain (tasks) so that one thread gets at least min_work elements.
+int64_t grain_for(int64_t work_per_task, int64_t min_work = kGrainWork) {
+  return std::max<int64_t>(1, min_work / std::max<int64_t>(1, work_per_task));
 }
 
 using kdfast::FeatureLayout;
@@ -76,13 +81,32 @@ acc_t reduce_contiguous(const scalar_t* row, int64_t n, Power power) {
   return total;
 }
 
-// out[i] = sum_c power(x[c * stride_c + i]) for i in [0, n): four channel rows per pass over
-// out (a quarter of the loads and stores of out; the channel sums in a fixed order).
+// out[i] = sum_c power(x[c * stride_c + i]) for i in [0, n), the channel sums in a fixed order.
+// Rows longer than kShortRow bytes: four channel rows per pass over out (a quarter of the
+// loads and stores of out). Shorter rows (HW <= 256 in fp32, the small CIFAR stages): one row
+// at a time, in memory order, with a software prefetch of the row kPrefetchAhead bytes ahead:
+// four interleaved short rows are four streams of a few cache lines each, too short for the
+// hardware prefetcher (docs/regression_sweep.md, part 3).
+constexpr int64_t kShortRow = 1024;
+constexpr int64_t kPrefetchAhead = 2048;
+
 template <typename scalar_t, typename acc_t, typename Power>
 KDFAST_SIMD_CLONES void sum_channel_rows(const scalar_t* x, int64_t stride_c, int64_t channels,
                                          int64_t n, acc_t* out, Power power) {
   std::fill(out, out + n, acc_t(0));
+  const int64_t row_bytes = n * static_cast<int64_t>(sizeof(scalar_t));
   int64_t c = 0;
+  if (row_bytes <= kShortRow) {
+    const int64_t ahead = (kPrefetchAhead + row_bytes - 1) / row_bytes;  // in rows
+    for (; c < channels; ++c) {
+      const scalar_t* row = x + c * stride_c;
+      // A prefetch past the tensor's end is harmless (a hint, never a fault).
+      const char* next = reinterpret_cast<const char*>(row + ahead * stride_c);
+      for (int64_t k = 0; k < row_bytes; k += 64) __builtin_prefetch(next + k);
+      for (int64_t i = 0; i < n; ++i) out[i] += power(static_cast<acc_t>(row[i]));
+    }
+    return;
+  }
   for (; c + 4 <= channels; c += 4) {
     const scalar_t* r0 = x + c * stride_c;
     const scalar_t* r1 = r0 + stride_c;
@@ -99,29 +123,67 @@ KDFAST_SIMD_CLONES void sum_channel_rows(const scalar_t* x, int64_t stride_c, in
   }
 }
 
+// One side of the forward: features x with layout l, and its map Q (B x HW).
+template <typename scalar_t, typename acc_t>
+struct MapSide {
+  const scalar_t* x;
+  FeatureLayout l;
+  acc_t* q;
+  int64_t block() const { return l.rows() ? kHwBlock : kPosBlock; }
+  int64_t blocks() const { return (l.hw + block() - 1) / block(); }
+  int64_t tasks() const { return l.batch * blocks(); }
+};
+
+// Q[b, begin:end] = (1/C) sum_c power(A[b, c, begin:end]) of one side.
 template <typename scalar_t, typename acc_t, typename Power>
-void attention_sums(const scalar_t* x, const FeatureLayout& l, acc_t* q, Power power) {
+void map_block(const MapSide<scalar_t, acc_t>& side, int64_t b, int64_t begin, int64_t end,
+               Power power) {
+  const FeatureLayout& l = side.l;
   const acc_t inv_c = acc_t(1) / static_cast<acc_t>(l.channels);
+  acc_t* out = side.q + b * l.hw + begin;
   if (l.rows()) {
-    for_each_block(l.batch, l.channels, l.hw, kHwBlock, [&](int64_t b, int64_t begin, int64_t end) {
-      acc_t* out = q + b * l.hw + begin;
-      sum_channel_rows(x + b * l.stride_b + begin, l.stride_c, l.channels, end - begin, out,
-                       power);
-      for (int64_t i = 0; i < end - begin; ++i) out[i] *= inv_c;
-    });
+    sum_channel_rows(side.x + b * l.stride_b + begin, l.stride_c, l.channels, end - begin, out,
+                     power);
+    for (int64_t i = 0; i < end - begin; ++i) out[i] *= inv_c;
   } else {
-    for_each_block(l.batch, l.channels, l.hw, kPosBlock, [&](int64_t b, int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const scalar_t* row = x + b * l.stride_b + i * l.stride_hw;
-        q[b * l.hw + i] = reduce_contiguous<scalar_t, acc_t>(row, l.channels, power) * inv_c;
-      }
-    });
+    for (int64_t i = begin; i < end; ++i) {
+      const scalar_t* row = side.x + b * l.stride_b + i * l.stride_hw;
+      out[i - begin] = reduce_contiguous<scalar_t, acc_t>(row, l.channels, power) * inv_c;
+    }
   }
+}
+
+// Q of every side, all sides' (sample, block of positions) tasks in one parallel region, the
+// sides in the order given. The region is split by work (C x positions a task), not by task
+// count, so a teacher wider than the student does not land on one thread: each chunk
+// [first, last) of work runs the tasks that start in it.
+template <typename scalar_t, typename acc_t, typename Power>
+void attention_sums(const MapSide<scalar_t, acc_t>* sides, int count, Power power) {
+  std::vector<int64_t> task_work(count), start(count + 1, 0);
+  for (int k = 0; k < count; ++k) {
+    const int64_t positions = std::min(sides[k].block(), sides[k].l.hw);
+    task_work[k] = std::max<int64_t>(1, sides[k].l.channels * positions);
+    start[k + 1] = start[k] + sides[k].tasks() * task_work[k];
+  }
+  at::parallel_for(0, start[count], kGrainWork, [&](int64_t first, int64_t last) {
+    for (int k = 0; k < count; ++k) {
+      const MapSide<scalar_t, acc_t>& side = sides[k];
+      const auto task_at = [&](int64_t work) {  // the first task starting at or after work
+        const int64_t offset = std::max<int64_t>(0, work - start[k]);
+        return std::min(side.tasks(), (offset + task_work[k] - 1) / task_work[k]);
+      };
+      const int64_t blocks = side.blocks(), block = side.block();
+      for (int64_t task = task_at(first); task < task_at(last); ++task) {
+        const int64_t begin = (task % blocks) * block;
+        map_block(side, task / blocks, begin, std::min(side.l.hw, begin + block), power);
+      }
+    }
+  });
 }
 
 template <typename acc_t>
 void normalise_rows(acc_t* q, acc_t* norm, int64_t batch, int64_t hw) {
-  at::parallel_for(0, batch, grain_for(hw), [&](int64_t first, int64_t last) {
+  at::parallel_for(0, batch, grain_for(hw, kGrainMapWork), [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
       acc_t* row = q + b * hw;
       // ||Q|| stays finite where sum Q^2 overflows (norm_from_sum_sq); a NaN stays NaN.
@@ -139,7 +201,7 @@ template <typename acc_t>
 void map_grad(const acc_t* grad_map, const acc_t* q_hat, const acc_t* norm, int64_t batch,
               int64_t hw, acc_t scale, acc_t* grad_q) {
   const acc_t eps = static_cast<acc_t>(kdfast::kNormEps);
-  at::parallel_for(0, batch, grain_for(hw), [&](int64_t first, int64_t last) {
+  at::parallel_for(0, batch, grain_for(hw, kGrainMapWork), [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
       const acc_t* g = grad_map + b * hw;
       const acc_t* q = q_hat + b * hw;
@@ -163,12 +225,17 @@ void map_grad(const acc_t* grad_map, const acc_t* q_hat, const acc_t* norm, int6
   });
 }
 
-// out[i] = local(row[i]) * dq[i] for i in [0, n).
+// out[c * stride_c + i] = local(x[c * stride_c + i]) * dq[i] for every channel c and i in
+// [0, n): one call of the SIMD clone (an indirect call) per block, not per channel row.
 template <typename scalar_t, typename acc_t, typename Local>
-KDFAST_SIMD_CLONES void scale_row(const scalar_t* row, const acc_t* dq, int64_t n, scalar_t* out,
-                                  Local local) {
-  for (int64_t i = 0; i < n; ++i) {
-    out[i] = static_cast<scalar_t>(local(static_cast<acc_t>(row[i])) * dq[i]);
+KDFAST_SIMD_CLONES void scale_rows(const scalar_t* x, int64_t stride_c, int64_t channels,
+                                   const acc_t* dq, int64_t n, scalar_t* out, Local local) {
+  for (int64_t c = 0; c < channels; ++c) {
+    const scalar_t* row = x + c * stride_c;
+    scalar_t* out_row = out + c * stride_c;
+    for (int64_t i = 0; i < n; ++i) {
+      out_row[i] = static_cast<scalar_t>(local(static_cast<acc_t>(row[i])) * dq[i]);
+    }
   }
 }
 
@@ -179,10 +246,8 @@ void input_grad(const scalar_t* x, scalar_t* dx, const FeatureLayout& l, const a
   if (l.rows()) {
     for_each_block(l.batch, l.channels, l.hw, kHwBlock, [&](int64_t b, int64_t begin, int64_t end) {
       const acc_t* dq = grad_q + b * l.hw;
-      for (int64_t c = 0; c < l.channels; ++c) {
-        const int64_t offset = b * l.stride_b + c * l.stride_c + begin;
-        scale_row(x + offset, dq + begin, end - begin, dx + offset, local);
-      }
+      const int64_t offset = b * l.stride_b + begin;
+      scale_rows(x + offset, l.stride_c, l.channels, dq + begin, end - begin, dx + offset, local);
     });
   } else {
     for_each_block(l.batch, l.channels, l.hw, kPosBlock, [&](int64_t b, int64_t begin, int64_t end) {
@@ -220,21 +285,49 @@ void check_features(const at::Tensor& features, double p) {
   TORCH_CHECK(p >= 1.0, "p must be >= 1, got ", p);
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_map_cpu(const at::Tensor& features, double p) {
-  check_features(features, p);
-  at::Tensor x;
-  const FeatureLayout l = layout_or_copy(features, /*need_dense=*/false, &x);
-  at::Tensor q = at::empty({l.batch, l.hw}, x.options().dtype(kdfast::accumulation_type(x)));
-  at::Tensor norm = at::empty({l.batch}, x.options().dtype(kdfast::accumulation_type(x)));
-  if (x.numel() == 0) return {q.zero_(), norm.zero_()};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attention_map", [&] {
+// (q_hat, ||Q||) of each of the features (one dtype): the sums of all of them in one parallel
+// region, in the order given.
+std::vector<std::tuple<at::Tensor, at::Tensor>> attention_maps(
+    const std::vector<at::Tensor>& features, double p) {
+  const int count = static_cast<int>(features.size());
+  std::vector<at::Tensor> xs(count);
+  std::vector<FeatureLayout> layouts(count);
+  std::vector<std::tuple<at::Tensor, at::Tensor>> maps;
+  for (int k = 0; k < count; ++k) {
+    check_features(features[k], p);
+    layouts[k] = layout_or_copy(features[k], /*need_dense=*/false, &xs[k]);
+    const auto options = xs[k].options().dtype(kdfast::accumulation_type(xs[k]));
+    maps.emplace_back(at::empty({layouts[k].batch, layouts[k].hw}, options),
+                      at::empty({layouts[k].batch}, options));
+  }
+  const auto dtype = xs[0].scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "attention_map", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* in = x.const_data_ptr<scalar_t>();
-    acc_t* out = q.mutable_data_ptr<acc_t>();
-    with_power<acc_t>(p, [&](auto power) { attention_sums(in, l, out, power); });
-    normalise_rows(out, norm.mutable_data_ptr<acc_t>(), l.batch, l.hw);
+    std::vector<MapSide<scalar_t, acc_t>> sides;
+    for (int k = 0; k < count; ++k) {
+      acc_t* q = std::get<0>(maps[k]).template mutable_data_ptr<acc_t>();
+      if (xs[k].numel() == 0) {  // no channels (or nothing at all): Q = 0
+        std::get<0>(maps[k]).zero_();
+        continue;
+      }
+      sides.push_back({xs[k].template const_data_ptr<scalar_t>(), layouts[k], q});
+    }
+    if (!sides.empty()) {
+      with_power<acc_t>(p, [&](auto power) {
+        attention_sums(sides.data(), static_cast<int>(sides.size()), power);
+      });
+    }
+    for (int k = 0; k < count; ++k) {
+      normalise_rows(std::get<0>(maps[k]).template mutable_data_ptr<acc_t>(),
+                     std::get<1>(maps[k]).template mutable_data_ptr<acc_t>(), layouts[k].batch,
+                     layouts[k].hw);
+    }
   });
-  return {q, norm};
+  return maps;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_map_cpu(const at::Tensor& features, double p) {
+  return attention_maps({features}, p)[0];
 }
 
 at::Tensor attention_map_backward_cpu(const at::Tensor& grad_map, const at::Tensor& features,
@@ -271,7 +364,7 @@ at::Tensor attention_map_backward_cpu(const at::Tensor& grad_map, const at::Tens
 template <typename acc_t>
 void map_loss(const acc_t* q_s, const acc_t* q_t, int64_t batch, int64_t hw, bool paper,
               acc_t* loss, acc_t* weight) {
-  at::parallel_for(0, batch, grain_for(hw), [&](int64_t first, int64_t last) {
+  at::parallel_for(0, batch, grain_for(hw, kGrainMapWork), [&](int64_t first, int64_t last) {
     for (int64_t b = first; b < last; ++b) {
       const acc_t* s = q_s + b * hw;
       const acc_t* t = q_t + b * hw;
@@ -311,8 +404,11 @@ void check_pair(const at::Tensor& student, const at::Tensor& teacher, double p) 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_loss_cpu(
     const at::Tensor& student, const at::Tensor& teacher, double p, bool paper) {
   check_pair(student, teacher, p);
-  auto [q_s, norm_s] = attention_map_cpu(student, p);
-  auto [q_t, norm_t] = attention_map_cpu(teacher, p);
+  // The teacher first: the student, read last, is the likelier to be in the cache for the
+  // backward.
+  auto maps = attention_maps({teacher, student}, p);
+  auto [q_t, norm_t] = maps[0];
+  auto [q_s, norm_s] = maps[1];
   const int64_t batch = q_s.size(0), hw = q_s.size(1);
   at::Tensor loss = at::empty({batch}, q_s.options());
   at::Tensor weight = at::empty({batch}, q_s.options());
@@ -340,7 +436,7 @@ std::tuple<at::Tensor, at::Tensor> attention_loss_backward_cpu(
     const at::Tensor g = grad.to(qs.scalar_type()).contiguous();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* out = grad_map.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, batch, grain_for(hw), [&](int64_t first, int64_t last) {
+    at::parallel_for(0, batch, grain_for(hw, kGrainMapWork), [&](int64_t first, int64_t last) {
       for (int64_t b = first; b < last; ++b) {
         const scalar_t w = gp[b] * weight[b];
         for (int64_t i = b * hw; i < (b + 1) * hw; ++i) out[i] = w * (s[i] - t[i]);

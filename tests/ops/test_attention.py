@@ -88,6 +88,24 @@ def test_fused_loss_reads_layouts_in_place(layout):
     assert_rel_close(grads[0], ref_grads[0], 1e-11, "gradient")
 
 
+@pytest.mark.parametrize("hw", [(16, 16), (16, 17), (32, 32)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("sliced", [False, True], ids=["contiguous", "sliced"])
+def test_fused_loss_float32_around_the_short_row_path(hw, sliced):
+    """fp32 rows of 1 KiB (HW = 256) and below are summed one at a time, longer ones four at a
+    time (csrc/cpu/attention.cpp): both sides of the switch, with channel strides of one row
+    and of two, against the float64 reference."""
+    base = randn(2, 14, *hw, seed=11)
+    student = (base[:, ::2] if sliced else base[:, :7]).float().detach().requires_grad_()
+    teacher = randn(2, 5, *hw, seed=12).float()
+    out = NativeAttentionLoss.apply(student, teacher, 2.0, False)
+    (grad,) = torch.autograd.grad(out.sum(), student)
+    s64 = student.detach().double().requires_grad_()
+    ref = at_loss(s64, teacher.double())
+    (ref_grad,) = torch.autograd.grad(ref.sum(), s64)
+    assert_rel_close(out.double(), ref, 1e-5, "value")
+    assert_rel_close(grad.double(), ref_grad, 1e-5, "gradient")
+
+
 @pytest.mark.parametrize("mode", ["code", "paper"])
 def test_fused_loss_degenerate_samples(mode):
     """An all-zero sample (map 0, norm below eps) and a sample equal to the teacher's (loss 0:
