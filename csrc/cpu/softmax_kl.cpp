@@ -64,7 +64,7 @@ using kdfast::Divergence;
 
 constexpr int64_t kBlock = 512;        // columns per block (the block buffers stay in L1)
 constexpr int kLanes = 16;             // independent partial sums (vectorisable, fixed order)
-constexpr int64_t kGrainWork = 32768;  // elements below which rows run on one thread
+constexpr int64_t kGrainWork = 8192;  // elements below which rows run on one thread
 
 // exp(x) for float (Cephes' expf): x = k ln2 + r with |r| ≤ ln2/2, exp(r) by a degree-6
 // polynomial, 2^k from the exponent bits (≤ 2 ulp over the normal range). Branch-free so
