@@ -18,7 +18,7 @@ import torch
 from kdfast import backends
 from kdfast._precision import accumulation_dtype
 from kdfast.ops._higher_order import creates_graph, reference_grads
-from kdfast.ops.softmax_kl import needs_autograd
+from kdfast.ops.softmax_kl import needs_autograd, scaled_kept_gradient
 from kdfast.reference.dkd import dkd_loss as reference_dkd
 
 
@@ -45,12 +45,10 @@ class NativeDKD(torch.autograd.Function):
         if creates_graph():
             return *reference_grads(lambda s: reference_dkd(s, teacher, targets, *ctx.options),
                                     (student,), (True,), grad_loss), *unused
-        kept, ctx.kept_gradient = ctx.kept_gradient, None
-        if kept is None:  # a second backward (retain_graph): the same kernel again
-            kept = torch.ops.kdfast.dkd(student, teacher, targets, *ctx.options, True)[1]
-        if kept.dtype != student.dtype:  # fp16/bf16: scaled in fp32, rounded once
-            return (kept * grad_loss[:, None]).to(student.dtype), *unused
-        return kept.mul_(grad_loss[:, None]), *unused
+        return scaled_kept_gradient(
+            ctx, grad_loss,
+            lambda: torch.ops.kdfast.dkd(student, teacher, targets, *ctx.options, True)[1],
+            student.dtype), *unused
 
 
 def native_dkd(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor,

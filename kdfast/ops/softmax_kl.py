@@ -66,6 +66,20 @@ def keeps_gradient(student: torch.Tensor, teacher: torch.Tensor, divergence: str
             and student.shape[-1] <= KEPT_GRADIENT_MAX_COLUMNS)
 
 
+def scaled_kept_gradient(ctx, grad_loss: torch.Tensor, rerun, dtype: torch.dtype
+                         ) -> torch.Tensor:
+    """A forward's kept per-row gradient (``ctx.kept_gradient``, the accumulation dtype) times
+    ``grad_loss[r]``: the first backward scales it in place and hands it on; a second one
+    (``retain_graph``) gets ``rerun()``, the same kernel again (bitwise the same); inputs of
+    a lower ``dtype`` get it scaled in fp32 and rounded once."""
+    kept, ctx.kept_gradient = ctx.kept_gradient, None
+    if kept is None:
+        kept = rerun()
+    if kept.dtype != dtype:
+        return (kept * grad_loss[:, None]).to(dtype)
+    return kept.mul_(grad_loss[:, None])
+
+
 def softmax_kl_function(name: str, with_stats, backward, fused=None) -> type:
     """An autograd Function over a recomputing pair of operators: ``with_stats(student,
     teacher, temperature, divergence, beta) -> (loss, row_stats)`` and ``backward(grad,
@@ -99,10 +113,9 @@ def softmax_kl_function(name: str, with_stats, backward, fused=None) -> type:
                 return *reference_grads(lambda s, t: softmax_kl(s, t, *ctx.options),
                                         (student, teacher), (need_s, need_t), grad_loss), *unused
             if not row_stats:
-                kept, ctx.kept_gradient = ctx.kept_gradient, None
-                if kept is None:  # a second backward (retain_graph): the same kernel again
-                    kept = fused(student, teacher, *ctx.options, True, False)[1]
-                return kept.mul_(grad_loss[:, None]), None, *unused
+                return scaled_kept_gradient(
+                    ctx, grad_loss, lambda: fused(student, teacher, *ctx.options, True, False)[1],
+                    student.dtype), None, *unused
             grad_s, grad_t = backward(grad_loss, student, teacher, row_stats[0], *ctx.options,
                                       need_s, need_t)
             return grad_s if need_s else None, grad_t if need_t else None, *unused
