@@ -240,6 +240,13 @@ struct Needs {
   bool q, p;
 };
 
+// log(e^x + e^y), −inf when both are (the JSD's log-space mixture, DKD's full normaliser).
+template <typename acc_t>
+KDFAST_ALWAYS_INLINE acc_t log_add_exp(acc_t x, acc_t y) {
+  const acc_t hi = x > y ? x : y, lo = x > y ? y : x;
+  return hi == kNegInf<acc_t> ? hi : hi + std::log1p(exp_of(lo - hi));
+}
+
 template <typename scalar_t, typename acc_t, typename Scale>
 KDFAST_SIMD_CLONES void fill_block(const scalar_t* s, const scalar_t* t, int64_t n,
                                    const Scale& scale, const RowStats<acc_t>& row, Needs needs,
@@ -264,9 +271,7 @@ KDFAST_SIMD_CLONES void fill_block(const scalar_t* s, const scalar_t* t, int64_t
     // finite); −inf where both are masked.
     const acc_t log_beta = std::log(beta), log_rest = std::log1p(-beta);
     for (int64_t i = 0; i < n; ++i) {
-      const acc_t x = block.log_p[i] + log_beta, y = block.log_q[i] + log_rest;
-      const acc_t hi = x > y ? x : y, lo = x > y ? y : x;
-      block.log_m[i] = hi == kNegInf<acc_t> ? hi : hi + std::log1p(exp_of(lo - hi));
+      block.log_m[i] = log_add_exp(block.log_p[i] + log_beta, block.log_q[i] + log_rest);
     }
   }
 }
@@ -602,13 +607,6 @@ struct DkdOptions {
   acc_t temperature, alpha, beta;
 };
 
-// log(e^x + e^y), −inf when both are.
-template <typename acc_t>
-acc_t log_add_exp(acc_t x, acc_t y) {
-  const acc_t hi = x > y ? x : y, lo = x > y ? y : x;
-  return hi == kNegInf<acc_t> ? hi : hi + std::log1p(std::exp(lo - hi));
-}
-
 // p (log p − log q) of one entry, 0 where log p = −inf.
 template <typename acc_t>
 acc_t kl_term(acc_t log_p, acc_t log_q) {
@@ -639,24 +637,31 @@ acc_t dkd_row(const scalar_t* s, const scalar_t* t, int64_t n, int64_t gold,
   s_others[gold] = t_others[gold] = kNegInf<acc_t>;
   const acc_t a_gold = scale(static_cast<acc_t>(s[gold]));
   const acc_t b_gold = scale(static_cast<acc_t>(t[gold]));
-  const auto gold_gap = [&](const RowStats<acc_t>& row) {  // Δ = p_s,g − p_t,g
-    return std::exp(log_binary(a_gold, row.max_s, row.log_sum_s).first) -
-           std::exp(log_binary(b_gold, row.max_t, row.log_sum_t).first);
+  std::pair<acc_t, acc_t> binary_s, binary_t;  // (log p_g, log(1 − p_g)) of both rows
+  // Sets both binaries from a row's stats and returns Δ = p_s,g − p_t,g.
+  const auto gold_binaries = [&](const RowStats<acc_t>& row) {
+    binary_s = log_binary(a_gold, row.max_s, row.log_sum_s);
+    binary_t = log_binary(b_gold, row.max_t, row.log_sum_t);
+    return std::exp(binary_s.first) - std::exp(binary_t.first);
   };
   const acc_t T = o.temperature;
+  acc_t delta = 0;
   const RowStats<acc_t> row =
       grad_s ? forward_kl_with_student_grad(
                    s_others, t_others, n, scale,
                    [&](const RowStats<acc_t>& r) {
-                     return std::pair<acc_t, acc_t>{T * (o.beta - o.alpha * gold_gap(r)),
-                                                    T * o.beta};
+                     delta = gold_binaries(r);
+                     return std::pair<acc_t, acc_t>{T * (o.beta - o.alpha * delta), T * o.beta};
                    },
                    grad_s, scratch + 2 * n, scratch + 3 * n)
              : forward_kl_row_stats<acc_t, acc_t>(s_others, t_others, n, scale);
-  if (grad_s) grad_s[gold] = T * o.alpha * gold_gap(row);
-  const auto [log_gold_s, log_rest_s] = log_binary(a_gold, row.max_s, row.log_sum_s);
-  const auto [log_gold_t, log_rest_t] = log_binary(b_gold, row.max_t, row.log_sum_t);
-  const acc_t tckd = kl_term(log_gold_t, log_gold_s) + kl_term(log_rest_t, log_rest_s);
+  if (grad_s) {
+    grad_s[gold] = T * o.alpha * delta;
+  } else {
+    gold_binaries(row);
+  }
+  const acc_t tckd = kl_term(binary_t.first, binary_s.first) +
+                     kl_term(binary_t.second, binary_s.second);
   return T * T * (o.alpha * tckd + o.beta * row.first);
 }
 
