@@ -68,10 +68,21 @@ def _first_argument_grad(x, log_x, log_y, kl):
 
 
 @triton.jit
-def _block_log_probabilities(s_row, t_row, cols, mask, temperature, max_s, log_sum_s, max_t,
-                             log_sum_t, log_beta, log_rest, DIVERGENCE: tl.constexpr):
-    a = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(max_s.dtype) / temperature
-    b = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(max_s.dtype) / temperature
+def _block_logits(s_row, t_row, start, arange, L, temperature):
+    """Columns ``start + arange`` of both rows over T in the accumulation dtype (−inf past
+    the row's end), the columns and their mask."""
+    cols = start + arange
+    mask = cols < L
+    a = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(temperature.dtype) / temperature
+    b = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(temperature.dtype) / temperature
+    return cols, mask, a, b
+
+
+@triton.jit
+def _block_log_probabilities(s_row, t_row, start, arange, L, temperature, max_s, log_sum_s,
+                             max_t, log_sum_t, log_beta, log_rest, DIVERGENCE: tl.constexpr):
+    """One block's columns, mask and log q, log p (and log m for the JSD)."""
+    cols, mask, a, b = _block_logits(s_row, t_row, start, arange, L, temperature)
     log_q = (a - max_s) - log_sum_s
     log_p = (b - max_t) - log_sum_t
     log_m = log_p
@@ -83,7 +94,7 @@ def _block_log_probabilities(s_row, t_row, cols, mask, temperature, max_s, log_s
         lo = tl.minimum(x, y)
         safe_hi = tl.where(hi == float("-inf"), 0.0, hi)
         log_m = tl.where(hi == float("-inf"), hi, hi + tl.log(1.0 + tl.exp(lo - safe_hi)))
-    return log_q, log_p, log_m
+    return cols, mask, log_q, log_p, log_m
 
 
 @triton.jit
@@ -109,10 +120,7 @@ def _softmax_kl_stats_kernel(s_ptr, t_ptr, loss_ptr, stats_ptr, params_ptr, L, s
     sum_s = tl.zeros([], acc)
     sum_t = tl.zeros([], acc)
     for start in range(0, L, BLOCK):
-        cols = start + arange
-        mask = cols < L
-        a = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(acc) / temperature
-        b = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(acc) / temperature
+        _, _, a, b = _block_logits(s_row, t_row, start, arange, L, temperature)
         max_s, sum_s = _fold_block(a, max_s, sum_s)
         max_t, sum_t = _fold_block(b, max_t, sum_t)
     log_sum_s = tl.log(sum_s)
@@ -122,10 +130,8 @@ def _softmax_kl_stats_kernel(s_ptr, t_ptr, loss_ptr, stats_ptr, params_ptr, L, s
     first = tl.zeros([BLOCK], acc)
     second = tl.zeros([BLOCK], acc)
     for start in range(0, L, BLOCK):
-        cols = start + arange
-        mask = cols < L
-        log_q, log_p, log_m = _block_log_probabilities(
-            s_row, t_row, cols, mask, temperature, max_s, log_sum_s, max_t, log_sum_t,
+        _, mask, log_q, log_p, log_m = _block_log_probabilities(
+            s_row, t_row, start, arange, L, temperature, max_s, log_sum_s, max_t, log_sum_t,
             log_beta, log_rest, DIVERGENCE)
         if DIVERGENCE == 0:
             first += tl.where(mask, _masked_kl_terms(tl.exp(log_p), log_p, log_q), 0.0)
@@ -167,10 +173,8 @@ def _softmax_kl_backward_kernel(grad_ptr, s_ptr, t_ptr, stats_ptr, gs_ptr, gt_pt
     scale = temperature * tl.load(grad_ptr + row)  # G = T · grad_output[r]
     arange = tl.arange(0, BLOCK)
     for start in range(0, L, BLOCK):
-        cols = start + arange
-        mask = cols < L
-        log_q, log_p, log_m = _block_log_probabilities(
-            s_row, t_row, cols, mask, temperature, max_s, log_sum_s, max_t, log_sum_t,
+        cols, mask, log_q, log_p, log_m = _block_log_probabilities(
+            s_row, t_row, start, arange, L, temperature, max_s, log_sum_s, max_t, log_sum_t,
             log_beta, log_rest, DIVERGENCE)
         q = tl.exp(log_q)
         p = tl.exp(log_p)
