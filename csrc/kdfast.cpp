@@ -26,10 +26,6 @@ TORCH_LIBRARY(kdfast, m) {
   // S = dA + dA^T per side (0 x B when not requested) so that dQ = S Q.
   m.def("similarity_backward(Tensor grad, Tensor g_s, Tensor g_t, Tensor norm_s, "
         "Tensor norm_t, bool student, bool teacher) -> (Tensor, Tensor)");
-  // FSP epilogue of the products P = X_a X_b^T: with G = scale P per side, the per-sample
-  // mean((G_s - G_t)^2) and the difference G_s - G_t.
-  m.def("fsp_forward(Tensor prod_s, Tensor prod_t, float scale_s, float scale_t) -> "
-        "(Tensor, Tensor)");
   // Channel MMD (NST): three algorithms, one operator pair each. kdfast/ops/mmd.py's
   // channel_mmd_path picks one (docs/design.md, "Channel MMD"). Each forward returns the
   // per-sample MMD² (B,) in the accumulation dtype and the four tensors its backward takes;

@@ -1,15 +1,14 @@
-// Batch-Gram epilogues on the CPU (docs/design.md, "Batch Gram"): everything around the GEMMs
-// of SP and FSP, fused into one loop each. The GEMMs themselves (A = Q Q^T, per-sample
-// P = X_a X_b^T, dQ = S Q, dX = W X) run through ATen's BLAS in kdfast/ops/gram.py on raw
-// views of the features (fp32 accumulation for fp16/bf16 inputs).
+// SP's batch-Gram epilogue on the CPU (docs/design.md, "Batch Gram"): everything around the
+// GEMMs, fused into one loop each. The GEMMs themselves (A = Q Q^T, dQ = S Q) run through
+// ATen's BLAS in kdfast/ops/gram.py on raw views of the features (fp32 accumulation for
+// fp16/bf16 inputs). FSP needs no epilogue of its own: its difference is the second GEMM's
+// beta term and its loss one norm reduction (kdfast/ops/gram.py, NativeFsp).
 //
 // SP, per row i with n_i = ||A_i||, G_i = A_i / max(n_i, eps), D = G_t - G_s:
 //   forward   loss_i = sum_j D_ij^2 / B
 //   backward  dG_s = -2 D grad_i / B (dG_t = -dG_s); row-normalise backward
 //             dA_i = (dG_i - <dG_i, G_i> G_i) / n_i   (dG_i / eps where n_i <= eps);
 //             S = dA + dA^T, so that dQ = S Q is one GEMM.
-// FSP, per sample b: G = scale P (scale = 1/HW per side), D_b = G_s - G_t (C_a x C_b),
-//   loss_b = mean(D_b^2).
 // Accumulation in fp32 (fp64 for fp64); each task owns its rows: deterministic.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -24,7 +23,6 @@
 
 namespace {
 
-constexpr int kLanes = 8;
 
 // x in the accumulation type, contiguous (a no-op for fp32/fp64 contiguous inputs).
 at::Tensor as_acc(const at::Tensor& x) { return x.to(kdfast::accumulation_type(x)).contiguous(); }
@@ -132,46 +130,9 @@ std::tuple<at::Tensor, at::Tensor> similarity_backward_cpu(
   return {w_s, w_t};
 }
 
-std::tuple<at::Tensor, at::Tensor> fsp_forward_cpu(const at::Tensor& gram_s,
-                                                   const at::Tensor& gram_t, double scale_s,
-                                                   double scale_t) {
-  TORCH_CHECK(gram_s.dim() == 3 && gram_t.sizes() == gram_s.sizes(),
-              "fsp_forward: grams must both be B x C_a x C_b, got ", gram_s.sizes(), " and ",
-              gram_t.sizes());
-  const at::Tensor a_s = as_acc(gram_s), a_t = as_acc(gram_t.to(gram_s.scalar_type()));
-  const int64_t batch = a_s.size(0), per_sample = a_s.size(1) * a_s.size(2);
-  at::Tensor diff = at::empty_like(a_s);
-  at::Tensor loss = at::empty({batch}, a_s.options());
-  AT_DISPATCH_FLOATING_TYPES(a_s.scalar_type(), "fsp_forward", [&] {
-    const scalar_t *gs = a_s.const_data_ptr<scalar_t>(), *gt = a_t.const_data_ptr<scalar_t>();
-    scalar_t* d = diff.mutable_data_ptr<scalar_t>();
-    scalar_t* out = loss.mutable_data_ptr<scalar_t>();
-    const scalar_t s_s = static_cast<scalar_t>(scale_s), s_t = static_cast<scalar_t>(scale_t);
-    at::parallel_for(0, batch, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_sample)),
-                     [&](int64_t first, int64_t last) {
-      for (int64_t b = first; b < last; ++b) {
-        const int64_t offset = b * per_sample;
-        for (int64_t k = offset; k < offset + per_sample; ++k) d[k] = s_s * gs[k] - s_t * gt[k];
-        // kLanes independent partial sums: vectorisable, and a fixed order.
-        scalar_t lanes[kLanes] = {};
-        int64_t k = 0;
-        for (; k + kLanes <= per_sample; k += kLanes) {
-          for (int l = 0; l < kLanes; ++l) lanes[l] += d[offset + k + l] * d[offset + k + l];
-        }
-        for (; k < per_sample; ++k) lanes[0] += d[offset + k] * d[offset + k];
-        scalar_t sum = 0;
-        for (int l = 0; l < kLanes; ++l) sum += lanes[l];
-        out[b] = per_sample > 0 ? sum / static_cast<scalar_t>(per_sample) : scalar_t(0);
-      }
-    });
-  });
-  return {loss, diff};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
   m.impl("similarity_forward", &similarity_forward_cpu);
   m.impl("similarity_backward", &similarity_backward_cpu);
-  m.impl("fsp_forward", &fsp_forward_cpu);
 }

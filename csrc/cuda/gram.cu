@@ -1,5 +1,5 @@
-// CUDA batch-Gram epilogues (see csrc/cpu/gram.cpp for the math): one block per row (SP) or
-// per sample (FSP), fixed-order block reductions, so results are deterministic.
+// CUDA epilogue of SP's batch Grams (see csrc/cpu/gram.cpp for the math): one block per row,
+// fixed-order block reductions, so results are deterministic.
 #include "block_reduce.cuh"
 #include "gram.h"
 #include "kdfast/math.h"
@@ -68,20 +68,6 @@ __global__ void symmetrise_kernel(const Acc* da, int64_t n, Acc* w) {
   w[k] = da[k] + da[j * n + i];
 }
 
-template <typename Acc>
-__global__ void fsp_forward_kernel(const Acc* p_s, const Acc* p_t, Acc scale_s, Acc scale_t,
-                                   int64_t per_sample, Acc* diff, Acc* loss) {
-  const int64_t offset = static_cast<int64_t>(blockIdx.x) * per_sample;
-  Acc squares = 0;
-  for (int64_t k = threadIdx.x; k < per_sample; k += kThreads) {
-    const Acc d = scale_s * p_s[offset + k] - scale_t * p_t[offset + k];
-    diff[offset + k] = d;
-    squares += d * d;
-  }
-  const Acc total = block_sum(squares);
-  if (threadIdx.x == 0) loss[blockIdx.x] = per_sample > 0 ? total / Acc(per_sample) : Acc(0);
-}
-
 template <typename Fn>
 void with_acc(bool is_double, const Fn& fn) {
   if (is_double) fn(double{});
@@ -114,17 +100,6 @@ void similarity_backward(bool is_double, const void* grad, const void* g_s, cons
         static_cast<Acc*>(da));
     symmetrise_kernel<<<blocks((n * n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
         static_cast<const Acc*>(da), n, static_cast<Acc*>(w));
-  });
-}
-
-void fsp_forward(bool is_double, const void* p_s, const void* p_t, double scale_s,
-                 double scale_t, int64_t batch, int64_t per_sample, void* diff, void* loss,
-                 cudaStream_t stream) {
-  with_acc(is_double, [&](auto acc) {
-    using Acc = decltype(acc);
-    fsp_forward_kernel<<<blocks(batch), kThreads, 0, stream>>>(
-        static_cast<const Acc*>(p_s), static_cast<const Acc*>(p_t), static_cast<Acc>(scale_s),
-        static_cast<Acc>(scale_t), per_sample, static_cast<Acc*>(diff), static_cast<Acc*>(loss));
   });
 }
 

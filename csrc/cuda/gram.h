@@ -1,5 +1,5 @@
 // Launchers of the CUDA batch-Gram epilogues (csrc/cuda/gram.cu): everything around the
-// cuBLAS GEMMs of SP and FSP. Raw pointers, no torch headers; glue in gram_glue.cpp. All
+// cuBLAS GEMMs of SP. Raw pointers, no torch headers; glue in gram_glue.cpp. All
 // arrays are contiguous in the accumulation type (float, or double when is_double).
 #pragma once
 
@@ -19,12 +19,6 @@ void similarity_forward(bool is_double, const void* a_s, const void* a_t, int64_
 void similarity_backward(bool is_double, const void* grad, const void* g_s, const void* g_t,
                          const void* norm, double sign, int64_t n, void* da, void* w,
                          cudaStream_t stream);
-
-// FSP forward: per sample b of `batch` blocks of `per_sample` products:
-// diff = scale_s p_s - scale_t p_t and loss[b] = mean(diff^2).
-void fsp_forward(bool is_double, const void* p_s, const void* p_t, double scale_s,
-                 double scale_t, int64_t batch, int64_t per_sample, void* diff, void* loss,
-                 cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace kdfast

@@ -1,6 +1,6 @@
 // Torch-facing side of the CUDA batch-Gram epilogues (the GEMMs run through ATen/cuBLAS in
 // kdfast/ops/gram.py): checks, allocation in the accumulation type, the current stream and
-// the CUDA registrations of kdfast::similarity_forward/_backward and kdfast::fsp_forward.
+// the CUDA registrations of kdfast::similarity_forward/_backward.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -63,29 +63,9 @@ std::tuple<at::Tensor, at::Tensor> similarity_backward_cuda(
   return {w_s, w_t};
 }
 
-std::tuple<at::Tensor, at::Tensor> fsp_forward_cuda(const at::Tensor& prod_s,
-                                                    const at::Tensor& prod_t, double scale_s,
-                                                    double scale_t) {
-  TORCH_CHECK(prod_s.dim() == 3 && prod_t.sizes() == prod_s.sizes(),
-              "fsp_forward: products must both be B x C_a x C_b, got ", prod_s.sizes(), " and ",
-              prod_t.sizes());
-  const c10::cuda::CUDAGuard guard(prod_s.device());
-  const at::Tensor p_s = as_acc(prod_s), p_t = as_acc(prod_t.to(prod_s.scalar_type()));
-  const int64_t batch = p_s.size(0), per_sample = p_s.size(1) * p_s.size(2);
-  at::Tensor diff = at::empty_like(p_s);
-  at::Tensor loss = at::empty({batch}, p_s.options());
-  if (batch == 0) return {loss, diff};
-  kdfast::cuda::fsp_forward(p_s.scalar_type() == at::kDouble, p_s.const_data_ptr(),
-                            p_t.const_data_ptr(), scale_s, scale_t, batch, per_sample,
-                            diff.mutable_data_ptr(), loss.mutable_data_ptr(), stream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {loss, diff};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kdfast, CUDA, m) {
   m.impl("similarity_forward", &similarity_forward_cuda);
   m.impl("similarity_backward", &similarity_backward_cuda);
-  m.impl("fsp_forward", &fsp_forward_cuda);
 }

@@ -17,9 +17,9 @@ student_b, teacher_a, teacher_b)`` once per pair, so a ``supports`` predicate re
 tensors (and can decline, e.g., student/teacher pairs of different H, W).
 
 * native: the GEMMs run through ATen's BLAS/cuBLAS on raw views of the features
-  (channels_last read in place) and everything around them in one native epilogue
-  (csrc/cpu/gram.cpp, csrc/cuda/gram.cu); SP's backward is the single GEMM
-  dQ = (dA + dA^T) Q.
+  (channels_last read in place). SP's epilogue is one native kernel (csrc/cpu/gram.cpp,
+  csrc/cuda/gram.cu) and its backward the single GEMM dQ = (dA + dA^T) Q; FSP's difference
+  is the second GEMM's beta term and its loss one norm reduction (docs/design.md).
 * triton: ``torch.ops.kdfast_triton.similarity`` / ``fsp`` and their ``_backward``s, custom
   operators over the launchers of :mod:`kdfast.triton.gram` (imported on first use).
 
@@ -153,32 +153,53 @@ def _fsp_input_grad(weight: torch.Tensor, x: torch.Tensor, other: torch.Tensor) 
     return grad
 
 
+def _fsp_difference(student_a, student_b, teacher_a, teacher_b) -> torch.Tensor:
+    """D = G_s - G_t, (B, C_a, C_b) in the accumulation dtype, G = X_a X_b^T / HW per side.
+
+    The subtraction is the student GEMM's own epilogue (``baddbmm_`` with beta = -1/HW_t into
+    the teacher's product): one B x C_a x C_b buffer, no pass over the Grams after the GEMMs.
+    Half inputs accumulate their products in fp32 chunks and subtract after."""
+    scale_s, scale_t = 1.0 / _hw(student_a), 1.0 / _hw(teacher_a)
+    diff = _products(teacher_a.flatten(2), teacher_b.flatten(2))
+    a, b = student_a.flatten(2), student_b.flatten(2)
+    if a.dtype in LOW_PRECISION:
+        return diff.mul_(-scale_t).add_(_products(a, b), alpha=scale_s)
+    return diff.baddbmm_(a, b.transpose(1, 2), beta=-scale_t, alpha=scale_s)
+
+
 class NativeFsp(torch.autograd.Function):
-    """FSP per-sample loss: batched GEMMs on raw views, difference and mean fused after."""
+    """FSP per-sample loss: batched GEMMs on raw views, the difference fused into the second
+    GEMM and the per-sample mean of its squares one norm reduction.
+
+    D is kept as a ctx attribute, not a saved tensor: the first backward scales it in place
+    into the GEMM weight (no second B x C_a x C_b buffer) and a second one (``retain_graph``)
+    recomputes it, bitwise the same."""
 
     @staticmethod
     def forward(ctx, student_a, student_b, teacher_a, teacher_b) -> torch.Tensor:
-        loss, diff = torch.ops.kdfast.fsp_forward(
-            _products(student_a.flatten(2), student_b.flatten(2)),
-            _products(teacher_a.flatten(2), teacher_b.flatten(2)),
-            1.0 / _hw(student_a), 1.0 / _hw(teacher_a))
-        ctx.save_for_backward(student_a, student_b, teacher_a, teacher_b, diff)
+        diff = _fsp_difference(student_a, student_b, teacher_a, teacher_b)
+        elements = max(diff.shape[1] * diff.shape[2], 1)
+        loss = torch.linalg.vector_norm(diff.flatten(1), dim=1).square_().div_(elements)
+        ctx.save_for_backward(student_a, student_b, teacher_a, teacher_b)
+        ctx.difference = diff
         return loss
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        student_a, student_b, teacher_a, teacher_b, diff = ctx.saved_tensors
+        inputs = ctx.saved_tensors
         if creates_graph():
-            return reference_grads(fsp_pair_loss, (student_a, student_b, teacher_a, teacher_b),
-                                   ctx.needs_input_grad, grad)
+            return reference_grads(fsp_pair_loss, inputs, ctx.needs_input_grad, grad)
+        diff, ctx.difference = ctx.difference, None
+        if diff is None:
+            diff = _fsp_difference(*inputs)
         # d loss_b / d G_s = 2 D_b / (C_a C_b); G = X_a X_b^T / HW; the teacher's sign flips.
         coef = grad.to(diff.dtype) * (2.0 / max(diff.shape[1] * diff.shape[2], 1))
+        sides = [side for side in (0, 1) if any(ctx.needs_input_grad[2 * side:2 * side + 2])]
         grads = [None] * 4
-        for side, (a, b, sign) in enumerate(((student_a, student_b, 1.0),
-                                             (teacher_a, teacher_b, -1.0))):
-            if not any(ctx.needs_input_grad[2 * side:2 * side + 2]):
-                continue
-            weight = diff * (coef * (sign / _hw(a))).view(-1, 1, 1)
+        for side in sides:
+            a, b = inputs[2 * side], inputs[2 * side + 1]
+            scale = (coef * ((-1.0 if side else 1.0) / _hw(a))).view(-1, 1, 1)
+            weight = diff.mul_(scale) if side == sides[-1] else diff * scale
             if ctx.needs_input_grad[2 * side]:
                 grads[2 * side] = _fsp_input_grad(weight, a, b)
             if ctx.needs_input_grad[2 * side + 1]:
@@ -202,12 +223,6 @@ def _fake_similarity_forward(gram_s: torch.Tensor, gram_t: torch.Tensor):
 def _fake_similarity_backward(grad, g_s, g_t, norm_s, norm_t, student: bool, teacher: bool):
     n = g_s.shape[0]
     return g_s.new_empty((n if student else 0, n)), g_s.new_empty((n if teacher else 0, n))
-
-
-def _fake_fsp_forward(prod_s: torch.Tensor, prod_t: torch.Tensor, scale_s, scale_t):
-    dtype = accumulation_dtype(prod_s)
-    return prod_s.new_empty(prod_s.shape[:1], dtype=dtype), prod_s.new_empty(prod_s.shape,
-                                                                              dtype=dtype)
 
 
 # --- triton: similarity ----------------------------------------------------------------------
@@ -326,7 +341,6 @@ def triton_fsp_pair_loss(student_a: Tensor, student_b: Tensor, teacher_a: Tensor
 
 backends.register_native_fake("similarity_forward", _fake_similarity_forward)
 backends.register_native_fake("similarity_backward", _fake_similarity_backward)
-backends.register_native_fake("fsp_forward", _fake_fsp_forward)
 backends.register(SIMILARITY, "reference", similarity_loss)
 backends.register(SIMILARITY, "native", native_similarity_loss, backends.native_supports)
 backends.register(SIMILARITY, "triton", triton_similarity_loss, supports)

@@ -76,3 +76,20 @@ def test_traces_under_torch_compile(core):
         assert_rel_close(got, expected, 1e-12)
 
 
+
+
+@pytest.mark.parametrize("teacher_grad", [False, True])
+def test_fsp_backward_twice_with_retain_graph(teacher_grad):
+    """The first backward scales the kept difference in place into the GEMM weight (for the
+    teacher's side too when it needs a gradient); a second one (retain_graph) recomputes
+    it: both equal the reference's gradients, bitwise equal to each other."""
+    inputs = fsp_inputs(3, 4, 5, (3, 2), (2, 3), teacher_grad=teacher_grad)
+    wanted = [x for x in inputs if x.requires_grad]
+    grad_out = torch.randn(3, dtype=torch.float64)
+    loss = native_fsp_pair_loss(*inputs)
+    first = torch.autograd.grad(loss, wanted, grad_out, retain_graph=True)
+    second = torch.autograd.grad(loss, wanted, grad_out)
+    expected = outputs(fsp_pair_loss, inputs, grad_out)[1:]
+    for a, b, ref in zip(first, second, expected, strict=True):
+        assert torch.equal(a, b)
+        assert_rel_close(a, ref, 1e-12)
