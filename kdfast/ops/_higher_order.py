@@ -22,6 +22,11 @@ import torch
 from kdfast._precision import autocast_off
 
 
+def needs_autograd(*tensors: torch.Tensor) -> bool:
+    """Whether a call on ``tensors`` records a graph (grad mode on and one requires grad)."""
+    return torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+
+
 def creates_graph() -> bool:
     """Inside a Function's backward: whether its gradients must be differentiable
     (``create_graph=True``; autograd turns grad mode on for such a backward only)."""

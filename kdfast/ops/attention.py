@@ -31,7 +31,7 @@ from torch import Tensor
 
 from kdfast import backends
 from kdfast._precision import accumulation_dtype
-from kdfast.ops._higher_order import creates_graph, reference_grads
+from kdfast.ops._higher_order import creates_graph, needs_autograd, reference_grads
 from kdfast.ops._triton_common import TRITON_NAMESPACE
 from kdfast.reference.attention import at_loss, at_loss_from_maps, attention_map
 from kdfast.triton import supports_without_dot
@@ -120,6 +120,9 @@ def at_per_sample(impl: backends.Implementation, student: Tensor, teacher: Tenso
     fused for native on the CPU (:class:`NativeAttentionLoss`), else its two maps and the
     torch epilogue."""
     if impl.backend == "native" and student.device.type == "cpu":
+        if not needs_autograd(student, teacher):  # no graph: the forward op alone
+            return torch.ops.kdfast.attention_loss(student, teacher, float(p),
+                                                   mode == "paper")[0]
         return NativeAttentionLoss.apply(student, teacher, float(p), mode == "paper")
     return at_loss_from_maps(impl.fn(student, p), impl.fn(teacher, p), mode)
 

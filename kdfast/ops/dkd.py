@@ -17,8 +17,8 @@ import torch
 
 from kdfast import backends
 from kdfast._precision import accumulation_dtype
-from kdfast.ops._higher_order import creates_graph, reference_grads
-from kdfast.ops.softmax_kl import needs_autograd, scaled_kept_gradient
+from kdfast.ops._higher_order import creates_graph, needs_autograd, reference_grads
+from kdfast.ops.softmax_kl import scaled_kept_gradient
 from kdfast.reference.dkd import dkd_loss as reference_dkd
 
 

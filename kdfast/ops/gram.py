@@ -35,7 +35,7 @@ from torch import Tensor
 
 from kdfast import backends
 from kdfast._precision import LOW_PRECISION, accumulation_dtype
-from kdfast.ops._higher_order import creates_graph, reference_grads
+from kdfast.ops._higher_order import creates_graph, needs_autograd, reference_grads
 from kdfast.ops._triton_common import (
     TRITON_NAMESPACE,
     dense_rows,
@@ -115,10 +115,13 @@ class NativeSimilarity(torch.autograd.Function):
     memory order is neither contiguous nor channels_last)."""
 
     @staticmethod
-    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    def loss_and_saved(student: torch.Tensor, teacher: torch.Tensor):
         q_s, q_t = _permuted_flat(student)[0], _permuted_flat(teacher)[0]
-        loss, *saved = torch.ops.kdfast.similarity_forward(_products(q_s, q_s),
-                                                           _products(q_t, q_t))
+        return torch.ops.kdfast.similarity_forward(_products(q_s, q_s), _products(q_t, q_t))
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        loss, *saved = NativeSimilarity.loss_and_saved(student, teacher)
         ctx.save_for_backward(student, teacher, *saved)
         return loss
 
@@ -136,6 +139,8 @@ class NativeSimilarity(torch.autograd.Function):
 
 def native_similarity_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Native "similarity" core: the per-row SP loss, (B,), like ``similarity_loss``."""
+    if not needs_autograd(student, teacher):  # no graph: the forward op alone
+        return NativeSimilarity.loss_and_saved(student, teacher)[0]
     return NativeSimilarity.apply(student, teacher)
 
 
@@ -151,6 +156,12 @@ def _fsp_input_grad(weight: torch.Tensor, x: torch.Tensor, other: torch.Tensor) 
         grad = torch.empty_like(x, memory_format=torch.contiguous_format)
     _apply_left(weight, other.flatten(2), grad.view(x.shape[0], x.shape[1], h * w))
     return grad
+
+
+def _mean_square(diff: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean of diff's squares, (B,): one reduction, no B x C_a x C_b temporary."""
+    elements = max(diff.shape[1] * diff.shape[2], 1)
+    return torch.linalg.vector_norm(diff.flatten(1), dim=1).square_().div_(elements)
 
 
 def _fsp_difference(student_a, student_b, teacher_a, teacher_b) -> torch.Tensor:
@@ -178,11 +189,9 @@ class NativeFsp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_a, student_b, teacher_a, teacher_b) -> torch.Tensor:
         diff = _fsp_difference(student_a, student_b, teacher_a, teacher_b)
-        elements = max(diff.shape[1] * diff.shape[2], 1)
-        loss = torch.linalg.vector_norm(diff.flatten(1), dim=1).square_().div_(elements)
         ctx.save_for_backward(student_a, student_b, teacher_a, teacher_b)
         ctx.difference = diff
-        return loss
+        return _mean_square(diff)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -210,7 +219,10 @@ class NativeFsp(torch.autograd.Function):
 def native_fsp_pair_loss(student_a: torch.Tensor, student_b: torch.Tensor,
                          teacher_a: torch.Tensor, teacher_b: torch.Tensor) -> torch.Tensor:
     """Native "fsp" core: the per-sample FSP loss of one pair, (B,), like ``fsp_pair_loss``."""
-    return NativeFsp.apply(student_a, student_b, teacher_a, teacher_b)
+    inputs = (student_a, student_b, teacher_a, teacher_b)
+    if not needs_autograd(*inputs):  # no graph: no Function to set up, nothing kept
+        return _mean_square(_fsp_difference(*inputs))
+    return NativeFsp.apply(*inputs)
 
 
 def _fake_similarity_forward(gram_s: torch.Tensor, gram_t: torch.Tensor):

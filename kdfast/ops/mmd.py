@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from kdfast import backends
-from kdfast.ops._higher_order import creates_graph, reference_grads
+from kdfast.ops._higher_order import creates_graph, needs_autograd, reference_grads
 from kdfast.ops._triton_common import TRITON_NAMESPACE, empty_accumulation, grad_or_empty
 from kdfast.reference.nst import (
     as_bandwidths,
@@ -128,7 +128,8 @@ def channel_mmd_function(name: str, path: str, forward_op: ForwardOp,
 
     ``forward_op(student, teacher, options, need_student, need_teacher) -> (loss, *saved)``;
     ``backward_op(grad, student, teacher, saved, options, need_student, need_teacher) ->
-    (d_student, d_teacher)`` (each empty where not needed). ``Function.path`` names the path.
+    (d_student, d_teacher)`` (each empty where not needed). ``Function.path`` names the path;
+    ``Function.forward_op`` is the forward, for calls that record no graph.
     """
 
     def forward(ctx, student, teacher, *options):
@@ -157,6 +158,7 @@ def channel_mmd_function(name: str, path: str, forward_op: ForwardOp,
     # Built by type() so that the class, and its graph node "<name>Backward", carry the name.
     return type(name, (torch.autograd.Function,), {
         "forward": staticmethod(forward), "backward": staticmethod(backward), "path": path,
+        "forward_op": staticmethod(forward_op),
         "__qualname__": name, "__module__": __name__,
         "__doc__": f"Channel MMD, path {path!r}: {forward_op.__name__} / {backward_op.__name__}."})
 
@@ -239,8 +241,10 @@ def native_channel_mmd(student: Tensor, teacher: Tensor, *, kernel: str = "poly"
                                         teacher_term=teacher_term)
     function = {GRAM: NativeGramMMD, FEATURE_GRAM: NativeFeatureGramMMD,
                 LINEAR: NativeLinearMMD}[path]
-    return function.apply(student, teacher,
-                          *MMDOptions.of(kernel, degree, coef, sigma2, unbiased, teacher_term))
+    options = MMDOptions.of(kernel, degree, coef, sigma2, unbiased, teacher_term)
+    if not needs_autograd(student, teacher):  # no graph: the forward op alone, nothing kept
+        return function.forward_op(student, teacher, options, False, False)[0]
+    return function.apply(student, teacher, *options)
 
 
 def native_channel_mmd_checked(student, teacher, *, kernel: str = "poly", degree: int = 2,

@@ -36,18 +36,13 @@ import torch
 
 from kdfast import backends
 from kdfast._precision import accumulation_dtype
-from kdfast.ops._higher_order import creates_graph, reference_grads
+from kdfast.ops._higher_order import creates_graph, needs_autograd, reference_grads
 from kdfast.ops._triton_common import TRITON_NAMESPACE
 from kdfast.reference.softmax_kl import softmax_kl
 from kdfast.triton import supports_without_dot
 
 CORE = "softmax_kl"
 ROW_STATS = 6  # per row: max and log-sum of both softmaxes, the two divergence sums
-
-
-def needs_autograd(*tensors: torch.Tensor) -> bool:
-    """Whether a call on ``tensors`` records a graph (grad mode on and one requires grad)."""
-    return torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
 
 
 KEPT_GRADIENT_MAX_COLUMNS = 65536  # rows up to here keep their gradient on the CPU
