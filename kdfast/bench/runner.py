@@ -58,6 +58,11 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cpu_capability() -> str | None:
+    get = getattr(torch.backends.cpu, "get_cpu_capability", None)
+    return get() if get is not None else None
+
+
 def _git_commit() -> str | None:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
@@ -83,6 +88,9 @@ def environment(device: torch.device) -> dict:
         "device_name": torch.cuda.get_device_name(device) if cuda else _cpu_name(),
         "cpu_name": _cpu_name(),
         "cpu_threads": torch.get_num_threads(),
+        # The widest SIMD ATen uses here ("AVX512", "AVX2", ...): two VMs with one model name
+        # can differ in it, and every CPU figure with it.
+        "cpu_capability": _cpu_capability(),
         "gpu_name": torch.cuda.get_device_name(device) if cuda else None,
         "torch_version": torch.__version__,
         "triton_version": triton_version,

@@ -11,7 +11,7 @@ from kdfast.bench.ceilings import measure_ceilings
 from kdfast.bench.runner import add_derived, run_core
 
 ENV_FIELDS = {"device", "device_name", "cpu_name", "gpu_name", "torch_version",
-              "triton_version", "git_commit", "host", "date", "load_average"}
+              "triton_version", "git_commit", "host", "date", "load_average", "cpu_capability"}
 ROW_FIELDS = ENV_FIELDS | {"core", "shape", "shape_label", "dtype", "provider", "mode",
                            "status", "note", "metrics"}
 METRICS = {"median_s", "p20_s", "p80_s", "samples", "first_call_s", "peak_bytes", "floor_bytes",
