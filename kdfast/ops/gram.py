@@ -159,9 +159,11 @@ def _fsp_input_grad(weight: torch.Tensor, x: torch.Tensor, other: torch.Tensor) 
 
 
 def _mean_square(diff: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean of diff's squares, (B,): one reduction, no B x C_a x C_b temporary."""
+    """Per-sample mean of diff's squares, (B,): one reduction, no B x C_a x C_b temporary.
+    Out of place: a Function whose output an in-place op wrote gets a zero gradient under
+    torch 2.11's dynamo (the CUDA-build check's compile tests)."""
     elements = max(diff.shape[1] * diff.shape[2], 1)
-    return torch.linalg.vector_norm(diff.flatten(1), dim=1).square_().div_(elements)
+    return torch.linalg.vector_norm(diff.flatten(1), dim=1).square() / elements
 
 
 def _fsp_difference(student_a, student_b, teacher_a, teacher_b) -> torch.Tensor:
@@ -182,34 +184,24 @@ class NativeFsp(torch.autograd.Function):
     """FSP per-sample loss: batched GEMMs on raw views, the difference fused into the second
     GEMM and the per-sample mean of its squares one norm reduction.
 
-    In eager mode D is kept as a ctx attribute, not a saved tensor: the first backward scales
-    it in place into the GEMM weight (no second B x C_a x C_b buffer) and a second one
-    (``retain_graph``) recomputes it, bitwise the same. Under ``torch.compile`` it is saved as
-    usual (torch 2.11's tracing of a Function loses a tensor kept as an attribute: zero
-    gradients) and scaled out of place."""
+    D is kept as a ctx attribute, not a saved tensor: the first backward scales it in place
+    into the GEMM weight (no second B x C_a x C_b buffer) and a second one (``retain_graph``)
+    recomputes it, bitwise the same."""
 
     @staticmethod
     def forward(ctx, student_a, student_b, teacher_a, teacher_b) -> torch.Tensor:
         diff = _fsp_difference(student_a, student_b, teacher_a, teacher_b)
-        ctx.difference = None
-        if torch.compiler.is_compiling():
-            ctx.save_for_backward(student_a, student_b, teacher_a, teacher_b, diff)
-        else:
-            ctx.save_for_backward(student_a, student_b, teacher_a, teacher_b)
-            ctx.difference = diff
+        ctx.save_for_backward(student_a, student_b, teacher_a, teacher_b)
+        ctx.difference = diff
         return _mean_square(diff)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        saved = ctx.saved_tensors
-        inputs = saved[:4]
+        inputs = ctx.saved_tensors
         if creates_graph():
             return reference_grads(fsp_pair_loss, inputs, ctx.needs_input_grad, grad)
         diff, ctx.difference = ctx.difference, None
-        owned = len(saved) == 4  # D not a saved tensor: ours to scale in place
-        if not owned:
-            diff = saved[4]
-        elif diff is None:
+        if diff is None:
             diff = _fsp_difference(*inputs)
         # d loss_b / d G_s = 2 D_b / (C_a C_b); G = X_a X_b^T / HW; the teacher's sign flips.
         coef = grad.to(diff.dtype) * (2.0 / max(diff.shape[1] * diff.shape[2], 1))
@@ -218,7 +210,7 @@ class NativeFsp(torch.autograd.Function):
         for side in sides:
             a, b = inputs[2 * side], inputs[2 * side + 1]
             scale = (coef * ((-1.0 if side else 1.0) / _hw(a))).view(-1, 1, 1)
-            weight = diff.mul_(scale) if owned and side == sides[-1] else diff * scale
+            weight = diff.mul_(scale) if side == sides[-1] else diff * scale
             if ctx.needs_input_grad[2 * side]:
                 grads[2 * side] = _fsp_input_grad(weight, a, b)
             if ctx.needs_input_grad[2 * side + 1]:
