@@ -18,7 +18,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kdfast.bench import providers as prov  # noqa: E402 - after sys.path
 from kdfast.bench.cores import CORES  # noqa: E402
-from kdfast.bench.measure import make_step  # noqa: E402
+from kdfast.bench.measure import make_step, time_step  # noqa: E402
 from kdfast.bench.runner import environment  # noqa: E402
 from kdfast.bench.shapes import parse_shape  # noqa: E402
 
@@ -50,8 +49,8 @@ def alternated_medians(core_name: str, label: str, mode: str, rounds: int,
                        repeats: int) -> dict[str, float]:
     """Median seconds per provider over ``rounds`` alternations of ``repeats`` calls each."""
     core = CORES[core_name]
-    students, teachers = core.make_inputs(parse_shape(label, core.kind), torch.float32,
-                                          torch.device("cpu"))
+    cpu = torch.device("cpu")
+    students, teachers = core.make_inputs(parse_shape(label, core.kind), torch.float32, cpu)
     steps = {name: make_step(prov.build(name, core, students, teachers).fn, students,
                              teachers, mode) for name in PROVIDERS}
     times: dict[str, list[float]] = {name: [] for name in PROVIDERS}
@@ -59,11 +58,7 @@ def alternated_medians(core_name: str, label: str, mode: str, rounds: int,
         step.run(step.prepare())
     for _ in range(rounds):
         for name, step in steps.items():
-            for _ in range(repeats):
-                state = step.prepare()
-                begin = time.perf_counter()
-                step.run(state)
-                times[name].append(time.perf_counter() - begin)
+            times[name].extend(time_step(step, cpu) for _ in range(repeats))
     prov.reset_compiled()
     return {name: statistics.median(values) for name, values in times.items()}
 

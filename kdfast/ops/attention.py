@@ -120,10 +120,10 @@ def at_per_sample(impl: backends.Implementation, student: Tensor, teacher: Tenso
     fused for native on the CPU (:class:`NativeAttentionLoss`), else its two maps and the
     torch epilogue."""
     if impl.backend == "native" and student.device.type == "cpu":
+        options = (float(p), mode == "paper")
         if not needs_autograd(student, teacher):  # no graph: the forward op alone
-            return torch.ops.kdfast.attention_loss(student, teacher, float(p),
-                                                   mode == "paper")[0]
-        return NativeAttentionLoss.apply(student, teacher, float(p), mode == "paper")
+            return torch.ops.kdfast.attention_loss(student, teacher, *options)[0]
+        return NativeAttentionLoss.apply(student, teacher, *options)
     return at_loss_from_maps(impl.fn(student, p), impl.fn(teacher, p), mode)
 
 
